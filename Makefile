@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine:
+#   make demo   pack the default model for rpi5, serve it, answer a prompt through the socket
+#   make test   lint, type-check and run the test suite (installs Mosquitto if missing)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint pytest setup mosquitto clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+mosquitto:
+	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { \
+	  echo "installing mosquitto (Debian package) for the MQTT tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check edgerunner tests tools
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP) mosquitto
+	$(PY) -m pytest
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from edgerunner.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""The bundle's manifest.json: what was packed, for which device, and what it should cost."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgerunner.profiles import DeviceProfile
+
+SCHEMA_VERSION = 1
+
+KVType = Literal["f16", "q8_0"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MemoryEstimate(_Model):
+    """Predicted peak RSS of a serving process, in MiB, by part."""
+
+    weights_mb: float = Field(0.0, ge=0, description="Quantized tensors as loaded")
+    kv_mb: float = Field(0.0, ge=0, description="KV cache for n_ctx cells")
+    compute_mb: float = Field(0.0, ge=0, description="llama.cpp's reserved compute graph buffer")
+    logits_mb: float = Field(0.0, ge=0, description="Output buffers + llama-cpp-python's scores")
+    overhead_mb: float = Field(0.0, ge=0, description="Python, libraries, tokenizer, runtime")
+
+    @property
+    def total_mb(self) -> float:
+        return self.weights_mb + self.kv_mb + self.compute_mb + self.logits_mb + self.overhead_mb
+
+
+class RuntimePlan(_Model):
+    """How the daemon must configure llama.cpp for this bundle."""
+
+    quant: str = Field("Q4_K_M", description="Quantization preset, e.g. Q4_K_M")
+    n_ctx: int = Field(2048, ge=16, description="Context window in tokens")
+    kv_type: KVType = Field("f16", description="KV cache element type (q8_0 needs flash_attn)")
+    flash_attn: bool = Field(False, description="Use flash attention")
+    swa_full: bool = Field(True, description="Full-size cache for sliding-window layers")
+    n_threads: int = Field(4, ge=1, le=256, description="Decode threads")
+    n_batch: int = Field(512, ge=1, description="Logical batch for prompt processing")
+    n_ubatch: int = Field(512, ge=1, description="Physical batch")
+    mmap: bool = Field(True, description="Memory-map the weights")
+    mlock: bool = Field(False, description="Lock weights in RAM")
+
+
+class Prediction(_Model):
+    """What the plan predicts for this device."""
+
+    memory: MemoryEstimate = Field(default_factory=MemoryEstimate)
+    decode_tps: float = Field(0.0, ge=0, description="Predicted decode tokens/s")
+    file_size: int = Field(0, ge=0, description="Predicted model.gguf size in bytes")
+
+
+class SourceModel(_Model):
+    name: str = Field(..., description="Model name from the GGUF header")
+    path: str = Field("", description="Where it was packed from")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    architecture: str = Field(..., description="general.architecture")
+    file_type: str = Field(..., description="Source precision, e.g. F16")
+    n_params: int = Field(0, ge=0)
+    n_ctx_train: int = Field(0, ge=0)
+    n_vocab: int = Field(0, ge=0)
+
+
+class FileEntry(_Model):
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(..., ge=0)
+
+
+class BundleManifest(_Model):
+    """manifest.json. Every file of the bundle except this one is listed with its hash."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Manifest schema version")
+    name: str = Field(..., description="Bundle directory name: <model>-<profile>-<quant>")
+    created: str = Field("", description="ISO-8601 creation time (UTC)")
+    edgerunner_version: str
+    llama_cpp_python_version: str
+    source: SourceModel
+    profile: DeviceProfile
+    plan: RuntimePlan
+    prediction: Prediction
+    files: dict[str, FileEntry] = Field(default_factory=dict)

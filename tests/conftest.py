@@ -1,0 +1,24 @@
+"""Fixtures shared by every test layer: the real default model, short socket paths."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgerunner.models import ensure_default_model
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The real SmolLM2-135M GGUF, fetched through edgerunner's own code path (cached)."""
+    return ensure_default_model()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temp directory: unix socket paths must stay under ~100 bytes."""
+    with tempfile.TemporaryDirectory(prefix="er-", dir="/tmp") as tmp:
+        yield Path(tmp)
