@@ -31,3 +31,9 @@ def profiles_dir() -> Path:
 def systemd_dir() -> Path:
     """The shipped systemd unit templates."""
     return Path(__file__).resolve().parent.parent / "systemd"
+
+
+def user_profiles_dir() -> Path:
+    """$XDG_CONFIG_HOME/edgerunner/profiles: calibrated or user-written profiles."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "edgerunner" / "profiles"

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgerunner.errors import ProfileError
-from edgerunner.paths import profiles_dir
+from edgerunner.paths import profiles_dir, user_profiles_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,6 +72,10 @@ class DeviceProfile(_Strict):
     storage: StorageSpec = Field(default_factory=lambda: StorageSpec())
     gpu: GPUSpec = Field(default_factory=lambda: GPUSpec())
     thermal: ThermalSpec = Field(default_factory=lambda: ThermalSpec())
+    decode_efficiency: float = Field(
+        1.0, gt=0, le=4,
+        description="Measured / predicted decode tok/s on this device; `bench --calibrate` sets it",
+    )
 
     @property
     def usable_mb(self) -> int:
@@ -108,11 +112,14 @@ def load_profile_file(path: Path) -> DeviceProfile:
 
 
 def list_profiles(directory: Path | None = None) -> list[DeviceProfile]:
-    """All shipped profiles, sorted by name."""
-    directory = directory or profiles_dir()
-    return sorted(
-        (load_profile_file(p) for p in directory.glob("*.toml")), key=lambda prof: prof.name
-    )
+    """All profiles, sorted by name; a calibrated copy in the user's directory wins."""
+    directories = [directory] if directory else [profiles_dir(), user_profiles_dir()]
+    found: dict[str, DeviceProfile] = {}
+    for folder in directories:
+        for path in sorted(folder.glob("*.toml")):
+            profile = load_profile_file(path)
+            found[profile.name] = profile
+    return sorted(found.values(), key=lambda prof: prof.name)
 
 
 def resolve_profile(ref: str, directory: Path | None = None) -> DeviceProfile:
