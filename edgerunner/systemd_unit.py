@@ -1,0 +1,203 @@
+"""The systemd unit for one bundle, rendered from systemd/edgerunner@.service."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgerunner.errors import InstallError
+from edgerunner.manifest import BundleManifest
+from edgerunner.paths import systemd_dir
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAME = "edgerunner@.service"
+SERVICE_USER = "edgerunner"
+BUNDLES_DIR = "/var/lib/edgerunner/bundles"
+CONFIG_DIR = "/etc/edgerunner"
+RUNTIME_DIR = "/run/edgerunner"
+
+# Unit names allow [A-Za-z0-9:_.\\-]; bundle names are a subset, so %i needs no escaping.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+# MemoryHigh = predicted peak + max(10 %, 64 MiB). The margin covers the memory model's error,
+# glibc arena growth over a long uptime, and the page cache of the model file that the cgroup is
+# charged for while loading. Above MemoryHigh the kernel reclaims and throttles; the daemon's own
+# guard sees the pressure and refuses new work, so the process slows instead of dying.
+HIGH_MARGIN_FRACTION = 0.10
+HIGH_MARGIN_MIN_MB = 64
+# MemoryMax = MemoryHigh + max(10 %, 64 MiB): the hard ceiling where the kernel OOM-kills inside
+# the cgroup. The gap gives reclaim (and the daemon's RSS-ceiling exit) room to act first.
+MAX_MARGIN_FRACTION = 0.10
+MAX_MARGIN_MIN_MB = 64
+
+# TimeoutStartSec = base + 3 x (model size / storage read speed), at least the floor: mmap'd
+# weights fault in with scattered reads that run well below the card's sequential speed.
+START_BASE_S = 60
+START_READ_FACTOR = 3.0
+START_FLOOR_S = 90
+
+# CPU prompt processing is compute-bound and runs several times faster than decode; 4x is the
+# low end on ARM boards, so the estimate of the longest prompt's duration stays pessimistic.
+PROMPT_SPEEDUP = 4.0
+WATCHDOG_MIN_S = 30
+WATCHDOG_MAX_S = 1800
+WATCHDOG_UNKNOWN_S = 600
+
+
+class UnitSettings(BaseModel):
+    """The per-bundle numbers a rendered unit carries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., description="Bundle name = systemd instance name")
+    predicted_mb: float = Field(0.0, ge=0, description="Plan's predicted peak RSS, MiB")
+    memory_high_mb: int = Field(..., ge=1, description="MemoryHigh=, MiB")
+    memory_max_mb: int = Field(..., ge=1, description="MemoryMax=, MiB")
+    timeout_start_s: int = Field(..., ge=1, description="TimeoutStartSec=, seconds")
+    watchdog_s: int = Field(..., ge=1, description="WatchdogSec=, seconds")
+    cuda: bool = Field(False, description="Device nodes needed for GPU offload")
+
+
+def check_bundle_name(name: str) -> str:
+    """The name, if it can be a systemd instance name and a directory name."""
+    if not _NAME_RE.match(name):
+        raise InstallError(
+            f"bundle name {name!r} cannot be a systemd instance name",
+            hint="use letters, digits, '.', '_' and '-' only (rename the bundle directory)",
+        )
+    return name
+
+
+def unit_name(bundle_name: str) -> str:
+    """edgerunner@<bundle>.service."""
+    return f"edgerunner@{check_bundle_name(bundle_name)}.service"
+
+
+def socket_path(bundle_name: str) -> str:
+    """Where the installed service listens."""
+    return f"{RUNTIME_DIR}/{check_bundle_name(bundle_name)}/api.sock"
+
+
+def unit_settings(manifest: BundleManifest) -> UnitSettings:
+    """Memory limits and timeouts for a bundle, from its plan and profile."""
+    predicted = manifest.prediction.memory.total_mb
+    high = math.ceil(predicted + max(predicted * HIGH_MARGIN_FRACTION, HIGH_MARGIN_MIN_MB))
+    ceiling = math.ceil(high + max(high * MAX_MARGIN_FRACTION, MAX_MARGIN_MIN_MB))
+
+    model = manifest.files.get("model.gguf")
+    size_mb = (model.size if model else manifest.prediction.file_size) / 1e6
+    read_s = size_mb / manifest.profile.storage.read_mbs
+    timeout = max(START_FLOOR_S, math.ceil(START_BASE_S + START_READ_FACTOR * read_s))
+
+    if manifest.prediction.decode_tps > 0:
+        prompt_tps = manifest.prediction.decode_tps * PROMPT_SPEEDUP
+        longest_prompt_s = manifest.plan.n_ctx / prompt_tps
+        # The watchdog helper stops pinging after half the interval without worker progress,
+        # so the interval must be twice the longest legitimate silence.
+        watchdog = min(WATCHDOG_MAX_S, max(WATCHDOG_MIN_S, math.ceil(2 * longest_prompt_s)))
+    else:
+        watchdog = WATCHDOG_UNKNOWN_S
+
+    return UnitSettings(
+        name=check_bundle_name(manifest.name),
+        predicted_mb=predicted,
+        memory_high_mb=high,
+        memory_max_mb=ceiling,
+        timeout_start_s=timeout,
+        watchdog_s=watchdog,
+        cuda=manifest.profile.gpu.kind == "cuda",
+    )
+
+
+def render_unit(
+    manifest: BundleManifest, executable: str = "edgerunner", template: Path | None = None
+) -> str:
+    """The unit file text for this bundle (instance name = bundle name).
+
+    ``executable`` is the command that starts edgerunner: a bare name is looked up by systemd in
+    its fixed search path; ``"/usr/bin/python3 -m edgerunner"`` works too.
+    """
+    settings = unit_settings(manifest)
+    path = template or systemd_dir() / TEMPLATE_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InstallError(f"cannot read the unit template {path}: {exc}",
+                           hint="reinstall edgerunner") from exc
+
+    mem = manifest.prediction.memory
+    values = {
+        "MemoryHigh": f"{settings.memory_high_mb}M",
+        "MemoryMax": f"{settings.memory_max_mb}M",
+        "TimeoutStartSec": str(settings.timeout_start_s),
+        "WatchdogSec": str(settings.watchdog_s),
+    }
+    if settings.cuda:
+        # CUDA needs /dev/nvidia* and /dev/nvhost-*, which PrivateDevices= hides.
+        values["PrivateDevices"] = "no"
+    for key, value in values.items():
+        text = _set_key(text, key, value, path)
+    text = _set_exec(text, executable, path)
+    # Substitute the instance name so the file also works when copied under another name.
+    text = text.replace("%i", settings.name)
+
+    header = (
+        f"# Rendered by edgerunner for bundle {settings.name}: {manifest.source.name} "
+        f"{manifest.plan.quant}, n_ctx {manifest.plan.n_ctx}, profile {manifest.profile.name}.\n"
+        f"# Predicted peak {mem.total_mb:.0f} MiB (weights {mem.weights_mb:.0f}, "
+        f"KV {mem.kv_mb:.0f}, compute {mem.compute_mb:.0f}, logits {mem.logits_mb:.0f}, "
+        f"overhead {mem.overhead_mb:.0f}).\n"
+        f"# MemoryHigh = predicted + max({HIGH_MARGIN_FRACTION:.0%}, {HIGH_MARGIN_MIN_MB} MiB): "
+        "prediction error, allocator growth, page cache charged while loading.\n"
+        f"# MemoryMax = MemoryHigh + max({MAX_MARGIN_FRACTION:.0%}, {MAX_MARGIN_MIN_MB} MiB): "
+        "room for reclaim and the daemon's own RSS-ceiling exit before an OOM kill.\n"
+        f"# TimeoutStartSec: {START_BASE_S} s + {START_READ_FACTOR:g} x model size / "
+        f"{manifest.profile.storage.read_mbs:g} MB/s storage read. WatchdogSec: twice the "
+        f"longest prompt ({manifest.plan.n_ctx} tokens) at {PROMPT_SPEEDUP:g}x the predicted "
+        f"decode rate ({manifest.prediction.decode_tps:g} tok/s).\n"
+    )
+    return header + text
+
+
+def _set_key(text: str, key: str, value: str, path: Path) -> str:
+    pattern = re.compile(rf"^{key}=.*$", re.MULTILINE)
+    new, count = pattern.subn(f"{key}={value}", text)
+    if count != 1:
+        raise InstallError(f"unit template {path} has {count} {key}= lines, expected one",
+                           hint="reinstall edgerunner")
+    return new
+
+
+def _set_exec(text: str, executable: str, path: Path) -> str:
+    pattern = re.compile(r"^ExecStart=edgerunner ", re.MULTILINE)
+    new, count = pattern.subn(lambda _m: f"ExecStart={executable} ", text)
+    if count != 1:
+        raise InstallError(f"unit template {path} lacks 'ExecStart=edgerunner serve ...'",
+                           hint="reinstall edgerunner")
+    return new
+
+
+def verify_unit(path: Path) -> list[str]:
+    """Problems `systemd-analyze verify` reports for a unit file ([] = clean).
+
+    systemd-analyze exits 0 on unknown keys and only prints them, so every line it prints
+    counts as a problem.
+    """
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        raise InstallError("systemd-analyze is not installed", hint="install systemd")
+    done = subprocess.run(
+        [tool, "verify", "--man=no", str(path)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+    if done.returncode != 0 and not lines:
+        lines = [f"systemd-analyze verify exited {done.returncode}"]
+    return lines

@@ -1,0 +1,127 @@
+"""The per-bundle systemd unit: rendered values, and systemd's own verdict on the file."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgerunner.errors import InstallError
+from edgerunner.manifest import (
+    BundleManifest,
+    FileEntry,
+    MemoryEstimate,
+    Prediction,
+    RuntimePlan,
+    SourceModel,
+)
+from edgerunner.profiles import resolve_profile
+from edgerunner.systemd_unit import render_unit, unit_name, unit_settings, verify_unit
+
+HAVE_ANALYZE = shutil.which("systemd-analyze") is not None
+
+
+def make_manifest(
+    name: str = "smollm2-rpi5-8gb-Q4_K_M", total_mb: float = 400.0, size: int = 100_000_000,
+    decode_tps: float = 40.0, profile: str = "rpi5",
+) -> BundleManifest:
+    weights = total_mb / 2
+    return BundleManifest(
+        name=name,
+        edgerunner_version="0.1.0",
+        llama_cpp_python_version="0.3.36",
+        source=SourceModel(name="SmolLM2", sha256="0" * 64, architecture="llama", file_type="Q4_1"),
+        profile=resolve_profile(profile),
+        plan=RuntimePlan(n_ctx=4096),
+        prediction=Prediction(
+            memory=MemoryEstimate(weights_mb=weights, kv_mb=total_mb - weights),
+            decode_tps=decode_tps, file_size=size,
+        ),
+        files={"model.gguf": FileEntry(sha256="1" * 64, size=size)},
+    )
+
+
+def values(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^(\w+)=(.*)$", text, re.MULTILINE))
+
+
+def test_memory_limits_follow_the_prediction_with_margins() -> None:
+    small = values(render_unit(make_manifest(total_mb=400)))
+    big = values(render_unit(make_manifest(total_mb=4000)))
+    # 400 MiB: the 64 MiB floor applies; 4000 MiB: the 10 % margin does.
+    assert small["MemoryHigh"] == "464M"
+    assert small["MemoryMax"] == "528M"
+    assert big["MemoryHigh"] == "4400M"
+    assert big["MemoryMax"] == "4840M"
+
+
+def test_start_timeout_grows_with_model_size_over_storage_speed() -> None:
+    small = unit_settings(make_manifest(size=10_000_000))
+    big = unit_settings(make_manifest(size=4_000_000_000))
+    assert small.timeout_start_s == 90  # the floor
+    # rpi5 reads its SD card at 90 MB/s: 4 GB takes ~44 s, three times that plus 60 s.
+    assert big.timeout_start_s == 60 + 134
+    assert values(render_unit(make_manifest(size=4_000_000_000)))["TimeoutStartSec"] == "194"
+
+
+def test_watchdog_covers_the_longest_prompt() -> None:
+    fast = unit_settings(make_manifest(decode_tps=400))
+    slow = unit_settings(make_manifest(decode_tps=4))
+    unknown = unit_settings(make_manifest(decode_tps=0))
+    assert fast.watchdog_s == 30  # the floor
+    assert slow.watchdog_s == 512  # 2 x 4096 tokens / (4 tok/s x 4)
+    assert unknown.watchdog_s == 600
+
+
+def test_rendered_unit_carries_the_service_contract() -> None:
+    text = render_unit(make_manifest())
+    v = values(text)
+    assert v["Type"] == "notify"
+    assert v["NotifyAccess"] == "main"
+    assert v["Restart"] == "on-failure"
+    assert v["User"] == v["Group"] == "edgerunner"
+    assert v["ProtectSystem"] == "strict"
+    assert v["PrivateDevices"] == "yes"
+    assert v["ExecStart"] == (
+        "edgerunner serve /var/lib/edgerunner/bundles/smollm2-rpi5-8gb-Q4_K_M "
+        "--socket /run/edgerunner/smollm2-rpi5-8gb-Q4_K_M/api.sock "
+        "--config /etc/edgerunner/smollm2-rpi5-8gb-Q4_K_M.toml"
+    )
+    assert "%i" not in text
+
+
+def test_cuda_profiles_keep_device_nodes(tmp_path: Path) -> None:
+    jetson = make_manifest()
+    profile = jetson.profile.model_copy(update={"gpu": jetson.profile.gpu.model_copy(
+        update={"kind": "cuda", "unified_memory": True})})
+    cuda = jetson.model_copy(update={"profile": profile})
+    assert values(render_unit(cuda))["PrivateDevices"] == "no"
+
+
+def test_names_systemd_cannot_take_are_refused() -> None:
+    with pytest.raises(InstallError, match="instance name"):
+        unit_name("my model")
+    with pytest.raises(InstallError, match="instance name"):
+        render_unit(make_manifest(name="../etc"))
+
+
+@pytest.mark.skipif(not HAVE_ANALYZE, reason="systemd-analyze is not installed on this machine")
+def test_systemd_analyze_verify_accepts_the_rendered_unit(tmp_path: Path) -> None:
+    manifest = make_manifest()
+    # verify checks that ExecStart's binary exists: point it at this interpreter.
+    text = render_unit(manifest, executable=f"{sys.executable} -m edgerunner")
+    path = tmp_path / unit_name(manifest.name)
+    path.write_text(text, encoding="utf-8")
+    assert verify_unit(path) == []
+
+
+@pytest.mark.skipif(not HAVE_ANALYZE, reason="systemd-analyze is not installed on this machine")
+def test_verify_reports_what_systemd_warns_about(tmp_path: Path) -> None:
+    text = render_unit(make_manifest(), executable=f"{sys.executable} -m edgerunner")
+    path = tmp_path / "edgerunner@x.service"
+    path.write_text(text.replace("MemoryHigh=", "MemoryHihg="), encoding="utf-8")
+    problems = verify_unit(path)
+    assert any("MemoryHihg" in line for line in problems)
