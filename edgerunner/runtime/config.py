@@ -1,0 +1,279 @@
+"""The daemon's settings: one pydantic model fed, in order, by defaults, the bundle's config.toml,
+`--config FILE`, EDGERUNNER_* environment variables and command-line flags."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgerunner.errors import ConfigError
+from edgerunner.paths import runtime_socket_path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from edgerunner.manifest import BundleManifest
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "EDGERUNNER_"
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MqttConfig(_Settings):
+    """The MQTT transport (off unless `url` is set)."""
+
+    url: str | None = Field(
+        None, description="Broker URL: mqtt://host:1883 or mqtts://host:8883; unset = no MQTT"
+    )
+    device_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="This device's name in topics edgerunner/<device>/...; default: hostname",
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT protocol version (5 falls back to 3.1.1 if the broker refuses)"
+    )
+    username: str | None = Field(None, description="Broker user name")
+    password: str | None = Field(None, description="Broker password")
+    ca_file: Path | None = Field(None, description="CA certificate for mqtts:// (default: system)")
+    client_id: str | None = Field(
+        None, max_length=128, description="MQTT client id; default: edgerunner-<device_id>"
+    )
+    allowed_reply_prefixes: list[str] = Field(
+        default_factory=lambda: ["edgerunner/reply/"],
+        description="Reply topics must start with one of these (besides the v5 ResponseTopic)",
+    )
+    max_payload_bytes: int = Field(
+        262_144, ge=1024, le=268_435_455, description="Largest request/reply payload, bytes"
+    )
+    stream_interval_s: float = Field(
+        0.0, ge=0, le=10, description="Batch streamed chunks at most this often (0 = every token)"
+    )
+    keepalive_s: int = Field(60, ge=5, le=65_535, description="MQTT keepalive, seconds")
+
+
+class ServeConfig(_Settings):
+    """Everything `edgerunner serve` can be told."""
+
+    socket: Path | None = Field(
+        None,
+        description="Unix socket path; default $XDG_RUNTIME_DIR/edgerunner.sock, "
+        "else /run/edgerunner/edgerunner.sock",
+    )
+    socket_mode: int = Field(0o660, ge=0, le=0o777, description="Unix socket permissions")
+    http: str | None = Field(
+        None, description="Also listen on TCP HOST:PORT (e.g. 127.0.0.1:8080); unset = socket only"
+    )
+    queue_depth: int = Field(
+        8, ge=1, le=1024, description="Requests waiting beyond the running one"
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, le=86_400, description="A request not finished this long after arrival fails"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="On stop, in-flight work gets this long before cancel"
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, le=1_048_576, description="max_tokens when a request leaves it out"
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, le=268_435_456, description="Largest accepted request body, bytes"
+    )
+    memory_reserve_mb: float = Field(
+        128.0, ge=0, le=1_048_576,
+        description="Headroom (MiB) that must stay free; below it new work is refused",
+    )
+    rss_ceiling_mb: float | None = Field(
+        None, gt=0, le=4_194_304,
+        description="Exit (drain first) if RSS exceeds this; default 1.5 x predicted peak",
+    )
+    psi_full_avg10_limit: float = Field(
+        10.0, ge=0, le=100,
+        description="memory PSI full avg10 (%) above which new work is refused",
+    )
+    strict: bool = Field(
+        False, description="Refuse to start if the plan does not fit, instead of shrinking n_ctx"
+    )
+    keep_alive_s: float = Field(
+        0.0, ge=0, le=31_536_000, description="Unload the model after this idle time (0 = never)"
+    )
+    log_prompts: bool = Field(False, description="Log prompt and output text (privacy: off)")
+    guard_poll_s: float = Field(1.0, gt=0, le=3600, description="Memory guard poll interval")
+    guard_root: Path = Field(
+        Path("/"), description="Root for /proc and /sys/fs/cgroup (tests point it at a fake tree)"
+    )
+    n_threads: int | None = Field(
+        None, ge=1, le=256, description="Override the plan's decode threads"
+    )
+    mqtt: MqttConfig = Field(
+        default_factory=lambda: MqttConfig.model_validate({}), description="MQTT transport"
+    )
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        # "0660" from env or TOML strings means octal, as chmod reads it
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError as exc:
+                raise ValueError(f"socket_mode {value!r} is not an octal mode like 0660") from exc
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"http {value!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    def socket_path(self) -> Path:
+        """The socket to listen on, with the default filled in."""
+        return self.socket if self.socket is not None else runtime_socket_path()
+
+    def http_host_port(self) -> tuple[str, int] | None:
+        """(host, port) for the TCP listener, or None."""
+        if self.http is None:
+            return None
+        host, _, port = self.http.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}",
+                          "check the path and its permissions") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the file's syntax") from exc
+
+
+def _env_value(raw: str) -> Any:
+    # lists arrive as JSON ("[...]"); everything else is coerced by pydantic's lax mode
+    if raw.startswith("["):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """EDGERUNNER_QUEUE_DEPTH=4, EDGERUNNER_MQTT__URL=... → nested settings dict."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        if path[0] not in ServeConfig.model_fields:
+            continue  # other EDGERUNNER_* variables (TRACEBACK, PROFILES_DIR) are not settings
+        if len(path) > 1 and path[0] != "mqtt":
+            continue
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _env_value(raw)
+    return out
+
+
+def load_config(
+    bundle_config: Path | None = None,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServeConfig:
+    """Defaults ← bundle config.toml ← --config FILE ← EDGERUNNER_* env ← flags, validated once."""
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if bundle_config is not None and bundle_config.exists():
+        layers.append((str(bundle_config), _read_toml(bundle_config)))
+    if config_file is not None:
+        layers.append((str(config_file), _read_toml(config_file)))
+    layers.append(("environment", env_overrides(os.environ if environ is None else environ)))
+    layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+    merged: dict[str, Any] = {}
+    for source, layer in layers:
+        merged = _merge(merged, layer)
+        try:
+            ServeConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid setting from {source}: {_describe(exc)}",
+                              "see `edgerunner serve --help` and the bundle's config.toml") from exc
+    return ServeConfig.model_validate(merged)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def _render_fields(model: type[BaseModel], values: BaseModel, skip: set[str]) -> list[str]:
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        lines.append(f"# {field.description}")
+        value = getattr(values, name)
+        if name == "socket_mode":
+            lines.append(f"socket_mode = 0o{value:o}")
+        elif value is None:
+            lines.append(f"# {name} = (unset)")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    return lines
+
+
+def render_config_toml(manifest: BundleManifest) -> str:
+    """The bundle's user-editable config.toml: every setting, its meaning, and its default."""
+    predicted = manifest.prediction.memory.total_mb
+    defaults = ServeConfig.model_validate({})
+    head = [
+        f"# edgerunner daemon settings for bundle {manifest.name}",
+        "# Precedence: this file < `serve --config FILE` < EDGERUNNER_* env "
+        "(EDGERUNNER_MQTT__URL for [mqtt]) < flags.",
+        f"# The plan predicts a peak RSS of {predicted:.0f} MiB "
+        f"(n_ctx {manifest.plan.n_ctx}, KV {manifest.plan.kv_type}).",
+        "",
+    ]
+    body = _render_fields(ServeConfig, defaults, skip={"mqtt", "guard_root"})
+    mqtt = ["[mqtt]", *_render_fields(MqttConfig, defaults.mqtt, skip=set())]
+    return "\n".join([*head, *body, *mqtt]).rstrip() + "\n"

@@ -1,0 +1,327 @@
+"""The one place llama.cpp runs: a Llama configured from a RuntimePlan, generating one request at a
+time with the model's own chat template, stop sequences, grammars and cancellation.
+
+Only the scheduler's worker thread calls `load`, `unload` and `run`. `prepare` (template, tokenize,
+grammar check) uses a separate vocab-only model and may be called from any thread, so admission
+works even while the weights are unloaded by keep_alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp import llama_chat_format, llama_grammar
+from llama_cpp._internals import LlamaModel
+
+from edgerunner.errors import ModelError
+from edgerunner.manifest import RuntimePlan
+from edgerunner.runtime.protocol import (
+    AnyRequest,
+    ChatCompletionRequest,
+    FinishReason,
+    RequestError,
+    ResponseFormat,
+)
+
+logger = logging.getLogger(__name__)
+
+KV_GGML_TYPE = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+
+
+@dataclass
+class Prepared:
+    """A request turned into what llama.cpp needs: tokens, stops, grammar, sampling."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    stop: list[str]
+    grammar: llama_grammar.LlamaGrammar | None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    prompt_text: str = ""
+
+
+@dataclass
+class Outcome:
+    """How a generation ended."""
+
+    finish_reason: FinishReason | None  # None when should_stop interrupted it
+    prompt_tokens: int
+    completion_tokens: int
+    text: str
+
+
+def llama_kwargs(plan: RuntimePlan, n_threads: int | None = None) -> dict[str, Any]:
+    """Llama() keyword arguments for a plan (also used by the raw baseline in tools/)."""
+    kv = KV_GGML_TYPE[plan.kv_type]
+    return {
+        "n_ctx": plan.n_ctx,
+        "n_batch": plan.n_batch,
+        "n_ubatch": min(plan.n_ubatch, plan.n_batch),
+        "n_threads": n_threads or plan.n_threads,
+        "n_threads_batch": n_threads or plan.n_threads,
+        "type_k": kv,
+        "type_v": kv,
+        # llama.cpp quantizes the V cache only with flash attention on
+        "flash_attn": plan.flash_attn or plan.kv_type != "f16",
+        "swa_full": plan.swa_full,
+        "use_mmap": plan.mmap,
+        "use_mlock": plan.mlock,
+        "n_gpu_layers": 0,
+        "verbose": False,
+    }
+
+
+class Engine:
+    """llama_cpp.Llama for one bundle; construction is cheap, `load()` maps the weights."""
+
+    def __init__(
+        self, model_path: Path, plan: RuntimePlan, *, name: str, n_threads: int | None = None
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.plan = plan
+        self.name = name
+        self.n_threads = n_threads
+        self._llm: _TrackedLlama | None = None
+        self._vocab: LlamaModel | None = None
+        self._formatter: Callable[..., llama_chat_format.ChatFormatterResponse] | None = None
+        self._lock = threading.Lock()
+        self.load_seconds = 0.0
+
+    @property
+    def n_ctx(self) -> int:
+        """The context window admission checks against (the plan's, possibly shrunk)."""
+        return self.plan.n_ctx
+
+    @property
+    def loaded(self) -> bool:
+        return self._llm is not None
+
+    def open_vocab(self) -> None:
+        """Load the tokenizer and chat template only (a few MiB, no weights, no context)."""
+        if self._vocab is not None:
+            return
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        try:
+            self._vocab = LlamaModel(path_model=str(self.model_path), params=params, verbose=False)
+        except ValueError as exc:
+            raise ModelError(f"llama.cpp cannot read {self.model_path}: {exc}",
+                             "verify the bundle with `edgerunner verify`") from exc
+        self._formatter = self._make_formatter(self._vocab)
+
+    def load(self) -> None:
+        """Load the weights and create the context as the plan says."""
+        self.open_vocab()
+        if self._llm is not None:
+            return
+        started = time.perf_counter()
+        kwargs = llama_kwargs(self.plan, self.n_threads)
+        try:
+            self._llm = _TrackedLlama(str(self.model_path), **kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"llama.cpp failed to load {self.model_path}: {exc}",
+                             "check free memory and the bundle's plan (n_ctx, kv_type)") from exc
+        self.load_seconds = time.perf_counter() - started
+        logger.info("model loaded", extra={"event": "model_loaded", "seconds": self.load_seconds,
+                                           "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
+
+    def unload(self) -> None:
+        """Free the weights and the KV cache (the vocab stays for admission)."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.close()
+            logger.info("model unloaded", extra={"event": "model_unloaded"})
+
+    def close(self) -> None:
+        """Free everything."""
+        self.unload()
+        vocab, self._vocab = self._vocab, None
+        if vocab is not None:
+            vocab.close()
+
+    # -- preparing a request (any thread) ---------------------------------------------------
+
+    def _make_formatter(
+        self, vocab: LlamaModel
+    ) -> Callable[..., llama_chat_format.ChatFormatterResponse]:
+        metadata = vocab.metadata()
+        template = metadata.get("tokenizer.chat_template")
+        if not template:
+            logger.warning("model has no chat template; using chatml")
+            return llama_chat_format.format_chatml
+        eos_id, bos_id = vocab.token_eos(), vocab.token_bos()
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=vocab.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=vocab.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in raw text (with BOS if the model adds one)."""
+        return len(self._tokenize(text, add_bos=True, special=False))
+
+    def _tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        self.open_vocab()
+        assert self._vocab is not None
+        return list(self._vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def render_chat(self, request: ChatCompletionRequest) -> tuple[str, list[str], bool]:
+        """The chat template applied to the messages: (prompt, template stops, added_special)."""
+        self.open_vocab()
+        assert self._formatter is not None
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        try:
+            result = self._formatter(messages=messages)
+        except Exception as exc:  # jinja templates raise whatever they like
+            raise RequestError("invalid_request",
+                               f"the model's chat template rejected these messages: {exc}") from exc
+        stops = [] if result.stop is None else (
+            [result.stop] if isinstance(result.stop, str) else list(result.stop))
+        return result.prompt, stops, bool(result.added_special)
+
+    def prepare(self, request: AnyRequest, default_max_tokens: int) -> Prepared:
+        """Template, tokenize and build the grammar; RequestError for anything unusable."""
+        stop = request.stop_list()
+        if isinstance(request, ChatCompletionRequest):
+            prompt, template_stops, added_special = self.render_chat(request)
+            tokens = self._tokenize(prompt, add_bos=not added_special, special=True)
+            stop += template_stops
+        else:
+            prompt = request.prompt
+            tokens = self._tokenize(prompt, add_bos=True, special=False)
+        if request.max_tokens is not None:
+            max_tokens = request.max_tokens
+        else:
+            # the caller did not ask for a length: fill what is left, up to the configured default
+            max_tokens = max(1, min(default_max_tokens, self.n_ctx - len(tokens)))
+        return Prepared(
+            prompt_tokens=tokens,
+            max_tokens=max_tokens,
+            stop=stop,
+            grammar=self._grammar(request.response_format),
+            sampling={
+                "temperature": request.temperature,
+                "top_p": request.top_p,
+                "top_k": request.top_k,
+                "min_p": request.min_p,
+                "repeat_penalty": request.repeat_penalty,
+                "frequency_penalty": request.frequency_penalty,
+                "presence_penalty": request.presence_penalty,
+                "seed": request.seed,
+            },
+            prompt_text=prompt,
+        )
+
+    def _grammar(self, fmt: ResponseFormat | None) -> llama_grammar.LlamaGrammar | None:
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        assert fmt.json_schema is not None
+        try:
+            grammar = llama_grammar.LlamaGrammar.from_json_schema(
+                json.dumps(fmt.json_schema.schema_), verbose=False)
+        except Exception as exc:  # the converter raises assorted types for bad schemas
+            raise RequestError(
+                "invalid_request",
+                f"response_format.json_schema.schema cannot be turned into a grammar: "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+        self._check_grammar(grammar)
+        return grammar
+
+    def _check_grammar(self, grammar: llama_grammar.LlamaGrammar) -> None:
+        # llama.cpp's own parser decides; a grammar it rejects would crash the sampler chain later
+        self.open_vocab()
+        assert self._vocab is not None
+        with self._lock:
+            sampler = llama_cpp.llama_sampler_init_grammar(
+                self._vocab.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+        if not sampler:
+            raise RequestError("invalid_request",
+                               "response_format.json_schema.schema produced a grammar llama.cpp "
+                               "rejects; simplify the schema")
+        llama_cpp.llama_sampler_free(sampler)
+
+    # -- generating (worker thread only) ------------------------------------------------------
+
+    def run(
+        self,
+        prepared: Prepared,
+        on_text: Callable[[str], None] | None,
+        should_stop: Callable[[], bool],
+    ) -> Outcome:
+        """Generate; `on_text` gets each decoded piece; `should_stop` is polled per token."""
+        if self._llm is None:
+            self.load()
+        llm = self._llm
+        assert llm is not None
+        llm.tracked = []
+        llm.should_stop = should_stop
+        pieces: list[str] = []
+        finish: FinishReason | None = None
+        stream = llm.create_completion(
+            prompt=prepared.prompt_tokens,
+            max_tokens=prepared.max_tokens,
+            stop=prepared.stop,
+            stream=True,
+            grammar=prepared.grammar,
+            **prepared.sampling,
+        )
+        assert isinstance(stream, Generator)
+        try:
+            with contextlib.closing(stream):
+                for chunk in stream:
+                    choice = chunk["choices"][0]
+                    piece = choice["text"]
+                    if piece and not llm.interrupted:
+                        pieces.append(piece)
+                        if on_text is not None:
+                            on_text(piece)
+                    if choice["finish_reason"] is not None:
+                        finish = choice["finish_reason"]
+                    if llm.interrupted:
+                        break
+        finally:
+            llm.should_stop = None
+        eog = sum(1 for t in llm.tracked if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
+        return Outcome(
+            finish_reason=None if llm.interrupted else (finish or "length"),
+            prompt_tokens=len(prepared.prompt_tokens),
+            completion_tokens=len(llm.tracked) - eog,
+            text="".join(pieces),
+        )
+
+
+class _TrackedLlama(llama_cpp.Llama):
+    """Llama that records each sampled token and can be stopped between any two tokens."""
+
+    tracked: list[int]
+    should_stop: Callable[[], bool] | None = None
+    interrupted = False
+
+    def generate(self, *args: Any, **kwargs: Any) -> Iterator[int]:  # type: ignore[override]
+        self.interrupted = False
+        inner = super().generate(*args, **kwargs)
+        try:
+            for token in inner:
+                if self.should_stop is not None and self.should_stop():
+                    self.interrupted = True
+                    return
+                self.tracked.append(token)
+                yield token
+        finally:
+            inner.close()

@@ -1,0 +1,336 @@
+"""Request, response and error shapes shared by every transport (OpenAI-compatible JSON).
+
+Requests are validated here, before they reach the scheduler; unknown fields are refused so a
+typo never silently changes sampling. Responses are built with the helpers at the bottom so that
+HTTP and MQTT send byte-for-byte the same objects.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ErrorCode = Literal[
+    "invalid_request",
+    "context_length_exceeded",
+    "busy",
+    "memory_pressure",
+    "timeout",
+    "cancelled",
+    "model_not_found",
+    "internal_error",
+]
+
+HTTP_STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "context_length_exceeded": 400,
+    "model_not_found": 404,
+    "busy": 503,
+    "memory_pressure": 503,
+    "cancelled": 503,
+    "timeout": 504,
+    "internal_error": 500,
+}
+
+# OpenAI's error "type" for each code, so existing clients classify them sensibly
+ERROR_TYPE: dict[str, str] = {
+    "invalid_request": "invalid_request_error",
+    "context_length_exceeded": "invalid_request_error",
+    "model_not_found": "invalid_request_error",
+    "busy": "server_busy",
+    "memory_pressure": "server_busy",
+    "cancelled": "cancelled",
+    "timeout": "timeout",
+    "internal_error": "server_error",
+}
+
+
+class RequestError(Exception):
+    """A request the daemon will not (or can no longer) answer; carries the wire error code."""
+
+    def __init__(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+    def body(self) -> dict[str, Any]:
+        """The `{"error": {...}}` JSON body."""
+        return ErrorBody.of(self).model_dump()
+
+
+class BusyError(RequestError):
+    """The queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__("busy", message, retry_after=retry_after)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"] = Field("text", description="Only text parts are supported")
+    text: str = Field(..., max_length=4_000_000, description="The text")
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer", "tool"] = Field(
+        ..., description="Who says it"
+    )
+    content: str | list[TextPart] = Field(..., description="Text, or a list of text parts")
+    name: str | None = Field(None, max_length=256, description="Optional speaker name")
+
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field("response", max_length=256, description="Schema name (informational)")
+    description: str | None = Field(None, description="Informational")
+    schema_: dict[str, Any] = Field(
+        ..., alias="schema", description="JSON Schema the output must match"
+    )
+    strict: bool | None = Field(None, description="Accepted for compatibility; always enforced")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        "text", description="text, any JSON object, or JSON matching json_schema"
+    )
+    json_schema: JsonSchemaFormat | None = Field(None, description="Required for json_schema")
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format type "json_schema" needs a "json_schema" object')
+        return self
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(False, description="Send a final chunk carrying usage")
+
+
+class _Sampling(_Strict):
+    model: str | None = Field(None, max_length=256, description="Must name the served model")
+    max_tokens: int | None = Field(
+        None, ge=1, le=1_048_576, description="Tokens to generate at most (default from config)"
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="0 = greedy")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling")
+    top_k: int = Field(40, ge=0, le=100_000, description="0 = off")
+    min_p: float = Field(0.05, ge=0, le=1, description="Min-p sampling")
+    repeat_penalty: float = Field(1.0, ge=0, le=10, description="1 = off")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI frequency penalty")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI presence penalty")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Sampling seed")
+    stop: str | list[str] | None = Field(None, description="Up to 16 stop sequences")
+    stream: bool = Field(False, description="Server-sent events / MQTT chunk sequence")
+    stream_options: StreamOptions | None = Field(None, description="Streaming extras")
+    user: str | None = Field(None, max_length=256, description="Caller id (logged, not used)")
+    n: Literal[1] = Field(1, description="Only one choice per request is supported")
+
+    @model_validator(mode="after")
+    def _stop_bounds(self) -> _Sampling:
+        stops = self.stop_list()
+        if len(stops) > 16 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("stop must be at most 16 non-empty strings of up to 256 characters")
+        return self
+
+    def stop_list(self) -> list[str]:
+        """Stop sequences as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions body (also the MQTT request payload)."""
+
+    messages: list[ChatMessage] = Field(
+        ..., min_length=1, max_length=4096, description="The conversation so far"
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=1_048_576, description="Newer OpenAI name for max_tokens"
+    )
+    response_format: ResponseFormat | None = Field(None, description="Constrain output to JSON")
+
+    @model_validator(mode="after")
+    def _merge_max(self) -> ChatCompletionRequest:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions body: raw text continuation, no chat template."""
+
+    prompt: str = Field(..., min_length=1, max_length=4_000_000, description="Text to continue")
+    response_format: ResponseFormat | None = Field(None, description="Constrain output to JSON")
+
+
+AnyRequest = ChatCompletionRequest | CompletionRequest
+
+
+def parse_request(kind: Literal["chat", "completion"], payload: Any) -> AnyRequest:
+    """Validate a decoded JSON body; RequestError(invalid_request) names every bad field."""
+    model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    if not isinstance(payload, dict):
+        raise RequestError("invalid_request", "request body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise RequestError("invalid_request", describe_validation(exc)) from exc
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One readable line per problem: `messages.0.role: Input should be ...`."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = "unknown field (not supported)" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+class ErrorDetail(_Strict):
+    type: str = Field(..., description="OpenAI-style error class")
+    code: ErrorCode = Field(..., description="edgerunner error code")
+    message: str = Field(..., description="What was wrong and what to do")
+
+
+class ErrorBody(_Strict):
+    """`{"error": {"type", "code", "message"}}` — the one error shape of every transport."""
+
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, exc: RequestError) -> ErrorBody:
+        return cls(error=ErrorDetail(type=ERROR_TYPE[exc.code], code=exc.code, message=exc.message))
+
+
+class Usage(_Strict):
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    total_tokens: int = Field(0, ge=0)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+# Events the scheduler hands a transport's sink, in order: TextEvent* then DoneEvent | ErrorEvent.
+@dataclass(frozen=True)
+class TextEvent:
+    """A piece of generated text (streaming requests only)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """Generation finished: the whole text, why it stopped, and token counts."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage = field(default_factory=lambda: Usage.model_validate({}))
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The request failed; no more events follow."""
+
+    error: RequestError
+
+
+Event = TextEvent | DoneEvent | ErrorEvent
+
+
+def chat_completion(job_id: str, model: str, created: int, done: DoneEvent) -> dict[str, Any]:
+    """A `chat.completion` object."""
+    return {
+        "id": job_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": done.text},
+            "finish_reason": done.finish_reason,
+        }],
+        "usage": done.usage.model_dump(),
+    }
+
+
+def chat_chunk(
+    job_id: str,
+    model: str,
+    created: int,
+    *,
+    content: str | None = None,
+    role: bool = False,
+    finish_reason: FinishReason | None = None,
+    usage: Usage | None = None,
+) -> dict[str, Any]:
+    """A `chat.completion.chunk` object."""
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    chunk: dict[str, Any] = {
+        "id": job_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        chunk["usage"] = usage.model_dump()
+    return chunk
+
+
+def text_completion(
+    job_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: FinishReason | None,
+    usage: Usage | None = None,
+) -> dict[str, Any]:
+    """A `text_completion` object (also each streamed completion chunk)."""
+    out: dict[str, Any] = {
+        "id": job_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        out["usage"] = usage.model_dump()
+    return out
+
+
+def model_list(model: str, created: int | None = None) -> dict[str, Any]:
+    """GET /v1/models body: the one served model."""
+    return {
+        "object": "list",
+        "data": [{
+            "id": model,
+            "object": "model",
+            "created": created if created is not None else int(time.time()),
+            "owned_by": "edgerunner",
+        }],
+    }

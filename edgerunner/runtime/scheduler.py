@@ -1,0 +1,338 @@
+"""One inference worker, a bounded FIFO queue, deadlines and cancellation.
+
+Contract for transports (HTTP, MQTT, anything else):
+
+    job = scheduler.submit(request, sink=callback)   # ChatCompletionRequest | CompletionRequest
+
+* `submit` validates admission on the caller's thread and raises `RequestError` at once for
+  `context_length_exceeded` (names prompt tokens, max_tokens and n_ctx), `memory_pressure`,
+  `busy` (a `BusyError` with `.retry_after` seconds: queue full), or `cancelled` when the daemon
+  is draining. Nothing was queued when it raises.
+* Otherwise the job is queued and `sink(event)` is later called **from the worker thread**, in
+  order: zero or more `TextEvent(text)` (only when `request.stream` is true), then exactly one
+  `DoneEvent(text, finish_reason, usage)` or `ErrorEvent(RequestError)`. Every job gets exactly
+  one final event — a job is never dropped silently. The sink must be quick and thread-safe
+  (e.g. `loop.call_soon_threadsafe(queue.put_nowait, event)` for asyncio, or a paho publish). If
+  the sink raises, the job is cancelled.
+* `job.cancel()` (any thread) stops generation within one token; the final event is then
+  `ErrorEvent(code="cancelled")`. A job whose deadline passes while queued is answered with
+  `ErrorEvent(code="timeout")` without generating; one that passes mid-generation stops and gets
+  the same timeout error after the text already streamed.
+* `job.id` ("chatcmpl-..." / "cmpl-..."), `job.created` and `scheduler.model_name` are what the
+  response objects carry (see protocol.chat_completion / chat_chunk / text_completion).
+* Transports never touch llama.cpp; only this module's worker calls the Engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edgerunner.runtime.engine import Engine, Prepared
+from edgerunner.runtime.protocol import (
+    AnyRequest,
+    BusyError,
+    ChatCompletionRequest,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    RequestError,
+    TextEvent,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[Event], None]
+AdmissionCheck = Callable[[], None]
+
+
+@dataclass
+class Job:
+    """One queued or running request."""
+
+    request: AnyRequest
+    prepared: Prepared
+    sink: Sink
+    deadline: float  # time.monotonic() after which the job fails with `timeout`
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    submitted: float = field(default_factory=time.monotonic)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            prefix = "chatcmpl" if isinstance(self.request, ChatCompletionRequest) else "cmpl"
+            self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this job (within one token if it is running)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the final event was delivered."""
+        return self._finished.wait(timeout)
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics and /health."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    refused: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generation_seconds: float = 0.0
+    avg_job_seconds: float = 2.0  # moving average, seeds the Retry-After hint
+
+
+class Scheduler:
+    """Owns the Engine through one worker thread; transports only call submit/cancel."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        queue_depth: int = 8,
+        request_timeout_s: float = 300.0,
+        default_max_tokens: int = 512,
+        keep_alive_s: float = 0.0,
+        admission: AdmissionCheck | None = None,
+        log_prompts: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.queue_depth = queue_depth
+        self.request_timeout_s = request_timeout_s
+        self.default_max_tokens = default_max_tokens
+        self.keep_alive_s = keep_alive_s
+        self.admission = admission
+        self.log_prompts = log_prompts
+        self.stats = Stats()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._last_activity = time.monotonic()
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.name
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not counting the running one)."""
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._running is not None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def start(self) -> None:
+        """Start the worker and accept work (the engine should already be loaded)."""
+        self._accepting = True
+        self._thread = threading.Thread(target=self._work, name="edgerunner-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: AnyRequest, *, sink: Sink) -> Job:
+        """Admit and queue a request; RequestError if it cannot be taken (nothing queued then)."""
+        try:
+            return self._submit(request, sink)
+        except RequestError as exc:
+            self.stats.refused[exc.code] += 1
+            raise
+
+    def _submit(self, request: AnyRequest, sink: Sink) -> Job:
+        if not self._accepting:
+            raise RequestError("cancelled", "the daemon is shutting down; retry on another device")
+        if request.model is not None and request.model != self.model_name:
+            raise RequestError("model_not_found",
+                               f"model {request.model!r} is not served here; this daemon serves "
+                               f"{self.model_name!r} (see /v1/models), or leave `model` out")
+        prepared = self.engine.prepare(request, self.default_max_tokens)
+        n_prompt, n_ctx = len(prepared.prompt_tokens), self.engine.n_ctx
+        if n_prompt + prepared.max_tokens > n_ctx:
+            raise RequestError(
+                "context_length_exceeded",
+                f"prompt is {n_prompt} tokens and max_tokens is {prepared.max_tokens}: "
+                f"{n_prompt + prepared.max_tokens} > the context window of {n_ctx} tokens; "
+                "shorten the prompt or lower max_tokens",
+            )
+        if self.admission is not None:
+            self.admission()
+        job = Job(request=request, prepared=prepared, sink=sink,
+                  deadline=time.monotonic() + self.request_timeout_s)
+        with self._cond:
+            if len(self._queue) >= self.queue_depth:
+                raise BusyError(
+                    f"queue full ({self.queue_depth} waiting); retry later",
+                    retry_after=self._retry_after(),
+                )
+            self._queue.append(job)
+            self.stats.submitted += 1
+            self._cond.notify()
+        logger.info("queued", extra={"event": "queued", "job": job.id, "prompt_tokens": n_prompt,
+                                     "max_tokens": prepared.max_tokens})
+        if self.log_prompts:
+            logger.info("prompt %s: %r", job.id, prepared.prompt_text)
+        return job
+
+    def _retry_after(self) -> float:
+        # waiting jobs plus the running one, at the recent average job length
+        return float(max(1, min(120, math.ceil(self.stats.avg_job_seconds
+                                               * (len(self._queue) + 1)))))
+
+    def stop_accepting(self) -> None:
+        """New submits fail with `cancelled`; queued and running work continues."""
+        self._accepting = False
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting, wait up to `timeout` for queued and running work; True if all done."""
+        self.stop_accepting()
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._running is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def shutdown(self, drain_timeout: float = 0.0) -> bool:
+        """Drain, cancel whatever is left, stop the worker; True if nothing had to be cancelled."""
+        clean = self.drain(drain_timeout)
+        with self._cond:
+            leftovers = list(self._queue)
+            self._queue.clear()
+            if self._running is not None:
+                self._running.cancel()
+            self._stopping = True
+            self._cond.notify_all()
+        for job in leftovers:
+            self._finish(job, ErrorEvent(RequestError(
+                "cancelled", "the daemon shut down before this request ran; retry")))
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, drain_timeout))
+        return clean and not leftovers
+
+    # -- worker ---------------------------------------------------------------------------
+
+    def _next(self) -> Job | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                idle_for = time.monotonic() - self._last_activity
+                if self.keep_alive_s > 0 and self.engine.loaded and idle_for >= self.keep_alive_s:
+                    self._cond.release()
+                    try:
+                        self.engine.unload()
+                    finally:
+                        self._cond.acquire()
+                    continue
+                wait = None
+                if self.keep_alive_s > 0 and self.engine.loaded:
+                    wait = max(0.05, self.keep_alive_s - idle_for)
+                self._cond.wait(wait)
+            if self._stopping:
+                return None
+            job = self._queue.popleft()
+            self._running = job
+            return job
+
+    def _work(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            try:
+                self._run(job)
+            except Exception as exc:  # the worker must survive anything one job does
+                logger.exception("job %s failed", job.id)
+                self._finish(job, ErrorEvent(RequestError(
+                    "internal_error", f"generation failed: {type(exc).__name__}: {exc}")))
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._last_activity = time.monotonic()
+                    self._cond.notify_all()
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled:
+            self._finish(job, ErrorEvent(RequestError("cancelled", "request was cancelled")))
+            return
+        if time.monotonic() > job.deadline:
+            self._finish(job, ErrorEvent(RequestError(
+                "timeout", f"request waited longer than {self.request_timeout_s:g} s in the queue; "
+                "retry, or raise request_timeout_s")))
+            return
+        started = time.monotonic()
+        stream = job.request.stream
+
+        def on_text(text: str) -> None:
+            try:
+                job.sink(TextEvent(text))
+            except Exception:
+                logger.warning("sink of %s failed; cancelling it", job.id, exc_info=True)
+                job.cancel()
+
+        def should_stop() -> bool:
+            return job.cancelled or time.monotonic() > job.deadline
+
+        outcome = self.engine.run(job.prepared, on_text if stream else None, should_stop)
+        elapsed = time.monotonic() - started
+        self.stats.avg_job_seconds = 0.8 * self.stats.avg_job_seconds + 0.2 * elapsed
+        self.stats.prompt_tokens += outcome.prompt_tokens
+        self.stats.completion_tokens += outcome.completion_tokens
+        self.stats.generation_seconds += elapsed
+        if outcome.finish_reason is None:
+            error = (RequestError("cancelled", "request was cancelled") if job.cancelled else
+                     RequestError("timeout", f"request ran past its {self.request_timeout_s:g} s "
+                                  "timeout; lower max_tokens or raise request_timeout_s"))
+            self._finish(job, ErrorEvent(error))
+            return
+        usage = Usage(prompt_tokens=outcome.prompt_tokens,
+                      completion_tokens=outcome.completion_tokens,
+                      total_tokens=outcome.prompt_tokens + outcome.completion_tokens)
+        logger.info("done", extra={"event": "done", "job": job.id, "seconds": elapsed,
+                                   "finish_reason": outcome.finish_reason,
+                                   "completion_tokens": outcome.completion_tokens})
+        if self.log_prompts:
+            logger.info("output %s: %r", job.id, outcome.text)
+        self._finish(job, DoneEvent(outcome.text, outcome.finish_reason, usage))
+
+    def _finish(self, job: Job, event: DoneEvent | ErrorEvent) -> None:
+        if isinstance(event, DoneEvent):
+            self.stats.completed += 1
+        else:
+            self.stats.failed[event.error.code] += 1
+            logger.info("failed", extra={"event": "failed", "job": job.id,
+                                         "code": event.error.code})
+        try:
+            job.sink(event)
+        except Exception:
+            logger.warning("sink of %s failed on its final event", job.id, exc_info=True)
+        finally:
+            job._finished.set()
