@@ -22,3 +22,13 @@ def short_tmp() -> Iterator[Path]:
     """A short temp directory: unix socket paths must stay under ~100 bytes."""
     with tempfile.TemporaryDirectory(prefix="er-", dir="/tmp") as tmp:
         yield Path(tmp)
+
+
+@pytest.fixture(scope="session")
+def rpi5_bundle(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> Path:
+    """The default model packed for rpi5 by edgerunner's own pack(); the bundle directory."""
+    from edgerunner.pack import pack
+    from edgerunner.profiles import resolve_profile
+
+    out = tmp_path_factory.mktemp("rpi5-bundle")
+    return pack(default_model, resolve_profile("rpi5"), out).path

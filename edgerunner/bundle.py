@@ -1,0 +1,380 @@
+"""Bundles on disk: atomic write (stage + rename), verification, and loading for the daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgerunner.errors import BundleError
+from edgerunner.manifest import SCHEMA_VERSION, BundleManifest, FileEntry
+from edgerunner.models import sha256_file
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.gguf"
+CONFIG_FILE = "config.toml"
+UNIT_FILE = "edgerunner.service"
+
+
+def package_version(dist: str) -> str:
+    """Installed version of a distribution, or "unknown"."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp for manifest.created."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class BundleStage:
+    """A bundle being built in `.<name>.partial-XXXX` next to its destination.
+
+    Nothing at the destination path exists until `commit` renames the finished directory there,
+    so an interrupted pack never leaves something that looks like a bundle.
+    """
+
+    def __init__(self, dest: Path, path: Path) -> None:
+        self.dest = dest
+        self.path = path
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write one small file into the stage."""
+        target = self.path / name
+        with _disk_errors(target):
+            target.write_text(text, encoding="utf-8")
+        return target
+
+    def finalize(
+        self, manifest: BundleManifest, known: dict[str, FileEntry] | None = None
+    ) -> BundleManifest:
+        """Hash every staged file, write manifest.json last, and fsync everything.
+
+        `known` holds entries the caller already hashed (the model, right after writing it).
+        """
+        known = known or {}
+        files = {}
+        for path in sorted(self.path.rglob("*")):
+            if path.is_file() and path.name != MANIFEST:
+                rel = path.relative_to(self.path).as_posix()
+                files[rel] = known.get(rel) or FileEntry(
+                    sha256=sha256_file(path), size=path.stat().st_size
+                )
+        final = BundleManifest.model_validate(
+            {**manifest.model_dump(), "files": files, "name": self.dest.name}
+        )
+        manifest_path = self.path / MANIFEST
+        with _disk_errors(manifest_path):
+            manifest_path.write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
+            for path in self.path.rglob("*"):
+                if path.is_file():
+                    _fsync(path)
+            _fsync(self.path)
+        return final
+
+    def commit(
+        self, manifest: BundleManifest, known: dict[str, FileEntry] | None = None
+    ) -> BundleManifest:
+        """Finalize, then rename the stage to its destination in one step."""
+        final = self.finalize(manifest, known)
+        if self.dest.exists():
+            raise _exists_error(self.dest)
+        try:
+            os.rename(self.path, self.dest)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise _exists_error(self.dest) from exc
+            raise BundleError(f"could not move the finished bundle to {self.dest}: {exc}") from exc
+        _fsync(self.dest.parent)
+        logger.info("wrote bundle %s", self.dest)
+        return final
+
+
+@contextlib.contextmanager
+def stage_bundle(dest: Path, check_dest: bool = True) -> Iterator[BundleStage]:
+    """Stage a bundle for `dest`; the stage is removed on any error (and after commit)."""
+    if check_dest and dest.exists():
+        raise _exists_error(dest)
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle to the device
+    except OSError as exc:
+        raise BundleError(
+            f"cannot create the bundle in {parent}: {exc.strerror or exc}",
+            hint="pass a writable directory with -o",
+        ) from exc
+    try:
+        yield BundleStage(dest, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exists_error(dest: Path) -> BundleError:
+    return BundleError(
+        f"output directory {dest} already exists",
+        hint="pass a different -o, or remove the old bundle first",
+    )
+
+
+def disk_error(path: Path, exc: OSError) -> BundleError:
+    """A BundleError for a failed write, saying plainly when the disk is full."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return BundleError(
+            f"disk full while writing {path}: {exc.strerror}",
+            hint="free disk space or pass a different -o; nothing was left behind",
+        )
+    return BundleError(f"could not write {path}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise disk_error(path, exc) from exc
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- verifying
+
+
+class Check(BaseModel):
+    """One verification step and its outcome."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., description="What was checked, e.g. 'sha256 model.gguf'")
+    ok: bool = Field(..., description="Whether it passed")
+    detail: str = Field(default="", description="What was found, and what to do when it failed")
+
+
+class VerifyReport(BaseModel):
+    """The result of `verify`: every check, and the first failure's message."""
+
+    model_config = ConfigDict(extra="forbid")
+    bundle: str = Field(..., description="Bundle directory")
+    checks: list[Check] = Field(default_factory=list)
+    manifest: BundleManifest | None = Field(default=None, description="The manifest, if parsed")
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def problems(self) -> list[Check]:
+        return [check for check in self.checks if not check.ok]
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append(Check(name=name, ok=ok, detail=detail))
+        return ok
+
+    def raise_for_problems(self) -> None:
+        """Raise a BundleError naming the first failed check."""
+        if self.ok:
+            return
+        first = self.problems[0]
+        more = len(self.problems) - 1
+        suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+        raise BundleError(f"bundle {self.bundle}: {first.name}: {first.detail}{suffix}")
+
+
+def read_manifest(bundle: Path) -> BundleManifest:
+    """Parse and validate manifest.json, naming the file and the problem."""
+    path = bundle / MANIFEST
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(
+            f"{path} is missing, so {bundle} is not a bundle",
+            hint="pass the directory `edgerunner pack` wrote",
+        ) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not readable JSON: {exc}", hint="re-pack the bundle") from exc
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path} has schema_version {version!r}; this edgerunner reads {SCHEMA_VERSION}",
+            hint="re-pack the bundle with this edgerunner version",
+        )
+    try:
+        return BundleManifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise BundleError(f"{path} is not a valid manifest: {problems}",
+                          hint="re-pack the bundle") from exc
+
+
+def verify_bundle(path: Path, here: bool = False, cgroup_dir: Path | None = None) -> VerifyReport:
+    """Check a bundle's manifest, file hashes and runtime version; `here` also checks memory."""
+    report = VerifyReport(bundle=str(path))
+    if not path.is_dir():
+        report.add("bundle", False, f"{path} is not a directory; pass a bundle directory or .tar")
+        return report
+    try:
+        manifest = read_manifest(path)
+    except BundleError as exc:
+        report.add(MANIFEST, False, str(exc))
+        return report
+    report.manifest = manifest
+    report.add(MANIFEST, True, f"schema_version {manifest.schema_version}")
+    _check_files(path, manifest, report)
+    running = package_version("llama-cpp-python")
+    report.add(
+        "llama-cpp-python version",
+        manifest.llama_cpp_python_version == running,
+        f"bundle packed for {manifest.llama_cpp_python_version}, running {running}"
+        + ("" if manifest.llama_cpp_python_version == running else
+           f"; install llama-cpp-python=={manifest.llama_cpp_python_version} "
+           "or re-pack the bundle with this installation"),
+    )
+    if here:
+        _check_memory_here(manifest, report, cgroup_dir)
+    return report
+
+
+def _check_files(path: Path, manifest: BundleManifest, report: VerifyReport) -> None:
+    for name, entry in manifest.files.items():
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or name == MANIFEST:
+            report.add(f"file {name}", False, "manifest lists a path outside the bundle; re-pack")
+            continue
+        target = path / rel
+        if not target.is_file():
+            report.add(f"file {name}", False, f"{target} is missing; re-pack or copy it again")
+            continue
+        size = target.stat().st_size
+        if size != entry.size:
+            report.add(f"size {name}", False,
+                       f"{name} is {size} bytes, manifest says {entry.size}: the file is "
+                       "truncated or altered; copy the bundle again or re-pack")
+            continue
+        digest = sha256_file(target)
+        report.add(f"sha256 {name}", digest == entry.sha256,
+                   "matches" if digest == entry.sha256 else
+                   f"{name} has sha256 {digest}, manifest says {entry.sha256}: the file was "
+                   "altered or corrupted; copy the bundle again or re-pack")
+    listed = set(manifest.files) | {MANIFEST}
+    extra = sorted(
+        p.relative_to(path).as_posix() for p in path.rglob("*")
+        if not p.is_dir() and p.relative_to(path).as_posix() not in listed
+    )
+    report.add("unlisted files", not extra,
+               "none" if not extra else
+               f"{', '.join(extra)} not in the manifest; remove them or re-pack")
+
+
+def headroom_mb(cgroup_dir: Path | None = None) -> tuple[float, str]:
+    """Memory this process could still use now, MiB, and where the limit comes from."""
+    import psutil
+
+    available = psutil.virtual_memory().available / 2**20
+    source = "MemAvailable"
+    group = cgroup_dir if cgroup_dir is not None else _own_cgroup()
+    if group is not None:
+        try:
+            limit = (group / "memory.max").read_text().strip()
+            current = int((group / "memory.current").read_text().strip())
+        except (OSError, ValueError):
+            return available, source
+        if limit != "max":
+            cg_free = (int(limit) - current) / 2**20
+            if cg_free < available:
+                return max(cg_free, 0.0), f"cgroup {group} memory.max"
+    return available, source
+
+
+def _own_cgroup() -> Path | None:
+    # cgroup v2: /proc/self/cgroup has one line "0::/path"
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                group = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+                return group if (group / "memory.max").exists() else None
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory_here(
+    manifest: BundleManifest, report: VerifyReport, cgroup_dir: Path | None
+) -> None:
+    needed = manifest.prediction.memory.total_mb
+    free, source = headroom_mb(cgroup_dir)
+    report.add(
+        "memory here", needed <= free,
+        f"plan needs {needed:.0f} MiB, {source} allows {free:.0f} MiB now"
+        + ("" if needed <= free else
+           "; free memory, raise the limit, or re-pack with a smaller --max-ctx or --quant"),
+    )
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle directory, ready for the daemon."""
+
+    dir: Path
+    manifest: BundleManifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / MODEL_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / CONFIG_FILE
+
+    @property
+    def unit_path(self) -> Path:
+        return self.dir / UNIT_FILE
+
+
+def load_bundle(path: Path, verify: bool = True) -> Bundle:
+    """Open a bundle directory (or a .tar of one); by default refuse it unless it verifies."""
+    path = Path(path)
+    if path.is_file():
+        from edgerunner.archive import extract_cached
+
+        path = extract_cached(path)
+    if not path.exists():
+        raise BundleError(f"bundle {path} does not exist", hint="check the path")
+    if verify:
+        report = verify_bundle(path)
+        report.raise_for_problems()
+        assert report.manifest is not None
+        manifest = report.manifest
+    else:
+        manifest = read_manifest(path)
+    if MODEL_FILE not in manifest.files:
+        raise BundleError(f"{path / MANIFEST} lists no {MODEL_FILE}", hint="re-pack the bundle")
+    return Bundle(dir=path, manifest=manifest)

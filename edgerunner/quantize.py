@@ -1,0 +1,184 @@
+"""Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize), with progress."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp._logger
+
+from edgerunner.errors import BundleError, QuantizeError
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""Called with (tensors done, tensors total) as llama.cpp works through the model."""
+
+# Source precisions llama.cpp quantizes without allow_requantize; anything else is a requantize.
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+# llama.cpp reports per-tensor progress only through its log: "[  12/ 272] blk.0.attn_k.weight ..."
+_TENSOR_LINE = re.compile(rb"^\[\s*(\d+)/\s*(\d+)\]")
+# ggml's log levels in the bundled llama.cpp (llama-cpp-python's own table predates DEBUG=1).
+_GGML_LOG_WARN, _GGML_LOG_ERROR = 3, 4
+
+# Below this much free space after a failed write, the failure was the disk filling up.
+_FULL_BELOW_BYTES = 1 << 20
+
+# The log callback is process-wide; one quantization at a time keeps the hook unambiguous.
+_LOCK = threading.Lock()
+
+
+@dataclass
+class QuantizeResult:
+    """What one quantization produced."""
+
+    path: Path
+    quant: str
+    size: int
+    seconds: float
+    n_tensors: int
+    requantized: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def ftype_for(quant: str) -> int:
+    """llama.cpp's LLAMA_FTYPE_* constant for a preset name like Q4_K_M."""
+    name = quant.upper()
+    const = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
+    value = getattr(llama_cpp, const, None)
+    if not isinstance(value, int):
+        raise QuantizeError(
+            f"unknown quantization preset {quant!r}",
+            hint=f"use one of {', '.join(supported_quants())}",
+        )
+    return value
+
+
+def supported_quants() -> list[str]:
+    """Every preset name the installed llama.cpp knows."""
+    names = ["F32"]
+    for const in dir(llama_cpp):
+        if const.startswith("LLAMA_FTYPE_MOSTLY_"):
+            names.append(const.removeprefix("LLAMA_FTYPE_MOSTLY_"))
+    return names
+
+
+def quantize(
+    src: Path,
+    dst: Path,
+    quant: str,
+    *,
+    n_threads: int | None = None,
+    progress: Progress | None = None,
+    source_type: str | None = None,
+) -> QuantizeResult:
+    """Quantize src into dst with preset `quant`; dst is removed again if llama.cpp fails.
+
+    source_type is the source's file type (e.g. "F16", "Q4_1"); given it, no header is re-read.
+    """
+    ftype = ftype_for(quant)
+    if not src.is_file():
+        raise QuantizeError(f"model file {src} does not exist", hint="check the path")
+    if source_type is None:
+        from edgerunner.gguf_info import read_model_info
+
+        source_type = read_model_info(src).file_type
+    requantize = source_type.upper() not in FLOAT_TYPES
+    warnings = []
+    if requantize:
+        message = (
+            f"requantizing a quantized model ({source_type} -> {quant.upper()}): quality suffers, "
+            "and a larger preset cannot restore precision the source lost; pack from an F16/BF16 "
+            "GGUF for best results"
+        )
+        logger.info(message)  # returned to the caller, who decides how loudly to say it
+        warnings.append(message)
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = n_threads or 0
+    params.allow_requantize = requantize
+
+    log = _LogHook(progress)
+    start = time.perf_counter()
+    with _LOCK:
+        llama_cpp.llama_log_set(log.callback, ctypes.c_void_p(0))
+        try:
+            rc = llama_cpp.llama_model_quantize(
+                str(src).encode(), str(dst).encode(), ctypes.byref(params)
+            )
+        finally:
+            # Hand the log back to llama-cpp-python's own handler (the one it installs on import).
+            llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    seconds = time.perf_counter() - start
+    if rc != 0:
+        full = _disk_full(dst.parent)
+        dst.unlink(missing_ok=True)
+        if full:
+            # A full disk is an output problem, reported like every other failed bundle write.
+            raise BundleError(
+                f"disk full while llama.cpp wrote {dst}",
+                hint="free disk space or pass a different -o; the partial file was removed",
+            )
+        cause = log.errors[-1] if log.errors else f"llama_model_quantize returned {rc}"
+        raise QuantizeError(
+            f"llama.cpp could not quantize {src.name} to {quant}: {cause}",
+            hint=_hint_for(cause),
+        )
+    size = dst.stat().st_size
+    logger.info("quantized %s -> %s (%s, %d tensors, %.2f s, %d bytes)",
+                src, dst, quant, log.total, seconds, size)
+    return QuantizeResult(
+        path=dst, quant=quant.upper(), size=size, seconds=seconds,
+        n_tensors=log.total, requantized=requantize, warnings=warnings,
+    )
+
+
+def _disk_full(directory: Path) -> bool:
+    # llama.cpp only says "iostream error"; a write that failed for lack of space leaves the
+    # filesystem full to the last block, because the kernel writes short before it refuses.
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < _FULL_BELOW_BYTES
+
+
+def _hint_for(cause: str) -> str:
+    if "requantiz" in cause.lower():
+        return "pack from an F16/BF16 GGUF"
+    return "check that the source is a complete GGUF that llama.cpp can load"
+
+
+class _LogHook:
+    """Counts llama.cpp's per-tensor log lines for progress; keeps warnings and errors."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.done = 0
+        self.total = 0
+        self.errors: list[str] = []
+        # Keep a reference: ctypes frees the trampoline if the Python object dies.
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        match = _TENSOR_LINE.match(text)
+        if match:
+            self.done, self.total = int(match.group(1)), int(match.group(2))
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+            return
+        if level in (_GGML_LOG_WARN, _GGML_LOG_ERROR):
+            line = text.decode("utf-8", "replace").strip()
+            logger.debug("llama.cpp: %s", line)
+            if level == _GGML_LOG_ERROR and line:
+                self.errors.append(line)
