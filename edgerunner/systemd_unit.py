@@ -26,16 +26,21 @@ RUNTIME_DIR = "/run/edgerunner"
 # Unit names allow [A-Za-z0-9:_.\\-]; bundle names are a subset, so %i needs no escaping.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
-# MemoryHigh = predicted peak + max(10 %, 64 MiB). The margin covers the memory model's error,
-# glibc arena growth over a long uptime, and the page cache of the model file that the cgroup is
-# charged for while loading. Above MemoryHigh the kernel reclaims and throttles; the daemon's own
-# guard sees the pressure and refuses new work, so the process slows instead of dying.
-HIGH_MARGIN_FRACTION = 0.10
-HIGH_MARGIN_MIN_MB = 64
-# MemoryMax = MemoryHigh + max(10 %, 64 MiB): the hard ceiling where the kernel OOM-kills inside
-# the cgroup. The gap gives reclaim (and the daemon's RSS-ceiling exit) room to act first.
+# Three memory lines, from softest to hardest, each above the last so the gentler one acts first:
+# 1. RSS ceiling (EDGERUNNER_RSS_CEILING_MB) = predicted peak + max(10 %, 64 MiB): the margin
+#    covers the memory model's error and allocator growth over a long uptime; past it the daemon
+#    finishes in-flight work and exits non-zero, and Restart=on-failure brings it back clean.
+# 2. MemoryHigh = ceiling + max(5 %, 32 MiB): if the daemon's poll misses a fast climb, the
+#    kernel reclaims and throttles instead of killing.
+# 3. MemoryMax = MemoryHigh + max(10 %, reserve): the hard OOM line inside the cgroup. The daemon
+#    measures headroom as memory.max - memory.current and wants its free-memory reserve on top of
+#    the plan, so a tighter MemoryMax would make it shrink n_ctx at start.
+CEILING_MARGIN_FRACTION = 0.10
+CEILING_MARGIN_MIN_MB = 64
+HIGH_MARGIN_FRACTION = 0.05
+HIGH_MARGIN_MIN_MB = 32
 MAX_MARGIN_FRACTION = 0.10
-MAX_MARGIN_MIN_MB = 64
+RESERVE_MB = 128  # ServeConfig.memory_reserve_mb's default
 
 # TimeoutStartSec = base + 3 x (model size / storage read speed), at least the floor: mmap'd
 # weights fault in with scattered reads that run well below the card's sequential speed.
@@ -58,6 +63,7 @@ class UnitSettings(BaseModel):
 
     name: str = Field(..., description="Bundle name = systemd instance name")
     predicted_mb: float = Field(0.0, ge=0, description="Plan's predicted peak RSS, MiB")
+    rss_ceiling_mb: int = Field(..., ge=1, description="Daemon exits above this RSS, MiB")
     memory_high_mb: int = Field(..., ge=1, description="MemoryHigh=, MiB")
     memory_max_mb: int = Field(..., ge=1, description="MemoryMax=, MiB")
     timeout_start_s: int = Field(..., ge=1, description="TimeoutStartSec=, seconds")
@@ -88,8 +94,9 @@ def socket_path(bundle_name: str) -> str:
 def unit_settings(manifest: BundleManifest) -> UnitSettings:
     """Memory limits and timeouts for a bundle, from its plan and profile."""
     predicted = manifest.prediction.memory.total_mb
-    high = math.ceil(predicted + max(predicted * HIGH_MARGIN_FRACTION, HIGH_MARGIN_MIN_MB))
-    ceiling = math.ceil(high + max(high * MAX_MARGIN_FRACTION, MAX_MARGIN_MIN_MB))
+    rss = math.ceil(predicted + max(predicted * CEILING_MARGIN_FRACTION, CEILING_MARGIN_MIN_MB))
+    high = math.ceil(rss + max(rss * HIGH_MARGIN_FRACTION, HIGH_MARGIN_MIN_MB))
+    ceiling = math.ceil(high + max(high * MAX_MARGIN_FRACTION, RESERVE_MB))
 
     model = manifest.files.get("model.gguf")
     size_mb = (model.size if model else manifest.prediction.file_size) / 1e6
@@ -108,6 +115,7 @@ def unit_settings(manifest: BundleManifest) -> UnitSettings:
     return UnitSettings(
         name=check_bundle_name(manifest.name),
         predicted_mb=predicted,
+        rss_ceiling_mb=rss,
         memory_high_mb=high,
         memory_max_mb=ceiling,
         timeout_start_s=timeout,
@@ -135,7 +143,9 @@ def render_unit(
     mem = manifest.prediction.memory
     values = {
         "MemoryHigh": f"{settings.memory_high_mb}M",
-        "MemoryMax": f"{settings.memory_max_mb}M",
+        # The daemon's own ceiling travels with the cgroup limits it must stay under.
+        "MemoryMax": f"{settings.memory_max_mb}M\n"
+        f"Environment=EDGERUNNER_RSS_CEILING_MB={settings.rss_ceiling_mb}",
         "TimeoutStartSec": str(settings.timeout_start_s),
         "WatchdogSec": str(settings.watchdog_s),
     }
@@ -147,6 +157,8 @@ def render_unit(
     text = _set_exec(text, executable, path)
     # Substitute the instance name so the file also works when copied under another name.
     text = text.replace("%i", settings.name)
+    # The template's opening comment describes the unrendered defaults; the header replaces it.
+    text = text[text.index("[Unit]"):] if "[Unit]" in text else text
 
     header = (
         f"# Rendered by edgerunner for bundle {settings.name}: {manifest.source.name} "
@@ -154,10 +166,14 @@ def render_unit(
         f"# Predicted peak {mem.total_mb:.0f} MiB (weights {mem.weights_mb:.0f}, "
         f"KV {mem.kv_mb:.0f}, compute {mem.compute_mb:.0f}, logits {mem.logits_mb:.0f}, "
         f"overhead {mem.overhead_mb:.0f}).\n"
-        f"# MemoryHigh = predicted + max({HIGH_MARGIN_FRACTION:.0%}, {HIGH_MARGIN_MIN_MB} MiB): "
-        "prediction error, allocator growth, page cache charged while loading.\n"
-        f"# MemoryMax = MemoryHigh + max({MAX_MARGIN_FRACTION:.0%}, {MAX_MARGIN_MIN_MB} MiB): "
-        "room for reclaim and the daemon's own RSS-ceiling exit before an OOM kill.\n"
+        f"# RSS ceiling {settings.rss_ceiling_mb} MiB = predicted + "
+        f"max({CEILING_MARGIN_FRACTION:.0%}, {CEILING_MARGIN_MIN_MB} MiB): past it the daemon "
+        "drains and exits, and systemd restarts it.\n"
+        f"# MemoryHigh = ceiling + max({HIGH_MARGIN_FRACTION:.0%}, {HIGH_MARGIN_MIN_MB} MiB): "
+        "the kernel throttles rather than kills.\n"
+        f"# MemoryMax = MemoryHigh + max({MAX_MARGIN_FRACTION:.0%}, {RESERVE_MB} MiB): the hard "
+        "line, leaving the daemon's free-memory reserve above the plan. Change all three together "
+        "(in a drop-in).\n"
         f"# TimeoutStartSec: {START_BASE_S} s + {START_READ_FACTOR:g} x model size / "
         f"{manifest.profile.storage.read_mbs:g} MB/s storage read. WatchdogSec: twice the "
         f"longest prompt ({manifest.plan.n_ctx} tokens) at {PROMPT_SPEEDUP:g}x the predicted "

@@ -51,11 +51,21 @@ def values(text: str) -> dict[str, str]:
 def test_memory_limits_follow_the_prediction_with_margins() -> None:
     small = values(render_unit(make_manifest(total_mb=400)))
     big = values(render_unit(make_manifest(total_mb=4000)))
-    # 400 MiB: the 64 MiB floor applies; 4000 MiB: the 10 % margin does.
-    assert small["MemoryHigh"] == "464M"
-    assert small["MemoryMax"] == "528M"
-    assert big["MemoryHigh"] == "4400M"
-    assert big["MemoryMax"] == "4840M"
+    # 400 MiB: the fixed floors apply (64, 32, 128 MiB); 4000 MiB: the percentages do.
+    assert small["MemoryHigh"] == "496M"
+    assert small["MemoryMax"] == "624M"
+    assert big["MemoryHigh"] == "4620M"
+    assert big["MemoryMax"] == "5082M"
+
+
+def test_the_daemon_ceiling_sits_below_the_cgroup_limits() -> None:
+    for total in (50, 400, 4000, 30000):
+        s = unit_settings(make_manifest(total_mb=total))
+        assert total < s.rss_ceiling_mb < s.memory_high_mb < s.memory_max_mb
+        # The daemon's start check wants its 128 MiB reserve free on top of the plan.
+        assert s.memory_max_mb - s.predicted_mb >= 128 + 64
+    text = render_unit(make_manifest(total_mb=400))
+    assert "Environment=EDGERUNNER_RSS_CEILING_MB=464\n" in text
 
 
 def test_start_timeout_grows_with_model_size_over_storage_speed() -> None:
