@@ -27,7 +27,7 @@ from edgerunner.manifest import SCHEMA_VERSION, BundleManifest, FileEntry, Sourc
 from edgerunner.models import ensure_default_model, sha256_file
 from edgerunner.planner import PlanOptions, PlanResult, make_plan
 from edgerunner.profiles import DeviceProfile
-from edgerunner.quantize import Progress, quantize
+from edgerunner.quantize import Progress, check_architecture, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def pack(
     if info is None:
         info = read_model_info(source)
     timings["read_header"] = time.perf_counter() - start
+    check_architecture(info.architecture, source)
 
     mark = time.perf_counter()
     plan = make_plan(info, profile, options)
@@ -99,7 +100,8 @@ def pack(
             f"output {'archive' if archive else 'directory'} {dest} already exists",
             hint="pass a different -o, or remove the old bundle first",
         )
-    _check_free_space(output_dir, plan.prediction.file_size)
+    # An archive holds a second copy of the model while the staged one still exists.
+    _check_free_space(output_dir, plan.prediction.file_size * (2 if archive else 1))
 
     warnings = list(plan.warnings)
     with (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import difflib
 import logging
 import os
 import re
@@ -61,6 +62,22 @@ def ftype_for(quant: str) -> int:
             hint=f"use one of {', '.join(supported_quants())}",
         )
     return value
+
+
+def check_architecture(architecture: str, path: Path | None = None) -> None:
+    """Refuse, before any work, an architecture that llama.cpp's converter tables do not know."""
+    import gguf
+
+    known = sorted(set(gguf.MODEL_ARCH_NAMES.values()))
+    if architecture in known:
+        return
+    close = difflib.get_close_matches(architecture, known, n=3, cutoff=0.6)
+    where = f"{path}: " if path else ""
+    raise QuantizeError(
+        f"{where}unknown model architecture {architecture!r}: llama.cpp cannot load or quantize it",
+        hint=(f"did you mean {', '.join(close)}? " if close else "")
+        + "check general.architecture, or convert the model with a recent llama.cpp",
+    )
 
 
 def supported_quants() -> list[str]:
