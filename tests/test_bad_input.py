@@ -1,0 +1,186 @@
+"""Every bad input to pack/verify: a message naming the thing and the fix, exit code 1, and
+nothing half-written in the output directory."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from edgerunner.bundle import stage_bundle
+from edgerunner.cli import main
+from edgerunner.errors import BundleError
+from edgerunner.quantize import quantize
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_failed(result: Result, *phrases: str) -> None:
+    assert result.exit_code == 1, result.output
+    for phrase in phrases:
+        assert phrase in result.output, result.output
+
+
+def assert_empty(out: Path) -> None:
+    """Nothing was written: the directory is absent or empty (no partial stage either)."""
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+def test_missing_model_file(out: Path) -> None:
+    result = run("pack", "/no/such/model.gguf", "--profile", "rpi5", "-o", str(out))
+    assert_failed(result, "/no/such/model.gguf does not exist", "hint: check the path")
+    assert_empty(out)
+
+
+def test_not_a_gguf(tmp_path: Path, out: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_text("this is a README, not weights\n")
+    result = run("pack", str(fake), "--profile", "rpi5", "-o", str(out))
+    assert_failed(result, "is not a GGUF file", "convert the model")
+    assert_empty(out)
+
+
+def test_truncated_gguf(default_model: Path, tmp_path: Path, out: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    with default_model.open("rb") as src, cut.open("wb") as dst:
+        dst.write(src.read(default_model.stat().st_size // 2))
+    result = run("pack", str(cut), "--profile", "rpi5", "-o", str(out))
+    assert_failed(result, "cut.gguf is", "truncated", "download or convert the model again")
+    assert_empty(out)
+
+
+def test_unknown_architecture(tmp_path: Path, out: Path) -> None:
+    path = tmp_path / "frob.gguf"
+    writer = gguf.GGUFWriter(str(path), "frobnicator")
+    writer.add_name("frob")
+    writer.add_block_count(1)
+    writer.add_context_length(512)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_vocab_size(64)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float16))
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run("pack", str(path), "--profile", "rpi5", "-o", str(out))
+    assert_failed(result, "unknown model architecture 'frobnicator'", "convert the model")
+    assert_empty(out)
+
+
+def test_unknown_profile_suggests_close_names(out: Path) -> None:
+    result = run("pack", "--profile", "rpi55", "-o", str(out))
+    assert_failed(result, "unknown device profile 'rpi55'", "did you mean", "rpi5")
+    assert_empty(out)
+
+
+def test_missing_profile_flag_is_a_usage_error(out: Path) -> None:
+    result = run("pack", "-o", str(out))
+    assert result.exit_code == 2
+    assert "Missing option '--profile'" in result.output
+
+
+def test_model_too_big_for_the_profile(default_model: Path, out: Path) -> None:
+    # Leave the Pi Zero 2 W (512 MiB) no room at all: nothing can fit.
+    result = run("pack", str(default_model), "--profile", "rpi-zero2w", "-o", str(out),
+                 "--reserve-mb", "100000")
+    assert result.exit_code == 1, result.output
+    assert "rpi-zero2w" in result.output or "fit" in result.output, result.output
+    assert "hint:" in result.output
+    assert_empty(out)
+
+
+def test_output_dir_exists(rpi5_bundle: Path, default_model: Path) -> None:
+    before = sorted(p.name for p in rpi5_bundle.parent.iterdir())
+    manifest = (rpi5_bundle / "manifest.json").read_bytes()
+    result = run("pack", str(default_model), "--profile", "rpi5", "-o", str(rpi5_bundle.parent))
+    assert_failed(result, f"{rpi5_bundle} already exists", "pass a different -o")
+    assert sorted(p.name for p in rpi5_bundle.parent.iterdir()) == before
+    assert (rpi5_bundle / "manifest.json").read_bytes() == manifest
+
+
+def test_tampered_bundle(rpi5_bundle: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(rpi5_bundle, tmp_path / "b"))
+    model = copy / "model.gguf"
+    with model.open("r+b") as handle:
+        handle.seek(4096)
+        byte = handle.read(1)
+        handle.seek(4096)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    result = run("verify", str(copy))
+    assert_failed(result, "sha256 model.gguf", "copy the bundle again or re-pack")
+
+
+def test_malicious_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("b/../../../etc/cron.d/evil")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"boom"))
+    result = run("verify", str(archive))
+    assert_failed(result, "member 'b/../../../etc/cron.d/evil'", "refusing to extract")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar"]
+
+
+# ---------------------------------------------------------------- a real full disk (tmpfs)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs: writes past it fail with ENOSPC, as on a full SD card.
+
+    Mounting needs CAP_SYS_ADMIN; where the test runner lacks it the test is skipped with the
+    reason, since a fake ENOSPC would not exercise llama.cpp's own write path.
+    """
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_too_small_is_refused_before_quantizing(default_model: Path, tiny_disk: Path) -> None:
+    result = run("pack", str(default_model), "--profile", "rpi5", "-o", str(tiny_disk))
+    assert_failed(result, f"not enough disk space in {tiny_disk}", "free disk space")
+    assert_empty(tiny_disk)
+
+
+def test_disk_full_while_llama_cpp_writes(default_model: Path, tiny_disk: Path) -> None:
+    # quantize() has no free-space pre-check, so llama.cpp really hits ENOSPC mid-file.
+    target = tiny_disk / "model.gguf"
+    with pytest.raises(BundleError, match=r"disk full while llama\.cpp wrote") as info:
+        quantize(default_model, target, "Q8_0", n_threads=2, source_type="Q4_1")
+    assert "the partial file was removed" in str(info.value)
+    assert_empty(tiny_disk)
+
+
+def test_disk_full_while_writing_bundle_files(tiny_disk: Path) -> None:
+    with pytest.raises(BundleError, match="disk full while writing"), \
+            stage_bundle(tiny_disk / "b") as stage:
+        (stage.path / "filler").write_bytes(b"\0" * (24 * 2**20 - 8192))
+        stage.write_text("config.toml", "x = 1\n" * 10_000)
+    assert_empty(tiny_disk)
