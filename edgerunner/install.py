@@ -1,0 +1,372 @@
+"""Lay a bundle out on a device: bundle directory, systemd unit, config, service user.
+
+Layout under ``root`` (``/`` on the device, a mounted SD card image or a temp dir otherwise):
+
+    var/lib/edgerunner/bundles/<name>/             the bundle the service runs
+    var/lib/edgerunner/bundles/.previous/<name>/   the one it replaced (for --rollback)
+    etc/edgerunner/<name>.toml                     daemon settings (user-editable)
+    etc/systemd/system/edgerunner@<name>.service   unit rendered for the bundle
+    etc/sysusers.d/edgerunner.conf                 the `edgerunner` system user and group
+
+Every write goes to a temp name first and is renamed into place, so an interrupted install
+leaves the old bundle running. Installing the same bundle twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import grp
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgerunner.errors import BundleError, InstallError
+from edgerunner.manifest import BundleManifest
+from edgerunner.systemd_unit import (
+    BUNDLES_DIR,
+    CONFIG_DIR,
+    SERVICE_USER,
+    check_bundle_name,
+    render_unit,
+    unit_name,
+)
+
+logger = logging.getLogger(__name__)
+
+UNIT_DIR = "/etc/systemd/system"
+SYSUSERS_FILE = "/etc/sysusers.d/edgerunner.conf"
+PREVIOUS = ".previous"
+SYSUSERS_TEXT = (
+    "# The account edgerunner@*.service runs as; add users who may query the model to its group:\n"
+    "#   usermod -aG edgerunner USER\n"
+    f'u {SERVICE_USER} - "edgerunner local LLM daemon" /var/lib/edgerunner -\n'
+)
+
+
+class InstallReport(BaseModel):
+    """What an install or rollback did (or, with dry_run, would do)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="Bundle name = systemd instance name")
+    root: str = Field("/", description="Root the layout was written under")
+    dry_run: bool = Field(False, description="Nothing was written")
+    bundle_dir: str = Field(..., description="Installed bundle directory (as seen on the device)")
+    unit: str = Field(..., description="systemd unit name")
+    previous: str | None = Field(None, description="Bundle kept for --rollback, if any")
+    changes: list[str] = Field(default_factory=list, description="Each change, in order")
+    commands: list[str] = Field(default_factory=list, description="systemctl steps to run")
+    ran_commands: bool = Field(False, description="The commands were run (--enable)")
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+def systemd_running() -> bool:
+    """Whether systemd is the init system here (sd_booted's test)."""
+    return Path("/run/systemd/system").is_dir()
+
+
+def default_executable() -> str:
+    """How the unit starts edgerunner: the installed script, else this interpreter's module."""
+    found = shutil.which("edgerunner")
+    return found or f"{sys.executable} -m edgerunner"
+
+
+def _under(root: Path, absolute: str) -> Path:
+    return root / absolute.lstrip("/")
+
+
+def install_bundle(
+    source: Path, root: Path = Path("/"), dry_run: bool = False, enable: bool = False,
+    executable: str | None = None,
+) -> InstallReport:
+    """Verify a bundle (directory or .tar) and install it under root; keep the old one."""
+    root = Path(root)
+    source = Path(source)
+    if not source.exists():
+        raise InstallError(f"bundle {source} does not exist", hint="check the path")
+    _check_enable(enable, root, dry_run)
+    bundles = _under(root, BUNDLES_DIR)
+    with tempfile.TemporaryDirectory(prefix="edgerunner-dry-") as scratch:
+        # The staged copy lives next to its destination so the final rename stays on one
+        # filesystem; a dry run stages in a scratch directory and throws it away.
+        stage_parent = Path(scratch) if dry_run else bundles
+        if not dry_run:
+            _mkdir(bundles)
+        holder, staged = _stage(source, stage_parent)
+        try:
+            manifest = _verified(staged)
+            config = _read_config(staged)
+            report, rotated = _place(staged, manifest, root, dry_run)
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
+    current, previous = bundles / manifest.name, bundles / PREVIOUS / manifest.name
+    _write_unit(report, manifest, root, executable or default_executable(), dry_run)
+    # The config in /etc came from the bundle that was current before this install.
+    _write_config(report, config, root, dry_run,
+                  installed_from=previous if rotated and not dry_run else current)
+    _write_file(report, _under(root, SYSUSERS_FILE), SYSUSERS_TEXT, dry_run, mode=0o644)
+    _commands(report, root, enable)
+    return report
+
+
+def rollback(
+    name: str, root: Path = Path("/"), dry_run: bool = False, enable: bool = False,
+    executable: str | None = None,
+) -> InstallReport:
+    """Swap the installed bundle with the one it replaced (running it twice swaps back)."""
+    root = Path(root)
+    check_bundle_name(name)
+    _check_enable(enable, root, dry_run)
+    bundles = _under(root, BUNDLES_DIR)
+    current, previous = bundles / name, bundles / PREVIOUS / name
+    if not previous.is_dir():
+        raise InstallError(
+            f"no previous bundle of {name} to roll back to ({previous} does not exist)",
+            hint="rollback needs an earlier `edgerunner install` of the same bundle name",
+        )
+    if not current.is_dir():
+        raise InstallError(f"{name} is not installed ({current} does not exist)",
+                           hint="install it with `edgerunner install BUNDLE`")
+    manifest = _verified(previous)
+    report = InstallReport(
+        name=name, root=str(root), dry_run=dry_run, bundle_dir=f"{BUNDLES_DIR}/{name}",
+        unit=unit_name(name), previous=f"{BUNDLES_DIR}/{PREVIOUS}/{name}",
+    )
+    report.changes.append(f"swap {current} with {previous}")
+    if not dry_run:
+        parked = bundles / f".{name}.swap"
+        shutil.rmtree(parked, ignore_errors=True)
+        os.rename(current, parked)
+        os.rename(previous, current)
+        os.rename(parked, previous)
+    _write_unit(report, manifest, root, executable or default_executable(), dry_run)
+    _write_config(report, _read_config(previous if dry_run else current), root, dry_run,
+                  installed_from=current if dry_run else previous)
+    _commands(report, root, enable)
+    return report
+
+
+def _check_enable(enable: bool, root: Path, dry_run: bool) -> None:
+    if not enable or dry_run:
+        return
+    if root.resolve() != Path("/"):
+        raise InstallError(
+            f"--enable starts the service on this machine, but --root is {root}",
+            hint="run the printed systemctl commands on the device instead",
+        )
+    if not systemd_running():
+        raise InstallError("--enable needs systemd, and it is not running here",
+                           hint="leave out --enable and start the daemon another way")
+
+
+def _stage(source: Path, parent: Path) -> tuple[Path, Path]:
+    """Copy or extract the bundle into a fresh temp directory under parent: (holder, bundle)."""
+    holder = Path(tempfile.mkdtemp(prefix=".install-", dir=parent))
+    try:
+        if source.is_file():
+            from edgerunner.archive import extract_archive
+
+            return holder, extract_archive(source, holder)
+        if not source.is_dir():
+            raise InstallError(f"{source} is neither a bundle directory nor a .tar archive")
+        staged = holder / source.name
+        shutil.copytree(source, staged, symlinks=False)
+        return holder, staged
+    except OSError as exc:
+        shutil.rmtree(holder, ignore_errors=True)
+        raise InstallError(f"could not copy {source} to {parent}: {exc.strerror or exc}",
+                           hint="check free space and permissions") from exc
+    except BaseException:
+        shutil.rmtree(holder, ignore_errors=True)
+        raise
+
+
+def _read_config(bundle: Path) -> str:
+    path = bundle / "config.toml"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InstallError(f"cannot read {path}: {exc.strerror or exc}",
+                           hint="re-pack the bundle") from exc
+
+
+def _verified(bundle: Path) -> BundleManifest:
+    # Verify the copy that will actually run, not the source: it also catches copy errors.
+    from edgerunner.bundle import verify_bundle
+
+    report = verify_bundle(bundle)
+    try:
+        report.raise_for_problems()
+    except BundleError as exc:
+        raise InstallError(f"refusing to install: {exc.message}",
+                           hint=exc.hint or "re-pack or copy the bundle again") from exc
+    assert report.manifest is not None
+    check_bundle_name(report.manifest.name)
+    return report.manifest
+
+
+def _place(
+    staged: Path, manifest: BundleManifest, root: Path, dry_run: bool
+) -> tuple[InstallReport, bool]:
+    """Rename the staged bundle into place, moving an older different one to .previous.
+
+    Returns the report and whether an older bundle was moved aside.
+    """
+    name = manifest.name
+    bundles = _under(root, BUNDLES_DIR)
+    current, previous = bundles / name, bundles / PREVIOUS / name
+    report = InstallReport(
+        name=name, root=str(root), dry_run=dry_run, bundle_dir=f"{BUNDLES_DIR}/{name}",
+        unit=unit_name(name),
+        previous=f"{BUNDLES_DIR}/{PREVIOUS}/{name}" if previous.is_dir() else None,
+    )
+    if current.is_dir() and _same_bundle(current, staged):
+        logger.info("%s is already installed at %s", name, current)
+        return report, False
+    rotated = current.is_dir()
+    if rotated:
+        report.changes.append(f"keep {current} as {previous} for rollback")
+        report.previous = f"{BUNDLES_DIR}/{PREVIOUS}/{name}"
+    report.changes.append(f"install bundle {name} to {current}")
+    if dry_run:
+        return report, rotated
+    _make_readable(staged)
+    try:
+        if rotated:
+            _mkdir(previous.parent)
+            if previous.exists():
+                shutil.rmtree(previous)
+            os.rename(current, previous)
+        os.rename(staged, current)
+    except OSError as exc:
+        raise InstallError(f"could not move {name} into {bundles}: {exc.strerror or exc}",
+                           hint="check permissions; the previous bundle is in "
+                           f"{previous}") from exc
+    return report, rotated
+
+
+def _same_bundle(a: Path, b: Path) -> bool:
+    # manifest.json lists every file's sha256, and both copies verified against their own.
+    try:
+        return (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+    except OSError:
+        return False
+
+
+def _make_readable(bundle: Path) -> None:
+    # The service user reads what root wrote; a packer's umask must not lock it out.
+    for dirpath, _dirs, files in os.walk(bundle):
+        os.chmod(dirpath, 0o755)
+        for file in files:
+            os.chmod(os.path.join(dirpath, file), 0o644)
+
+
+def _write_unit(report: InstallReport, manifest: BundleManifest, root: Path, executable: str,
+                dry_run: bool) -> None:
+    text = render_unit(manifest, executable=executable)
+    _write_file(report, _under(root, UNIT_DIR) / unit_name(manifest.name), text, dry_run,
+                mode=0o644)
+
+
+def _write_config(report: InstallReport, new_default: str, root: Path, dry_run: bool,
+                  installed_from: Path) -> None:
+    """Install the bundle's config.toml as /etc/edgerunner/<name>.toml, keeping local edits.
+
+    A file still equal to the default of the bundle it was installed from was never edited and
+    follows the new bundle; an edited one stays, and the new default lands next to it as
+    <name>.toml.new.
+    """
+    target = _under(root, CONFIG_DIR) / f"{report.name}.toml"
+    if target.exists():
+        current = target.read_text(encoding="utf-8")
+        if current == new_default:
+            return
+        old_default = installed_from / "config.toml"
+        pristine = old_default.is_file() and filecmp.cmp(old_default, target, shallow=False)
+        if not pristine:
+            before = len(report.changes)
+            _write_file(report, target.with_name(target.name + ".new"), new_default, dry_run,
+                        mode=0o640)
+            if len(report.changes) > before:
+                report.changes.append(f"kept locally edited {target}; compare with {target}.new")
+            return
+    _write_file(report, target, new_default, dry_run, mode=0o640)
+
+
+def _write_file(report: InstallReport, path: Path, text: str, dry_run: bool, mode: int) -> None:
+    """Write path atomically if its content differs; record the change."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    report.changes.append(f"write {path}")
+    if dry_run:
+        return
+    _mkdir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        if mode & 0o040 and not mode & 0o004:
+            _chgrp_service(Path(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise InstallError(f"could not write {path}: {exc.strerror or exc}",
+                           hint="run as root, or pass --root DIR") from exc
+
+
+def _chgrp_service(path: Path) -> None:
+    # The config may hold MQTT credentials: group-readable by the service only, once it exists.
+    try:
+        gid = grp.getgrnam(SERVICE_USER).gr_gid
+    except KeyError:
+        os.chmod(path, 0o644)  # no group yet: the service must still be able to read it
+        return
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        os.chmod(path, 0o644)
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InstallError(f"cannot create {path}: {exc.strerror or exc}",
+                           hint="run as root, or pass --root DIR") from exc
+
+
+def _commands(report: InstallReport, root: Path, enable: bool) -> None:
+    unit = report.unit
+    report.commands = [
+        f"systemd-sysusers {SYSUSERS_FILE}",
+        "systemctl daemon-reload",
+        f"systemctl enable {unit}",
+        f"systemctl restart {unit}",
+    ]
+    if not enable or report.dry_run:
+        return
+    for command in report.commands:
+        logger.info("running %s", command)
+        done = subprocess.run(shlex.split(command), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise InstallError(
+                f"`{command}` failed (exit {done.returncode}): {done.stderr.strip()}",
+                hint=f"see `journalctl -u {unit}`",
+            )
+    report.ran_commands = True
