@@ -38,7 +38,7 @@ class MqttConfig(_Settings):
     """The MQTT transport (off unless `url` is set)."""
 
     url: str | None = Field(
-        None, description="Broker URL: mqtt://host:1883 or mqtts://host:8883; unset = no MQTT"
+        None, description="Broker URL: mqtt://host:1883, mqtts://host:8883 or unix:///path; unset = no MQTT"
     )
     device_id: str | None = Field(
         None,
@@ -56,15 +56,41 @@ class MqttConfig(_Settings):
     )
     allowed_reply_prefixes: list[str] = Field(
         default_factory=lambda: ["edgerunner/reply/"],
-        description="Reply topics must start with one of these (besides the v5 ResponseTopic)",
+        description="Reply topics (v5 ResponseTopic or reply_to) must start with one of these",
     )
     max_payload_bytes: int = Field(
         262_144, ge=1024, le=268_435_455, description="Largest request/reply payload, bytes"
     )
     stream_interval_s: float = Field(
-        0.0, ge=0, le=10, description="Batch streamed chunks at most this often (0 = every token)"
+        0.05, ge=0, le=10,
+        description="Streamed text is batched into at most one chunk per this many seconds "
+        "(0.05 = 20 messages/s; 0 = every token)",
     )
     keepalive_s: int = Field(60, ge=5, le=65_535, description="MQTT keepalive, seconds")
+    pool: bool = Field(
+        True, description="Also take work from the fleet pool topic edgerunner/pool/request"
+    )
+    session_expiry_s: int = Field(
+        3600, ge=0, le=4_294_967_295,
+        description="v5: how long the broker keeps device-addressed requests while the daemon "
+        "is away, seconds",
+    )
+    pool_session_expiry_s: int = Field(
+        30, ge=0, le=3600,
+        description="v5: the pool session outlives a disconnect this long (short, so pool work "
+        "goes to devices that are up)",
+    )
+    reply_backlog: int = Field(
+        1000, ge=10, le=1_000_000,
+        description="Reply messages kept while the broker is unreachable; beyond it a streaming "
+        "request is stopped and answered with an error",
+    )
+    reconnect_max_delay_s: int = Field(
+        30, ge=1, le=3600, description="Reconnect backoff doubles from 1 s up to this, seconds"
+    )
+    info_interval_s: float = Field(
+        30.0, ge=1, le=86_400, description="Re-publish the retained info topic this often, seconds"
+    )
 
 
 class ServeConfig(_Settings):

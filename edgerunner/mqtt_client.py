@@ -1,0 +1,250 @@
+"""Asking a device over MQTT: what `edgerunner ask --mqtt` and IoT apps use.
+
+    with MqttChat("mqtt://broker:1883", device_id="kitchen-pi") as chat:
+        reply = chat.complete({"messages": [{"role": "user", "content": "hi"}]})
+        print(reply["choices"][0]["message"]["content"])
+
+Each request gets its own reply topic under edgerunner/reply/<client>/; v5 requests carry a
+ResponseTopic and CorrelationData, 3.1.1 requests put `reply_to` and `id` in the body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgerunner.errors import ClientError
+from edgerunner.runtime.mqtt_session import Protocol, SessionOptions, connect_async, new_client
+from edgerunner.runtime.mqtt_topics import (
+    DEFAULT_REPLY_PREFIX,
+    POOL_TOPIC,
+    DeviceTopics,
+    check_device_id,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteError(ClientError):
+    """The device answered with an error body."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        detail = body.get("error", {})
+        self.code = str(detail.get("code", "unknown"))
+        self.body = body
+        super().__init__(f"the device refused the request ({self.code}): "
+                         f"{detail.get('message', body)}")
+
+
+class MqttChat:
+    """A connection to a broker for sending chat requests to one device (or the pool)."""
+
+    def __init__(
+        self,
+        url: str,
+        device_id: str | None = None,
+        *,
+        protocol: Protocol = "5",
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: Path | None = None,
+        timeout: float = 120.0,
+        client_id: str | None = None,
+    ) -> None:
+        self.client_id = client_id or f"edgerunner-ask-{uuid.uuid4().hex[:12]}"
+        self.request_topic = (
+            DeviceTopics(check_device_id(device_id)).request if device_id else POOL_TOPIC)
+        self.device_id = device_id
+        self.reply_root = f"{DEFAULT_REPLY_PREFIX}{self.client_id}"
+        self.timeout = timeout
+        self.v5 = protocol == "5"
+        # v5: a clean session that survives a broker restart for a while, so replies the device
+        # sends while we reconnect are kept for us
+        self._options = SessionOptions(self.client_id, protocol, persistent=False,
+                                       session_expiry_s=300)
+        self._client, self._address = new_client(url, self._options, username=username,
+                                                 password=password, ca_file=ca_file)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(1, 5)
+        self._subscribed = threading.Event()
+        self._refused: str | None = None
+        self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def connect(self) -> MqttChat:
+        """Connect and subscribe to this client's reply topics; ClientError if that fails."""
+        connect_async(self._client, self._address, self._options)
+        self._client.loop_start()
+        if not self._subscribed.wait(min(self.timeout, 30.0)):
+            self._client.loop_stop()
+            why = self._refused or "no answer"
+            raise ClientError(
+                f"cannot connect to the MQTT broker {self._address.host}: {why}",
+                hint="check the broker URL, that it is running, and the username/password")
+        return self
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> MqttChat:
+        return self.connect()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def send(self, body: dict[str, Any], request_id: str | None = None,
+             expiry_s: int | None = None) -> str:
+        """Publish a request without waiting; returns its id (use `replies` to read them)."""
+        request_id = request_id or uuid.uuid4().hex
+        topic = f"{self.reply_root}/{request_id}"
+        with self._lock:
+            self._inboxes[request_id] = queue.Queue()
+        payload = dict(body)
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = topic
+            props.CorrelationData = request_id.encode()
+            props.ContentType = "application/json"
+            if expiry_s is not None:
+                props.MessageExpiryInterval = expiry_s
+        else:
+            payload.update(reply_to=topic, id=request_id)
+        self._client.publish(self.request_topic, json.dumps(payload), qos=1, properties=props)
+        return request_id
+
+    def replies(self, request_id: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield reply objects for a request in `seq` order until the final one (or an error)."""
+        inbox = self._inboxes[request_id]
+        wait = self.timeout if timeout is None else timeout
+        held: dict[int, dict[str, Any]] = {}
+        expect = 0
+        try:
+            while True:
+                try:
+                    reply = inbox.get(timeout=wait)
+                except queue.Empty:
+                    where = f"device {self.device_id}" if self.device_id else "the pool"
+                    raise ClientError(
+                        f"no reply from {where} within {wait:g} s",
+                        hint=f"is it online? mosquitto_sub -t 'edgerunner/{self.device_id or '+'}"
+                        "/status' shows online/offline") from None
+                if "error" in reply:
+                    raise RemoteError(reply)
+                if "seq" not in reply:
+                    yield reply
+                    return
+                # QoS 1 keeps order per publisher, but a redelivery after a reconnect may not
+                held[int(reply["seq"])] = reply
+                while expect in held:
+                    chunk = held.pop(expect)
+                    expect += 1
+                    yield chunk
+                    if chunk["choices"][0].get("finish_reason") is not None:
+                        return
+        finally:
+            with self._lock:
+                self._inboxes.pop(request_id, None)
+
+    def complete(self, body: dict[str, Any], *, on_text: Callable[[str], None] | None = None,
+                 expiry_s: int | None = None) -> dict[str, Any]:
+        """Send one chat request and return the `chat.completion` (streams are assembled)."""
+        request_id = self.send(body, expiry_s=expiry_s)
+        parts: list[str] = []
+        for reply in self.replies(request_id):
+            if reply.get("object") == "chat.completion":
+                if on_text is not None:
+                    on_text(reply["choices"][0]["message"]["content"])
+                return reply
+            choice = reply["choices"][0]
+            text = choice["delta"].get("content") or ""
+            parts.append(text)
+            if on_text is not None and text:
+                on_text(text)
+            if choice.get("finish_reason") is not None:
+                return {
+                    "id": reply["id"], "object": "chat.completion", "created": reply["created"],
+                    "model": reply["model"],
+                    "choices": [{"index": 0, "finish_reason": choice["finish_reason"],
+                                 "message": {"role": "assistant", "content": "".join(parts)}}],
+                    "usage": reply.get("usage"),
+                }
+        raise ClientError("the reply stream ended without a final chunk")  # pragma: no cover
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the device to stop generating `request_id`."""
+        if self.device_id is None:
+            raise ClientError("cancel needs a device id", hint="pool requests cannot be cancelled")
+        self._client.publish(DeviceTopics(self.device_id).cancel,
+                             json.dumps({"id": request_id}), qos=1)
+
+    # -- paho callbacks -----------------------------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+            return
+        client.subscribe(f"{self.reply_root}/#", qos=1)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:
+        self._subscribed.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        request_id = msg.topic[len(self.reply_root) + 1:]
+        with self._lock:
+            inbox = self._inboxes.get(request_id)
+        if inbox is None:
+            return
+        try:
+            inbox.put(json.loads(msg.payload))
+        except ValueError:
+            logger.warning("unreadable reply on %s: %r", msg.topic, msg.payload[:200])
+
+
+def wait_for_status(url: str, device_id: str, want: str = "online", timeout: float = 30.0,
+                    protocol: Protocol = "5") -> bool:
+    """True once the device's retained status topic reads `want` (used by tools and tests)."""
+    seen = threading.Event()
+    options = SessionOptions(f"edgerunner-status-{uuid.uuid4().hex[:8]}", protocol)
+    client, address = new_client(url, options)
+    topic = DeviceTopics(device_id).status
+
+    def on_connect(c: paho.Client, *args: Any) -> None:
+        c.subscribe(topic, qos=1)
+
+    def on_message(c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.payload.decode(errors="replace") == want:
+            seen.set()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    client.reconnect_delay_set(1, 2)
+    connect_async(client, address, options)
+    client.loop_start()
+    try:
+        end = time.monotonic() + timeout
+        return seen.wait(max(0.0, end - time.monotonic()))
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -1,0 +1,95 @@
+"""Building paho clients: protocol version, TLS, credentials, unix sockets, session options.
+
+The daemon's transport and `edgerunner ask --mqtt` build their clients here, so a broker URL
+means the same thing on both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgerunner.errors import ConfigError
+from edgerunner.runtime.mqtt_topics import BrokerAddress, parse_broker_url
+
+logger = logging.getLogger(__name__)
+
+# MQTT's own ceiling for a packet, used when the broker announces none (always so in 3.1.1)
+PROTOCOL_MAX_PACKET = 268_435_455
+
+Protocol = Literal["5", "3.1.1"]
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How one client connects: who it is and how long the broker keeps its session."""
+
+    client_id: str
+    protocol: Protocol = "5"
+    persistent: bool = False  # keep subscriptions and queued QoS 1 messages while offline
+    session_expiry_s: int = 0  # v5: how long the broker keeps the session after a disconnect
+    keepalive_s: int = 60
+
+
+def new_client(
+    url: str,
+    options: SessionOptions,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: Path | None = None,
+) -> tuple[paho.Client, BrokerAddress]:
+    """A configured, unconnected paho client for `url` (call connect_async + loop_start)."""
+    address = parse_broker_url(url)
+    v5 = options.protocol == "5"
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=options.client_id,
+        # 3.1.1 has one flag for "keep my session"; v5 says it in connect() instead
+        clean_session=None if v5 else not options.persistent,
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        transport=address.transport,
+    )
+    user = username if username is not None else address.username
+    secret = password if password is not None else address.password
+    if user is not None:
+        client.username_pw_set(user, secret)
+    if address.tls:
+        try:
+            client.tls_set(ca_certs=str(ca_file) if ca_file else None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot set up TLS for {url}: {exc}",
+                hint="check mqtt.ca_file points to a readable PEM CA certificate",
+            ) from exc
+    elif ca_file is not None:
+        logger.warning("mqtt.ca_file is set but %s is not mqtts://; TLS stays off", url)
+    return client, address
+
+
+def connect_async(client: paho.Client, address: BrokerAddress, options: SessionOptions) -> None:
+    """Start connecting in the background; paho's loop retries until the broker answers."""
+    if options.protocol == "5":
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = options.session_expiry_s
+        # persistent: resume the session on every connect; otherwise clean on the first
+        # connect only, so a short broker blip does not lose the short-lived session
+        clean: bool | Literal[3] = (
+            False if options.persistent else paho.MQTT_CLEAN_START_FIRST_ONLY)
+        client.connect_async(address.host, address.port, options.keepalive_s,
+                             clean_start=clean, properties=props)
+    else:
+        client.connect_async(address.host, address.port, options.keepalive_s)
+
+
+def announced_max_packet(properties: Properties | None) -> int:
+    """The broker's Maximum Packet Size from CONNACK properties (protocol maximum if absent)."""
+    value = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+    return int(value) if value else PROTOCOL_MAX_PACKET
