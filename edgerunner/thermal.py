@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -198,11 +198,3 @@ class ThermalGovernor:
         self.state = new
         return new
 
-
-def set_llama_threads(llm: Any, n_threads: int) -> None:
-    """Change a loaded llama_cpp.Llama's decode and batch threads in place (between requests)."""
-    import llama_cpp
-
-    llama_cpp.llama_set_n_threads(llm.ctx, n_threads, n_threads)
-    llm.n_threads = n_threads
-    llm.n_threads_batch = n_threads

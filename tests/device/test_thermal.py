@@ -12,7 +12,6 @@ from edgerunner.thermal import (
     ThermalReading,
     ThrottleFlags,
     read_thermal,
-    set_llama_threads,
 )
 
 
@@ -125,16 +124,3 @@ def test_governor_without_sensors_runs_at_full_threads() -> None:
     state = gov.update(reading(None))
     assert (state.level, state.threads) == ("unknown", 2)
 
-
-def test_thread_count_changes_on_a_loaded_model(default_model: Path) -> None:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(default_model), n_ctx=64, n_threads=2, verbose=False)
-    try:
-        set_llama_threads(llm, 1)
-        assert llama_cpp.llama_n_threads(llm.ctx) == 1
-        assert llama_cpp.llama_n_threads_batch(llm.ctx) == 1
-        out = llm.create_completion("Hello", max_tokens=2)
-        assert out["usage"]["completion_tokens"] >= 1
-    finally:
-        llm.close()
