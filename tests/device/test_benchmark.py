@@ -1,0 +1,86 @@
+"""`bench` on the real packed bundle: real measurements, the CLI output, the calibration file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgerunner.benchmark import BenchResult, calibrated_profile, run_bench, write_calibration
+from edgerunner.bundle import load_bundle
+from edgerunner.cli import main
+from edgerunner.profiles import resolve_profile
+
+KEYS = {
+    "bundle", "profile", "quant", "n_ctx", "n_threads", "load_s", "ttft_s", "prompt_tokens",
+    "prompt_tps", "decode_tokens", "decode_tps", "baseline_rss_mb", "peak_rss_mb",
+    "predicted_memory_mb", "predicted_decode_tps", "rss_over_predicted", "decode_over_predicted",
+}
+
+
+@pytest.fixture(scope="module")
+def measured(rpi5_bundle: Path) -> BenchResult:
+    return run_bench(load_bundle(rpi5_bundle), prompt_tokens=32, decode_tokens=16)
+
+
+def test_bench_measures_the_real_model(measured: BenchResult, rpi5_bundle: Path) -> None:
+    manifest = load_bundle(rpi5_bundle).manifest
+    assert measured.bundle == manifest.name
+    assert measured.prompt_tokens == 32
+    assert measured.decode_tokens == 16
+    assert measured.load_s > 0 and measured.ttft_s > 0
+    assert measured.prompt_tps > 0 and measured.decode_tps > 0
+    # Loading a ~100 MB model must show up in the sampled RSS.
+    assert measured.peak_rss_mb > measured.baseline_rss_mb
+    assert measured.predicted_memory_mb == round(manifest.prediction.memory.total_mb, 1)
+    assert measured.n_threads == manifest.plan.n_threads
+
+
+def test_calibration_scales_efficiency_by_measured_over_predicted(
+    measured: BenchResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    profile = resolve_profile(measured.profile)
+    result = measured.model_copy(update={"decode_tps": 30.0, "predicted_decode_tps": 20.0})
+    calibrated = calibrated_profile(profile, result)
+    assert calibrated.decode_efficiency == pytest.approx(profile.decode_efficiency * 1.5)
+    path = write_calibration(calibrated)
+    assert path == tmp_path / "edgerunner" / "profiles" / f"{profile.name}.toml"
+    # The user's copy now overrides the shipped profile, aliases included.
+    assert resolve_profile(profile.name).decode_efficiency == calibrated.decode_efficiency
+    for alias in profile.aliases:
+        assert resolve_profile(alias).decode_efficiency == calibrated.decode_efficiency
+
+
+def test_cli_bench_json_and_calibrate(rpi5_bundle: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["bench", str(rpi5_bundle), "--json", "--calibrate",
+                                       "--prompt-tokens", "16", "--decode-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    assert set(data) >= KEYS
+    for key in ("load_s", "ttft_s", "prompt_tps", "decode_tps", "peak_rss_mb"):
+        assert data[key] > 0, key
+    written = Path(data["calibrated_profile"])
+    assert written.is_file()
+    if data["decode_over_predicted"] is not None:
+        shipped = load_bundle(rpi5_bundle).manifest.profile.decode_efficiency
+        expected = min(4.0, max(0.01, shipped * data["decode_over_predicted"]))
+        assert resolve_profile(data["profile"]).decode_efficiency == pytest.approx(
+            expected, rel=0.01)
+
+
+def test_cli_bench_table(rpi5_bundle: Path) -> None:
+    result = CliRunner().invoke(main, ["bench", str(rpi5_bundle), "--prompt-tokens", "8",
+                                       "--decode-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "decode" in result.output and "peak RSS" in result.output
+
+
+def test_bench_refuses_a_missing_bundle(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
