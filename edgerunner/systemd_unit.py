@@ -149,6 +149,9 @@ def render_unit(
         "TimeoutStartSec": str(settings.timeout_start_s),
         "WatchdogSec": str(settings.watchdog_s),
     }
+    if manifest.plan.mlock:
+        # The plan locks the weights in RAM: lift the unprivileged mlock limit (64 KiB default).
+        values["MemoryMax"] += "\nLimitMEMLOCK=infinity"
     if settings.cuda:
         # CUDA needs /dev/nvidia* and /dev/nvhost-*, which PrivateDevices= hides.
         values["PrivateDevices"] = "no"

@@ -111,6 +111,13 @@ def test_cuda_profiles_keep_device_nodes(tmp_path: Path) -> None:
     assert values(render_unit(cuda))["PrivateDevices"] == "no"
 
 
+def test_a_plan_that_locks_weights_lifts_the_memlock_limit() -> None:
+    plain = make_manifest()
+    locked = plain.model_copy(update={"plan": plain.plan.model_copy(update={"mlock": True})})
+    assert "LimitMEMLOCK" not in render_unit(plain)
+    assert values(render_unit(locked))["LimitMEMLOCK"] == "infinity"
+
+
 def test_names_systemd_cannot_take_are_refused() -> None:
     with pytest.raises(InstallError, match="instance name"):
         unit_name("my model")
