@@ -38,7 +38,9 @@ class MqttConfig(_Settings):
     """The MQTT transport (off unless `url` is set)."""
 
     url: str | None = Field(
-        None, description="Broker URL: mqtt://host:1883, mqtts://host:8883 or unix:///path; unset = no MQTT"
+        None,
+        description="Broker URL: mqtt://host:1883, mqtts://host:8883 or unix:///path; "
+        "unset = no MQTT",
     )
     device_id: str | None = Field(
         None,

@@ -91,9 +91,9 @@ class Engine:
         self.name = name
         self.n_threads = n_threads
         self._llm: _TrackedLlama | None = None
-        self._vocab: LlamaModel | None = None
+        self._vocab_only: LlamaModel | None = None
         self._formatter: Callable[..., llama_chat_format.ChatFormatterResponse] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # guards swapping the model under the tokenizer
         self.load_seconds = 0.0
 
     @property
@@ -105,48 +105,73 @@ class Engine:
     def loaded(self) -> bool:
         return self._llm is not None
 
-    def open_vocab(self) -> None:
-        """Load the tokenizer and chat template only (a few MiB, no weights, no context)."""
-        if self._vocab is not None:
-            return
+    @contextlib.contextmanager
+    def _vocab(self) -> Iterator[LlamaModel]:
+        """The loaded model's vocabulary, or a vocab-only copy while the weights are unloaded."""
+        with self._lock:
+            if self._llm is not None:
+                model: LlamaModel = self._llm._model
+            else:
+                if self._vocab_only is None:
+                    self._vocab_only = self._open_vocab_only()
+                model = self._vocab_only
+            if self._formatter is None:
+                self._formatter = self._make_formatter(model)
+            yield model
+
+    def _open_vocab_only(self) -> LlamaModel:
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         try:
-            self._vocab = LlamaModel(path_model=str(self.model_path), params=params, verbose=False)
+            return LlamaModel(path_model=str(self.model_path), params=params, verbose=False)
         except ValueError as exc:
             raise ModelError(f"llama.cpp cannot read {self.model_path}: {exc}",
                              "verify the bundle with `edgerunner verify`") from exc
-        self._formatter = self._make_formatter(self._vocab)
 
     def load(self) -> None:
         """Load the weights and create the context as the plan says."""
-        self.open_vocab()
-        if self._llm is not None:
-            return
-        started = time.perf_counter()
-        kwargs = llama_kwargs(self.plan, self.n_threads)
-        try:
-            self._llm = _TrackedLlama(str(self.model_path), **kwargs)
-        except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"llama.cpp failed to load {self.model_path}: {exc}",
-                             "check free memory and the bundle's plan (n_ctx, kv_type)") from exc
-        self.load_seconds = time.perf_counter() - started
+        with self._lock:
+            if self._llm is not None:
+                return
+            started = time.perf_counter()
+            kwargs = llama_kwargs(self.plan, self.n_threads)
+            try:
+                self._llm = _TrackedLlama(str(self.model_path), **kwargs)
+            except (ValueError, RuntimeError) as exc:
+                raise ModelError(f"llama.cpp failed to load {self.model_path}: {exc}",
+                                 "check free memory and the bundle's plan (n_ctx, kv_type)"
+                                 ) from exc
+            self.load_seconds = time.perf_counter() - started
+            # the full model carries its own vocabulary; a second copy would only cost RSS
+            vocab_only, self._vocab_only = self._vocab_only, None
+            if vocab_only is not None:
+                vocab_only.close()
         logger.info("model loaded", extra={"event": "model_loaded", "seconds": self.load_seconds,
                                            "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
 
+    def set_threads(self, n_threads: int) -> None:
+        """Change decode threads between requests (the thermal governor's lever)."""
+        self.n_threads = n_threads
+        if self._llm is not None and self._llm.n_threads != n_threads:
+            llama_cpp.llama_set_n_threads(self._llm.ctx, n_threads, n_threads)
+            self._llm.n_threads = self._llm.n_threads_batch = n_threads
+
     def unload(self) -> None:
-        """Free the weights and the KV cache (the vocab stays for admission)."""
-        llm, self._llm = self._llm, None
+        """Free the weights and the KV cache (admission then uses a vocab-only copy)."""
+        with self._lock:
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                llm.close()
         if llm is not None:
-            llm.close()
             logger.info("model unloaded", extra={"event": "model_unloaded"})
 
     def close(self) -> None:
         """Free everything."""
         self.unload()
-        vocab, self._vocab = self._vocab, None
-        if vocab is not None:
-            vocab.close()
+        with self._lock:
+            vocab_only, self._vocab_only = self._vocab_only, None
+            if vocab_only is not None:
+                vocab_only.close()
 
     # -- preparing a request (any thread) ---------------------------------------------------
 
@@ -171,20 +196,20 @@ class Engine:
         return len(self._tokenize(text, add_bos=True, special=False))
 
     def _tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        self.open_vocab()
-        assert self._vocab is not None
-        return list(self._vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+        with self._vocab() as vocab:
+            return list(vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def render_chat(self, request: ChatCompletionRequest) -> tuple[str, list[str], bool]:
         """The chat template applied to the messages: (prompt, template stops, added_special)."""
-        self.open_vocab()
-        assert self._formatter is not None
+        with self._vocab():
+            formatter = self._formatter
+        assert formatter is not None
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages
         ]
         try:
-            result = self._formatter(messages=messages)
+            result = formatter(messages=messages)
         except Exception as exc:  # jinja templates raise whatever they like
             raise RequestError("invalid_request",
                                f"the model's chat template rejected these messages: {exc}") from exc
@@ -245,11 +270,9 @@ class Engine:
 
     def _check_grammar(self, grammar: llama_grammar.LlamaGrammar) -> None:
         # llama.cpp's own parser decides; a grammar it rejects would crash the sampler chain later
-        self.open_vocab()
-        assert self._vocab is not None
-        with self._lock:
+        with self._vocab() as vocab:
             sampler = llama_cpp.llama_sampler_init_grammar(
-                self._vocab.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+                vocab.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
         if not sampler:
             raise RequestError("invalid_request",
                                "response_format.json_schema.schema produced a grammar llama.cpp "

@@ -50,6 +50,7 @@ from edgerunner.runtime.protocol import (
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[Event], None]
+IDLE_WAKEUP_S = 1.0  # an idle worker still beats this often
 AdmissionCheck = Callable[[], None]
 
 
@@ -116,6 +117,8 @@ class Scheduler:
         keep_alive_s: float = 0.0,
         admission: AdmissionCheck | None = None,
         log_prompts: bool = False,
+        heartbeat: Callable[[], None] | None = None,
+        before_job: Callable[[Engine], None] | None = None,
     ) -> None:
         self.engine = engine
         self.queue_depth = queue_depth
@@ -124,6 +127,10 @@ class Scheduler:
         self.keep_alive_s = keep_alive_s
         self.admission = admission
         self.log_prompts = log_prompts
+        # heartbeat: called on every worker wake-up and token (feeds the systemd watchdog)
+        self.heartbeat = heartbeat or (lambda: None)
+        # before_job: runs on the worker thread before each job (thermal thread changes)
+        self.before_job = before_job
         self.stats = Stats()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -252,15 +259,17 @@ class Scheduler:
                     finally:
                         self._cond.acquire()
                     continue
-                wait = None
+                wait = IDLE_WAKEUP_S
                 if self.keep_alive_s > 0 and self.engine.loaded:
-                    wait = max(0.05, self.keep_alive_s - idle_for)
+                    wait = min(wait, max(0.05, self.keep_alive_s - idle_for))
                 self._cond.wait(wait)
+                self.heartbeat()
             if self._stopping:
                 return None
             job = self._queue.popleft()
             self._running = job
-            return job
+        self.heartbeat()
+        return job
 
     def _work(self) -> None:
         while True:
@@ -288,6 +297,8 @@ class Scheduler:
                 "timeout", f"request waited longer than {self.request_timeout_s:g} s in the queue; "
                 "retry, or raise request_timeout_s")))
             return
+        if self.before_job is not None:
+            self.before_job(self.engine)
         started = time.monotonic()
         stream = job.request.stream
 
@@ -299,6 +310,7 @@ class Scheduler:
                 job.cancel()
 
         def should_stop() -> bool:
+            self.heartbeat()
             return job.cancelled or time.monotonic() > job.deadline
 
         outcome = self.engine.run(job.prepared, on_text if stream else None, should_stop)

@@ -1,0 +1,63 @@
+"""`edgerunner ask PROMPT`: send one prompt to a running daemon and stream the answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgerunner.cli.output import json_option, print_json
+
+
+def build_request(prompt: str, system: str | None, json_schema: Path | None,
+                  max_tokens: int | None, temperature: float | None) -> dict[str, Any]:
+    """The chat request body `ask` sends, over any transport."""
+    from edgerunner.errors import ClientError
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    body: dict[str, Any] = {"messages": messages}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    if json_schema is not None:
+        try:
+            schema = json.loads(json_schema.read_text())
+        except (OSError, ValueError) as exc:
+            raise ClientError(f"cannot read JSON schema {json_schema}: {exc}",
+                              "pass a file holding one JSON Schema object") from exc
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": json_schema.stem, "schema": schema}}
+    return body
+
+
+@click.command("ask")
+@click.argument("prompt")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              help="Daemon socket [default: $XDG_RUNTIME_DIR/edgerunner.sock].")
+@click.option("--system", help="System message.")
+@click.option("--json-schema", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Constrain the answer to this JSON Schema.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Longest answer, in tokens.")
+@click.option("--temperature", type=click.FloatRange(0, 2), help="0 = greedy.")
+@json_option
+def ask_cmd(prompt: str, socket_path: Path | None, system: str | None,
+            json_schema: Path | None, max_tokens: int | None, temperature: float | None,
+            as_json: bool) -> None:
+    """Ask the daemon PROMPT; the answer streams to the terminal (--json: the whole object)."""
+    from edgerunner.runtime.client import Client
+
+    body = build_request(prompt, system, json_schema, max_tokens, temperature)
+    messages = body.pop("messages")
+    with Client(socket_path) as client:
+        if as_json:
+            print_json(client.chat(messages, **body))
+            return
+        for piece in client.stream_chat(messages, **body):
+            click.echo(piece, nl=False)
+        click.echo()
+        if client.last_finish_reason == "length":
+            click.echo("[stopped at max_tokens]", err=True)

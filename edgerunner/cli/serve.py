@@ -1,0 +1,64 @@
+"""`edgerunner serve BUNDLE`: run the daemon (normally under systemd)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+EPILOG = """\b
+Exit codes: 0 clean stop, 1 error, 2 usage, 3 the plan does not fit this
+machine's memory, 4 RSS exceeded its ceiling (drained, then exited).
+Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
+
+
+@click.command("serve", epilog=EPILOG)
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True))
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              help="Unix socket path [default: $XDG_RUNTIME_DIR/edgerunner.sock].")
+@click.option("--http", "http", metavar="HOST:PORT",
+              help="Also listen on TCP, e.g. 127.0.0.1:8080.")
+@click.option("--mqtt", "mqtt_url", metavar="URL", help="MQTT broker, e.g. mqtt://broker:1883.")
+@click.option("--device-id", help="This device's name in MQTT topics [default: hostname].")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True,
+                                                         dir_okay=False),
+              help="A config.toml overriding the bundle's.")
+@click.option("--strict", is_flag=True, default=None,
+              help="Refuse to start (exit 3) instead of shrinking n_ctx to fit memory.")
+@click.option("--queue-depth", type=click.IntRange(1, 1024), help="Requests allowed to wait.")
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0.001),
+              help="Seconds a request may take from arrival to answer.")
+@click.option("--drain-timeout", "drain_timeout_s", type=click.FloatRange(min=0),
+              help="Seconds in-flight work gets on SIGTERM before it is cancelled.")
+@click.option("--reserve-mb", "memory_reserve_mb", type=click.FloatRange(min=0),
+              help="Memory (MiB) that must stay free; below it new work is refused.")
+@click.option("--rss-ceiling-mb", type=click.FloatRange(min=1),
+              help="Drain and exit 4 if RSS goes over this [default: 1.5 x predicted].")
+@click.option("--keep-alive", "keep_alive_s", type=click.FloatRange(min=0),
+              help="Unload the model after this many idle seconds (0 = never).")
+@click.option("--threads", "n_threads", type=click.IntRange(1, 256),
+              help="Override the plan's thread count.")
+@click.option("--log-prompts", is_flag=True, default=None, help="Log prompts and outputs.")
+@click.option("--no-verify", is_flag=True, help="Skip the bundle's hash check (faster start).")
+def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url: str | None,
+              device_id: str | None, **flags: object) -> None:
+    """Serve BUNDLE over a unix socket (OpenAI-compatible HTTP) and optionally TCP and MQTT."""
+    from edgerunner.bundle import load_bundle
+    from edgerunner.errors import PlanError
+    from edgerunner.runtime.config import load_config
+    from edgerunner.runtime.daemon import EXIT_NO_FIT, serve
+    from edgerunner.runtime.logfmt import install
+
+    install()
+    loaded = load_bundle(bundle, verify=not no_verify)
+    overrides: dict[str, object] = {k.removesuffix("_path"): v for k, v in flags.items()}
+    mqtt = {k: v for k, v in {"url": mqtt_url, "device_id": device_id}.items() if v is not None}
+    if mqtt:
+        overrides["mqtt"] = mqtt
+    config = load_config(loaded.config_path, config_file, overrides=overrides)
+    try:
+        code = serve(loaded, config)
+    except PlanError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(EXIT_NO_FIT) from exc
+    raise SystemExit(code)

@@ -1,0 +1,118 @@
+"""A small client for the daemon's unix socket (or TCP), over httpx."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from edgerunner.errors import ClientError
+from edgerunner.paths import runtime_socket_path
+
+
+class Client:
+    """Talks to `edgerunner serve`: chat (whole or streamed), health, models."""
+
+    def __init__(self, socket_path: Path | None = None, *, base_url: str | None = None,
+                 timeout: float = 600.0) -> None:
+        self.socket_path = None if base_url else Path(socket_path or runtime_socket_path())
+        transport = (httpx.HTTPTransport(uds=str(self.socket_path))
+                     if self.socket_path is not None else None)
+        self.where = f"unix:{self.socket_path}" if self.socket_path else str(base_url)
+        self._http = httpx.Client(transport=transport, base_url=base_url or "http://edgerunner",
+                                  timeout=httpx.Timeout(timeout, connect=5.0))
+        self.last_usage: dict[str, Any] | None = None
+        self.last_finish_reason: str | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _unreachable(self, exc: Exception) -> ClientError:
+        return ClientError(f"cannot reach the daemon at {self.where}: {exc}",
+                           "is `edgerunner serve` running? pass --socket PATH if it listens "
+                           "elsewhere")
+
+    @staticmethod
+    def _raise_for_error(response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            error = response.json()["error"]
+            message = f"daemon refused the request ({error['code']}): {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = f"daemon answered HTTP {response.status_code}: {response.text[:200]}"
+        retry = response.headers.get("Retry-After")
+        raise ClientError(message, f"retry in {retry} s" if retry else None)
+
+    def _get(self, path: str) -> dict[str, Any]:
+        try:
+            response = self._http.get(path)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if path != "/health":
+            self._raise_for_error(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def health(self) -> dict[str, Any]:
+        """GET /health (returned even when the daemon reports itself unhealthy)."""
+        return self._get("/health")
+
+    def models(self) -> list[str]:
+        """Names of the served models."""
+        return [m["id"] for m in self._get("/v1/models")["data"]]
+
+    def chat(self, messages: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
+        """POST /v1/chat/completions and return the `chat.completion` object."""
+        try:
+            response = self._http.post("/v1/chat/completions",
+                                       json={"messages": messages, **params, "stream": False})
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        self._raise_for_error(response)
+        result: dict[str, Any] = response.json()
+        self.last_usage = result.get("usage")
+        self.last_finish_reason = result["choices"][0]["finish_reason"]
+        return result
+
+    def stream_chat(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[str]:
+        """POST with stream:true and yield text pieces as they arrive (usage on .last_usage)."""
+        body = {"messages": messages, **params, "stream": True,
+                "stream_options": {"include_usage": True}}
+        self.last_usage = self.last_finish_reason = None
+        try:
+            with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for_error(response)
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        err = chunk["error"]
+                        raise ClientError(f"generation failed ({err['code']}): {err['message']}")
+                    if chunk.get("usage"):
+                        self.last_usage = chunk["usage"]
+                    for choice in chunk.get("choices", []):
+                        if choice.get("finish_reason"):
+                            self.last_finish_reason = choice["finish_reason"]
+                        piece = choice.get("delta", {}).get("content")
+                        if piece:
+                            yield piece
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc

@@ -1,0 +1,386 @@
+"""The daemon's lifecycle: fit the plan to the memory there is, load, serve, drain, exit.
+
+Exit codes (systemd's Restart=on-failure restarts on any non-zero one):
+
+    0  stopped cleanly (SIGTERM/SIGINT), in-flight work finished or cancelled within the drain
+    1  error: bad bundle, model failed to load, a transport could not start
+    2  usage: bad flags or config (click's own code)
+    3  start-up: the plan does not fit this machine's memory (nothing fits, or --strict)
+    4  RSS exceeded its ceiling: drained in-flight work and exited so systemd restarts it clean
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from edgerunner import __version__
+from edgerunner.bundle import Bundle
+from edgerunner.manifest import BundleManifest
+from edgerunner.runtime.config import ServeConfig
+from edgerunner.runtime.engine import Engine
+from edgerunner.runtime.guard import (
+    Fit,
+    MemoryGuard,
+    MemoryProbe,
+    MemorySnapshot,
+    fit_plan,
+    scaled_estimate,
+)
+from edgerunner.runtime.http import HttpTransport, create_app
+from edgerunner.runtime.metrics import render_metrics
+from edgerunner.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NO_FIT = 3
+EXIT_RSS_CEILING = 4
+
+RSS_CEILING_FACTOR = 1.5  # default ceiling over the predicted peak when config leaves it unset
+
+
+class Transport(Protocol):
+    """What a second transport (MQTT) offers the daemon: built with the scheduler, then started."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def memory_estimator(bundle: Bundle) -> Callable[[int], float]:
+    """Predicted MiB at another n_ctx, anchored at the manifest's own prediction.
+
+    The GGUF is read (with edgerunner.memory's model) only when another n_ctx is asked for:
+    reading the header costs tens of MiB of RSS the daemon would otherwise keep.
+    """
+    manifest = bundle.manifest
+    plan = manifest.plan
+    anchor = manifest.prediction.memory.total_mb
+    scaled = scaled_estimate(manifest.prediction.memory, plan.n_ctx)
+    model: Callable[[int], float] | None = None
+
+    def load_model() -> Callable[[int], float]:
+        try:
+            from edgerunner.gguf_info import read_model_info
+            from edgerunner.memory import estimate_memory
+
+            info = read_model_info(bundle.model_path)
+
+            def predict(n_ctx: int) -> float:
+                return estimate_memory(info, plan.quant, n_ctx, plan.kv_type, plan.n_batch,
+                                       plan.n_ubatch, plan.flash_attn, plan.swa_full).total_mb
+
+            base = predict(plan.n_ctx)
+            return lambda n_ctx: anchor + predict(n_ctx) - base
+        except Exception as exc:  # the memory model is an improvement, not a requirement
+            logger.info("memory model unavailable (%s); scaling the manifest's KV prediction",
+                        exc)
+            return scaled
+
+    def estimate(n_ctx: int) -> float:
+        nonlocal model
+        if n_ctx == plan.n_ctx:
+            return anchor
+        if model is None:
+            model = load_model()
+        return model(n_ctx)
+
+    return estimate
+
+
+def _optional(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+class Daemon:
+    """One bundle served under one config. `run()` returns the process exit code."""
+
+    def __init__(self, bundle: Bundle, config: ServeConfig) -> None:
+        self.bundle = bundle
+        self.config = config
+        self.manifest: BundleManifest = bundle.manifest
+        self.state = "starting"
+        self.started_at = time.time()
+        self.exit_code = EXIT_OK
+        self.fit: Fit | None = None
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.guard: MemoryGuard | None = None
+        self.http: HttpTransport | None = None
+        self.transports: list[Transport] = []
+        self.probe = MemoryProbe(config.guard_root)
+        self._estimate = memory_estimator(bundle)
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        notify = _optional("edgerunner.runtime.notify")
+        self.notifier = notify.Notifier() if notify else None
+        self.heartbeat: Any = None
+        self.watchdog: Any = None
+        thermal = _optional("edgerunner.thermal")
+        self._read_thermal = getattr(thermal, "read_thermal", None)
+        self.governor: Any = None
+        self.temperature_c: float | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def fit_memory(self) -> Fit:
+        """Start-up guard: the plan as-is, shrunk to fit, or PlanError (exit code 3)."""
+        snap = self.probe.read()
+        memory = self.manifest.prediction.memory
+        fit = fit_plan(self.manifest.plan, self._estimate, snap.headroom_mb,
+                       self.config.memory_reserve_mb, strict=self.config.strict,
+                       already_resident_mb=min(snap.rss_mb, memory.overhead_mb))
+        log = logger.warning if fit.shrunk else logger.info
+        log("memory fit: %s (%s)", fit.reason, snap.source)
+        return fit
+
+    async def run(self) -> int:
+        """Load, serve until a signal or the RSS ceiling, drain, clean up; the exit code."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        # signals reach only the main thread; tests run the daemon in another one
+        signals = ((signal.SIGTERM, signal.SIGINT)
+                   if threading.current_thread() is threading.main_thread() else ())
+        for sig in signals:
+            self._loop.add_signal_handler(sig, self.request_stop, EXIT_OK, sig.name)
+        try:
+            await self._start()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+            for sig in signals:
+                self._loop.remove_signal_handler(sig)
+        return self.exit_code
+
+    def stop_threadsafe(self, code: int = EXIT_OK, why: str = "") -> None:
+        """request_stop from any thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.request_stop, code, why)
+
+    def request_stop(self, code: int = EXIT_OK, why: str = "") -> None:
+        """Begin a graceful stop (loop thread only); the first non-zero code wins."""
+        if self.exit_code == EXIT_OK:
+            self.exit_code = code
+        logger.warning("stopping (%s)", why or f"exit code {code}")
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _start(self) -> None:
+        self.state = "loading"
+        self.fit = fit = self.fit_memory()
+        config = self.config
+        self._notify("status", f"loading {self.manifest.name}")
+        self._notify("extend_timeout", self._expected_load_s() + 30)
+        self.engine = Engine(self.bundle.model_path, fit.plan, name=self.manifest.name,
+                             n_threads=config.n_threads)
+        await asyncio.to_thread(self.engine.load)
+        self._setup_watchdog()
+        self._setup_thermal()
+        ceiling = config.rss_ceiling_mb or RSS_CEILING_FACTOR * fit.predicted_mb
+        self.guard = MemoryGuard(
+            self.probe, reserve_mb=config.memory_reserve_mb,
+            psi_full_limit=config.psi_full_avg10_limit, rss_ceiling_mb=ceiling,
+            poll_s=config.guard_poll_s, on_rss_exceeded=self._on_rss_exceeded,
+            on_poll=self._on_poll,
+        )
+        self.scheduler = Scheduler(
+            self.engine, queue_depth=config.queue_depth,
+            request_timeout_s=config.request_timeout_s,
+            default_max_tokens=config.default_max_tokens, keep_alive_s=config.keep_alive_s,
+            admission=self.guard.admit, log_prompts=config.log_prompts,
+            heartbeat=self.heartbeat.beat if self.heartbeat is not None else None,
+            before_job=self._before_job,
+        )
+        self.guard.start()
+        self.scheduler.start()
+        app = create_app(self.scheduler, self.info, self.metrics,
+                         max_body_bytes=config.max_body_bytes)
+        self.http = HttpTransport(app, config.socket_path(), config.socket_mode,
+                                  config.http_host_port())
+        await self.http.start()
+        if config.mqtt.url:
+            self._start_mqtt()
+        self.state = "ready"
+        if self.watchdog is not None:
+            self.watchdog.start()
+        self._notify("ready", self._status_line())
+        logger.info("ready: %s on unix:%s (load %.2f s, n_ctx %d)", self.manifest.name,
+                    config.socket_path(), self.engine.load_seconds, fit.plan.n_ctx)
+
+    def _start_mqtt(self) -> None:
+        assert self.scheduler is not None
+        from edgerunner.runtime import mqtt
+
+        transport: Transport = mqtt.MqttTransport(self.config.mqtt, self.scheduler, self.info)
+        transport.start()
+        self.transports.append(transport)
+
+    async def _shutdown(self) -> None:
+        self.state = "draining"
+        self._notify("stopping", "draining in-flight requests")
+        scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.stop_accepting()
+            clean = await asyncio.to_thread(scheduler.shutdown, self.config.drain_timeout_s)
+            if not clean:
+                logger.warning("drain timeout (%.0f s) passed; cancelled the remaining work",
+                               self.config.drain_timeout_s)
+        for transport in self.transports:
+            try:
+                transport.stop()
+            except Exception:
+                logger.exception("stopping a transport failed")
+        if self.http is not None:
+            await self.http.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.guard is not None:
+            self.guard.stop()
+        if self.engine is not None:
+            self.engine.close()
+        self.state = "stopped"
+        logger.info("stopped with exit code %d", self.exit_code)
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def _notify(self, method: str, *args: Any) -> None:
+        if self.notifier is not None:
+            getattr(self.notifier, method)(*args)
+
+    def _expected_load_s(self) -> float:
+        size_mb = self.bundle.model_path.stat().st_size / 2**20
+        return size_mb / self.manifest.profile.storage.read_mbs
+
+    def _setup_watchdog(self) -> None:
+        notify = _optional("edgerunner.runtime.notify")
+        if notify is None or self.notifier is None:
+            return
+        interval = notify.watchdog_interval()
+        if interval is None:
+            return
+        # silent for longer than the ping interval → stop pinging → systemd restarts us
+        self.heartbeat = notify.Heartbeat(max_silence=max(interval, 5.0))
+        self.watchdog = notify.Watchdog(self.notifier, self.heartbeat.is_alive, interval)
+
+    def _setup_thermal(self) -> None:
+        thermal = _optional("edgerunner.thermal")
+        if thermal is None or not hasattr(thermal, "ThermalGovernor"):
+            return
+        assert self.fit is not None
+        base = self.config.n_threads or self.fit.plan.n_threads
+        self.governor = thermal.ThermalGovernor(self.manifest.profile.thermal, base)
+
+    def _before_job(self, engine: Engine) -> None:
+        if self.governor is None:
+            return
+        state = self.governor.state
+        engine.set_threads(state.threads)
+        if state.pause_s:
+            time.sleep(state.pause_s)  # let a throttling SoC cool between requests
+
+    def _on_poll(self, snap: MemorySnapshot) -> None:
+        # the guard thread polls; piggyback temperature and the systemd STATUS line on it
+        if self._read_thermal is not None:
+            try:
+                reading = self._read_thermal(self.config.guard_root)
+                self.temperature_c = reading.max_c
+                if self.governor is not None:
+                    self.governor.update(reading)
+            except Exception:
+                logger.debug("thermal read failed", exc_info=True)
+        if self.state == "ready":
+            self._notify("status", self._status_line())
+
+    def _on_rss_exceeded(self, rss_mb: float, ceiling_mb: float) -> None:
+        # called on the guard thread: hand over to the loop, which drains and exits 4
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                self.request_stop, EXIT_RSS_CEILING,
+                f"RSS {rss_mb:.0f} MiB over the {ceiling_mb:.0f} MiB ceiling")
+
+    # -- what /health, /metrics and MQTT info show ---------------------------------------------
+
+    def current_state(self) -> str:
+        if self.state != "ready":
+            return self.state
+        if self.guard is not None and self.guard.state == "pressure":
+            return "pressure"
+        if self.engine is not None and not self.engine.loaded:
+            return "unloaded"
+        return "ready"
+
+    def info(self) -> dict[str, Any]:
+        """The /health document (also the MQTT info payload)."""
+        snap = self.guard.last if self.guard is not None else None
+        predicted = self.fit.predicted_mb if self.fit is not None else None
+        rss = snap.rss_mb if snap is not None else self.probe.rss_mb()
+        scheduler = self.scheduler
+        plan = self.fit.plan if self.fit is not None else self.manifest.plan
+        return {
+            "state": self.current_state(),
+            "model": self.manifest.name,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "loaded": self.engine is not None and self.engine.loaded,
+            "plan": plan.model_dump(),
+            "plan_shrunk": self.fit.shrunk if self.fit is not None else False,
+            "memory": {
+                "predicted_mb": None if predicted is None else round(predicted, 1),
+                "rss_mb": round(self.probe.rss_mb(), 1),
+                "polled_rss_mb": round(rss, 1),
+                "peak_rss_mb": round(self.guard.peak_rss_mb, 1) if self.guard else None,
+                "measured_over_predicted": (round(self.probe.rss_mb() / predicted, 3)
+                                            if predicted else None),
+                "rss_ceiling_mb": (round(self.guard.rss_ceiling_mb, 1)
+                                   if self.guard and self.guard.rss_ceiling_mb else None),
+                "headroom_mb": round(snap.headroom_mb, 1) if snap else None,
+                "headroom_source": snap.source if snap else None,
+                "reserve_mb": self.config.memory_reserve_mb,
+                "psi_full_avg10": snap.psi_full_avg10 if snap else None,
+                "guard": self.guard.state if self.guard else None,
+                "guard_reason": self.guard.reason if self.guard else "",
+            },
+            "queue": {
+                "depth": scheduler.depth if scheduler else 0,
+                "max": self.config.queue_depth,
+                "running": scheduler.busy if scheduler else False,
+            },
+            "temperature_c": self.temperature_c,
+            "thermal": (self.governor.state.model_dump() if self.governor is not None else None),
+        }
+
+    def metrics(self) -> str:
+        """The /metrics text."""
+        assert self.scheduler is not None
+        return render_metrics(self.scheduler.stats, self.info())
+
+    def _status_line(self) -> str:
+        info = self.info()
+        mem, queue = info["memory"], info["queue"]
+        notify = _optional("edgerunner.runtime.notify")
+        if notify is not None and hasattr(notify, "format_status"):
+            text: str = notify.format_status(
+                self.manifest.name, info["plan"]["quant"], info["plan"]["n_ctx"],
+                queue["depth"], queue["max"], mem["rss_mb"], mem["predicted_mb"] or 0.0,
+                self.temperature_c, info["state"])
+            return text
+        return f"{info['state']}: {self.manifest.name}"
+
+
+def serve(bundle: Bundle, config: ServeConfig) -> int:
+    """Run the daemon in this thread until it stops; the process exit code."""
+    return asyncio.run(Daemon(bundle, config).run())

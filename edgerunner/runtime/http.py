@@ -1,0 +1,364 @@
+"""OpenAI-compatible HTTP on a unix socket (and optionally TCP): a Starlette app under uvicorn.
+
+The app only parses, submits to the scheduler and relays events; it never touches llama.cpp.
+A client that goes away (before or during streaming) cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Generator
+from pathlib import Path
+from typing import Any, Literal
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive
+
+from edgerunner.errors import ConfigError
+from edgerunner.runtime import protocol
+from edgerunner.runtime.protocol import (
+    AnyRequest,
+    ChatCompletionRequest,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    RequestError,
+    TextEvent,
+)
+from edgerunner.runtime.scheduler import Job, Scheduler
+
+logger = logging.getLogger(__name__)
+
+InfoProvider = Callable[[], dict[str, Any]]
+MetricsProvider = Callable[[], str]
+
+# /health answers 503 in these states so a load balancer stops sending work here
+UNHEALTHY = {"draining", "pressure", "loading", "stopped"}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def error_response(exc: RequestError, status: int | None = None) -> JSONResponse:
+    """The `{"error": ...}` body with the mapped status and, for busy codes, Retry-After."""
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(exc.body(), status_code=status or exc.http_status, headers=headers)
+
+
+class _App:
+    """The request handlers, bound to one scheduler."""
+
+    def __init__(self, scheduler: Scheduler, info: InfoProvider, metrics: MetricsProvider,
+                 max_body_bytes: int) -> None:
+        self.scheduler = scheduler
+        self.info = info
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def read_json(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise RequestError("invalid_request",
+                               f"request body is {declared} bytes; the limit is "
+                               f"{self.max_body_bytes} (max_body_bytes)")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_body_bytes:
+                raise RequestError("invalid_request",
+                                   f"request body exceeds {self.max_body_bytes} bytes "
+                                   "(max_body_bytes)")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError("invalid_request",
+                               f"request body is not valid JSON: {exc}; send a JSON object "
+                               "with Content-Type: application/json") from exc
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion")
+
+    async def _generate(self, request: Request, kind: Literal["chat", "completion"]) -> Response:
+        parsed = protocol.parse_request(kind, await self.read_json(request))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = await run_in_threadpool(lambda: self.scheduler.submit(parsed, sink=sink))
+        first = await _first_event(events, request.receive, job)
+        if first is None:
+            return Response(status_code=499)  # nobody is listening any more
+        if isinstance(first, ErrorEvent):
+            return error_response(first.error)
+        model = self.scheduler.model_name
+        if not parsed.stream:
+            assert isinstance(first, DoneEvent)
+            if kind == "chat":
+                return JSONResponse(protocol.chat_completion(job.id, model, job.created, first))
+            return JSONResponse(protocol.text_completion(
+                job.id, model, job.created, first.text, first.finish_reason, first.usage))
+        return StreamingResponse(
+            _sse(first, events, job, parsed, model),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(protocol.model_list(self.scheduler.model_name))
+
+    async def health(self, request: Request) -> Response:
+        body = self.info()
+        return JSONResponse(body, status_code=503 if body.get("state") in UNHEALTHY else 200)
+
+    async def prometheus(self, request: Request) -> Response:
+        return PlainTextResponse(self.metrics(), media_type="text/plain; version=0.0.4")
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _first_event(events: asyncio.Queue[Event], receive: Receive, job: Job) -> Event | None:
+    """The job's first event, or None (job cancelled) if the client disconnects first."""
+    getter = asyncio.ensure_future(events.get())
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    job.cancel()
+    logger.info("client disconnected; cancelled %s", job.id)
+    return None
+
+
+async def _sse(
+    first: Event, events: asyncio.Queue[Event], job: Job, request: AnyRequest, model: str
+) -> AsyncIterator[str]:
+    chat = isinstance(request, ChatCompletionRequest)
+    include_usage = request.stream_options is not None and request.stream_options.include_usage
+    started = False
+    final = False
+
+    def data(obj: Any) -> str:
+        return f"data: {_dumps(obj)}\n\n"
+
+    event = first
+    try:
+        while True:
+            if isinstance(event, TextEvent):
+                if chat:
+                    yield data(protocol.chat_chunk(job.id, model, job.created,
+                                                   content=event.text, role=not started))
+                else:
+                    yield data(protocol.text_completion(job.id, model, job.created,
+                                                        event.text, None))
+                started = True
+            elif isinstance(event, DoneEvent):
+                final = True
+                if chat:
+                    yield data(protocol.chat_chunk(job.id, model, job.created, role=not started,
+                                                   finish_reason=event.finish_reason))
+                    if include_usage:
+                        chunk = protocol.chat_chunk(job.id, model, job.created, usage=event.usage)
+                        chunk["choices"] = []
+                        yield data(chunk)
+                else:
+                    yield data(protocol.text_completion(
+                        job.id, model, job.created, "", event.finish_reason,
+                        event.usage if include_usage else None))
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                final = True
+                yield data(event.error.body())
+                yield "data: [DONE]\n\n"
+                return
+            event = await events.get()
+    finally:
+        if not final:
+            job.cancel()
+            logger.info("client left the stream of %s; cancelled it", job.id)
+
+
+def create_app(
+    scheduler: Scheduler,
+    info: InfoProvider,
+    metrics: MetricsProvider,
+    *,
+    max_body_bytes: int = 1_048_576,
+) -> Starlette:
+    """The ASGI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    app = _App(scheduler, info, metrics, max_body_bytes)
+
+    async def on_request_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestError)
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        routes = "/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics"
+        message = (f"{request.method} {request.url.path}: {exc.detail}; "
+                   f"endpoints are {routes}")
+        return JSONResponse(RequestError("invalid_request", message).body(),
+                            status_code=exc.status_code)
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(RequestError("internal_error",
+                                           f"internal error: {type(exc).__name__}: {exc}"))
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", app.chat, methods=["POST"]),
+            Route("/v1/completions", app.completions, methods=["POST"]),
+            Route("/v1/models", app.models, methods=["GET"]),
+            Route("/health", app.health, methods=["GET"]),
+            Route("/metrics", app.prometheus, methods=["GET"]),
+        ],
+        exception_handlers={
+            RequestError: on_request_error,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------- listeners
+
+
+def bind_unix_socket(path: Path, mode: int) -> socket.socket:
+    """A listening unix socket at `path` with `mode`; refuses to replace a live daemon's socket."""
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise ConfigError(f"{path} exists and is not a socket",
+                              "choose another --socket path or remove that file")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left behind by a daemon that died without cleaning up
+        else:
+            raise ConfigError(f"another daemon is already listening on {path}",
+                              "stop it, or pass a different --socket")
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # never visible with wider permissions than asked, even briefly
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.ENAMETOOLONG or "too long" in str(exc):
+            raise ConfigError(f"socket path {path} is too long for a unix socket (≤107 bytes)",
+                              "pass a shorter --socket path") from exc
+        raise ConfigError(f"cannot create socket {path}: {exc.strerror}",
+                          "check the directory exists and is writable") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                          "pick a free port or another --http address") from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    # the daemon owns SIGTERM/SIGINT (drain first, then stop the server)
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class HttpTransport:
+    """uvicorn serving the app on a unix socket and optionally TCP, inside the daemon's loop."""
+
+    def __init__(self, app: Starlette, socket_path: Path, socket_mode: int = 0o660,
+                 tcp: tuple[str, int] | None = None, graceful_s: float = 5.0) -> None:
+        self.app = app
+        self.socket_path = Path(socket_path)
+        self.socket_mode = socket_mode
+        self.tcp = tcp
+        self.graceful_s = graceful_s
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sockets: list[socket.socket] = []
+
+    async def start(self) -> None:
+        """Bind and serve; returns once uvicorn accepts connections."""
+        self._sockets = [bind_unix_socket(self.socket_path, self.socket_mode)]
+        try:
+            if self.tcp is not None:
+                self._sockets.append(bind_tcp(*self.tcp))
+        except ConfigError:
+            self._remove_socket()
+            raise
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, lifespan="off",
+            timeout_graceful_shutdown=max(1, round(self.graceful_s)), server_header=False,
+        )
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=self._sockets))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # surface the start-up failure
+                raise RuntimeError("uvicorn stopped during start-up")
+            await asyncio.sleep(0.01)
+        logger.info("listening on unix:%s%s", self.socket_path,
+                    f" and http://{self.tcp[0]}:{self.tcp[1]}" if self.tcp else "")
+
+    async def stop(self) -> None:
+        """Stop accepting, let open responses finish (bounded), remove the socket file."""
+        try:
+            if self._server is not None and self._task is not None:
+                self._server.should_exit = True
+                await self._task
+        finally:
+            self._remove_socket()
+
+    def _remove_socket(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()

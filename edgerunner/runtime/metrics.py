@@ -1,0 +1,84 @@
+"""Prometheus text exposition of the daemon's counters and gauges."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgerunner.runtime.scheduler import Stats
+
+MIB = 2**20
+
+
+def _labels(labels: dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(
+        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in labels.items()
+    )
+    return "{" + inner + "}"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str,
+               samples: list[tuple[dict[str, Any], float | None]]) -> None:
+        present = [(labels, value) for labels, value in samples if value is not None]
+        if not present:
+            return
+        self.lines.append(f"# HELP edgerunner_{name} {help_text}")
+        self.lines.append(f"# TYPE edgerunner_{name} {kind}")
+        for labels, value in present:
+            self.lines.append(f"edgerunner_{name}{_labels(labels)} {value:g}")
+
+
+def render_metrics(stats: Stats, health: dict[str, Any]) -> str:
+    """The /metrics body from the scheduler's counters and the /health document."""
+    w = _Writer()
+    memory = health.get("memory", {})
+    queue = health.get("queue", {})
+    plan = health.get("plan", {})
+
+    def mib(key: str) -> float | None:
+        value = memory.get(key)
+        return None if value is None else float(value) * MIB
+
+    w.metric("info", "gauge", "Served model and plan",
+             [({"model": health.get("model", ""), "quant": plan.get("quant", ""),
+                "n_ctx": plan.get("n_ctx", ""), "version": health.get("version", "")}, 1)])
+    w.metric("up", "gauge", "1 while accepting work",
+             [({}, 1.0 if health.get("state") in ("ready", "unloaded") else 0.0)])
+    w.metric("requests_total", "counter", "Requests queued", [({}, stats.submitted)])
+    w.metric("requests_completed_total", "counter", "Requests answered", [({}, stats.completed)])
+    w.metric("requests_failed_total", "counter", "Queued requests that ended in an error",
+             [({"code": code}, n) for code, n in sorted(stats.failed.items())])
+    w.metric("requests_refused_total", "counter", "Requests refused before queueing",
+             [({"code": code}, n) for code, n in sorted(stats.refused.items())])
+    w.metric("prompt_tokens_total", "counter", "Prompt tokens processed",
+             [({}, stats.prompt_tokens)])
+    w.metric("completion_tokens_total", "counter", "Tokens generated",
+             [({}, stats.completion_tokens)])
+    w.metric("generation_seconds_total", "counter", "Time the worker spent generating",
+             [({}, stats.generation_seconds)])
+    w.metric("queue_depth", "gauge", "Requests waiting", [({}, queue.get("depth"))])
+    w.metric("queue_capacity", "gauge", "Queue depth limit", [({}, queue.get("max"))])
+    w.metric("busy", "gauge", "1 while generating", [({}, float(bool(queue.get("running"))))])
+    w.metric("rss_bytes", "gauge", "Resident set size now", [({}, mib("rss_mb"))])
+    w.metric("rss_peak_bytes", "gauge", "Highest RSS seen", [({}, mib("peak_rss_mb"))])
+    w.metric("rss_predicted_bytes", "gauge", "Plan's predicted peak RSS",
+             [({}, mib("predicted_mb"))])
+    w.metric("rss_ceiling_bytes", "gauge", "RSS that makes the daemon drain and exit",
+             [({}, mib("rss_ceiling_mb"))])
+    w.metric("memory_headroom_bytes", "gauge", "min(MemAvailable, cgroup limit - usage)",
+             [({}, mib("headroom_mb"))])
+    w.metric("memory_pressure", "gauge", "1 while new work is refused for memory",
+             [({}, float(memory.get("guard") == "pressure"))])
+    w.metric("psi_memory_full_avg10", "gauge", "Memory PSI full avg10 (%)",
+             [({}, memory.get("psi_full_avg10"))])
+    w.metric("temperature_celsius", "gauge", "Hottest thermal zone",
+             [({}, health.get("temperature_c"))])
+    w.metric("model_loaded", "gauge", "1 while the weights are in memory",
+             [({}, float(bool(health.get("loaded"))))])
+    return "\n".join(w.lines) + "\n"
