@@ -232,8 +232,11 @@ def read_manifest(bundle: Path) -> BundleManifest:
                           hint="re-pack the bundle") from exc
 
 
-def verify_bundle(path: Path, here: bool = False, cgroup_dir: Path | None = None) -> VerifyReport:
-    """Check a bundle's manifest, file hashes and runtime version; `here` also checks memory."""
+def verify_bundle(path: Path, here: bool = False, root: Path = Path("/")) -> VerifyReport:
+    """Check a bundle's manifest, file hashes and runtime version; `here` also checks memory.
+
+    `root` is where /proc and /sys/fs/cgroup are read for `here` (tests pass a fake tree).
+    """
     report = VerifyReport(bundle=str(path))
     if not path.is_dir():
         report.add("bundle", False, f"{path} is not a directory; pass a bundle directory or .tar")
@@ -256,7 +259,7 @@ def verify_bundle(path: Path, here: bool = False, cgroup_dir: Path | None = None
            "or re-pack the bundle with this installation"),
     )
     if here:
-        _check_memory_here(manifest, report, cgroup_dir)
+        _check_memory_here(manifest, report, root)
     return report
 
 
@@ -291,46 +294,15 @@ def _check_files(path: Path, manifest: BundleManifest, report: VerifyReport) -> 
                f"{', '.join(extra)} not in the manifest; remove them or re-pack")
 
 
-def headroom_mb(cgroup_dir: Path | None = None) -> tuple[float, str]:
-    """Memory this process could still use now, MiB, and where the limit comes from."""
-    import psutil
+def _check_memory_here(manifest: BundleManifest, report: VerifyReport, root: Path) -> None:
+    from edgerunner.runtime.guard import MemoryProbe
 
-    available = psutil.virtual_memory().available / 2**20
-    source = "MemAvailable"
-    group = cgroup_dir if cgroup_dir is not None else _own_cgroup()
-    if group is not None:
-        try:
-            limit = (group / "memory.max").read_text().strip()
-            current = int((group / "memory.current").read_text().strip())
-        except (OSError, ValueError):
-            return available, source
-        if limit != "max":
-            cg_free = (int(limit) - current) / 2**20
-            if cg_free < available:
-                return max(cg_free, 0.0), f"cgroup {group} memory.max"
-    return available, source
-
-
-def _own_cgroup() -> Path | None:
-    # cgroup v2: /proc/self/cgroup has one line "0::/path"
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                group = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-                return group if (group / "memory.max").exists() else None
-    except OSError:
-        pass
-    return None
-
-
-def _check_memory_here(
-    manifest: BundleManifest, report: VerifyReport, cgroup_dir: Path | None
-) -> None:
     needed = manifest.prediction.memory.total_mb
-    free, source = headroom_mb(cgroup_dir)
+    snapshot = MemoryProbe(root).read()
+    free = snapshot.headroom_mb
     report.add(
         "memory here", needed <= free,
-        f"plan needs {needed:.0f} MiB, {source} allows {free:.0f} MiB now"
+        f"plan needs {needed:.0f} MiB, {snapshot.source} allows {free:.0f} MiB now"
         + ("" if needed <= free else
            "; free memory, raise the limit, or re-pack with a smaller --max-ctx or --quant"),
     )

@@ -142,27 +142,37 @@ def test_not_a_bundle(tmp_path: Path) -> None:
         load_bundle(tmp_path)
 
 
-def _fake_cgroup(root: Path, limit: str, current: int) -> Path:
-    root.mkdir()
-    (root / "memory.max").write_text(f"{limit}\n")
-    (root / "memory.current").write_text(f"{current}\n")
+def _fake_root(root: Path, available_mb: int, limit: str, current: int) -> Path:
+    """A fake / with /proc/meminfo, /proc/self/cgroup and one cgroup v2 directory."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/meminfo").write_text(f"MemAvailable:   {available_mb * 1024} kB\n")
+    (root / "proc/self/cgroup").write_text("0::/edgerunner.service\n")
+    group = root / "sys/fs/cgroup/edgerunner.service"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text(f"{limit}\n")
+    (group / "memory.current").write_text(f"{current}\n")
     return root
 
 
 def test_here_refuses_when_the_cgroup_limit_is_too_small(rpi5_bundle: Path, tmp_path: Path) -> None:
-    group = _fake_cgroup(tmp_path / "small", str(64 * 2**20), 32 * 2**20)
-    report = verify_bundle(rpi5_bundle, here=True, cgroup_dir=group)
+    root = _fake_root(tmp_path, 8000, str(64 * 2**20), 32 * 2**20)
+    report = verify_bundle(rpi5_bundle, here=True, root=root)
     problems = {c.name: c.detail for c in report.problems}
     assert set(problems) == {"memory here"}
-    assert "allows 32 MiB now" in problems["memory here"]
+    assert "cgroup" in problems["memory here"] and "allows 32 MiB now" in problems["memory here"]
     assert "--max-ctx" in problems["memory here"]
 
 
-def test_here_passes_under_an_unlimited_cgroup(rpi5_bundle: Path, tmp_path: Path) -> None:
-    group = _fake_cgroup(tmp_path / "big", "max", 0)
-    report = verify_bundle(rpi5_bundle, here=True, cgroup_dir=group)
+def test_here_refuses_when_mem_available_is_too_small(rpi5_bundle: Path, tmp_path: Path) -> None:
+    report = verify_bundle(rpi5_bundle, here=True, root=_fake_root(tmp_path, 20, "max", 0))
+    problems = {c.name: c.detail for c in report.problems}
+    assert "MemAvailable allows 20 MiB now" in problems["memory here"]
+
+
+def test_here_passes_with_room(rpi5_bundle: Path, tmp_path: Path) -> None:
+    report = verify_bundle(rpi5_bundle, here=True, root=_fake_root(tmp_path, 8000, "max", 0))
     check = next(c for c in report.checks if c.name == "memory here")
-    assert check.ok and "MemAvailable" in check.detail
+    assert check.ok and "MemAvailable allows 8000 MiB now" in check.detail
 
 
 def test_stage_is_removed_when_the_build_fails(tmp_path: Path) -> None:
