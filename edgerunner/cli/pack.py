@@ -45,13 +45,14 @@ def _progress_bar(enabled: bool) -> Iterator[ProgressCallback | None]:
         yield None
         return
     with Progress(
-        TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
-        TimeElapsedColumn(), console=err, transient=True,
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("tensors"), TimeElapsedColumn(), console=err, transient=True,
     ) as bar:
-        task = bar.add_task("quantize", total=None)
+        # Until llama.cpp reports its first tensor, pack is reading the header and planning.
+        task = bar.add_task("reading and planning", total=None)
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(task, completed=done, total=total, description="quantizing")
 
         yield update
 
