@@ -1,0 +1,399 @@
+"""Predict the peak RSS of a llama-cpp-python process serving a model, part by part.
+
+peak RSS ≈ weights + KV cache + compute buffers + logits + runtime overhead. Every part is
+derived from the model's shapes and llama.cpp's code (llama-cpp-python 0.3.36's vendored
+llama.cpp), so it holds for any architecture llama.cpp runs, not only the test model:
+
+- weights: the quantized file as llama.cpp's quantizer will write it (quant_rules.py). It is
+  memory-mapped and MAP_POPULATE'd on load (llama-mmap.cpp), so all of it is resident.
+- KV cache: allocated and zero-filled at context creation (llama-kv-cache.cpp,
+  ggml_backend_buffer_clear), so fully resident from the start.
+- compute: llama.cpp *reserves* a buffer for its worst-case graph (prompt batch with every
+  token's logits), but the kernel backs only the pages a graph actually writes. What a serving
+  process touches is the live set of the largest graph it runs: a full ubatch attending over
+  the whole context with one output row. That live set is modelled tensor by tensor below,
+  plus ggml-cpu's separate work buffer (matmul operands converted to the weights' dot type).
+- logits: llama.cpp's output buffer (n_vocab floats per output row). llama-cpp-python also
+  allocates a `scores` array of n_batch × n_vocab floats, but with logits_all=False it never
+  writes it (llama.py `eval`), so those pages are never backed; with logits_all=True it holds
+  n_ctx rows and fills them.
+- overhead: Python, numpy, the llama.cpp libraries and the vocabulary's host structures,
+  measured (see OVERHEAD_* below).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgerunner.errors import ModelError, QuantizeError
+from edgerunner.gguf_info import ModelInfo
+from edgerunner.manifest import KVType, MemoryEstimate
+from edgerunner.quant_rules import PRESETS, check_preset, row_bytes, tensor_bytes, tensor_types
+
+logger = logging.getLogger(__name__)
+
+MIB = 1 << 20
+GGUF_ALIGNMENT = 32
+# llama-context.cpp: cparams.n_ctx = GGML_PAD(n_ctx, 256); the SWA cache is padded the same way.
+CTX_PAD = 256
+
+# Measured on x86_64, Python 3.11, llama-cpp-python 0.3.36, by `python tools/bench_memory.py
+# --overhead` (a fresh process per measurement, VmRSS read from /proc/self/status):
+# - RSS after `import llama_cpp` + llama_backend_init(): 41.5 MiB.
+# - anonymous memory a loaded model holds beyond its tensors (vocab tables, token-piece
+#   cache, merges, metadata) divided by n_vocab: 16.6 MiB / 49152 tokens ≈ 354 bytes/token.
+# - per-request slack (tokenizer lists, sampler, chat formatting) seen after one prompt
+#   beyond the modelled graph buffers: ~4 MiB.
+OVERHEAD_BASE_MB = 41.5
+OVERHEAD_PER_VOCAB_BYTES = 354
+OVERHEAD_REQUEST_MB = 4.0
+
+
+def _pad(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+# --- weights -------------------------------------------------------------------------------
+
+
+def header_bytes(info: ModelInfo) -> int:
+    """Bytes before the tensor data: the GGUF metadata and tensor table (kept by the quantizer)."""
+    data = sum(_pad(t.n_bytes, GGUF_ALIGNMENT) for t in info.tensors)
+    if info.file_size > data:
+        return info.file_size - data
+    # Synthetic model: token strings, scores and types plus a merges list dominate the header.
+    return 4096 + 48 * info.n_vocab + sum(96 + len(t.name) for t in info.tensors)
+
+
+def predict_weights(info: ModelInfo, quant: str) -> int:
+    """Bytes of the model.gguf llama.cpp's quantizer writes from this source for the preset."""
+    types = tensor_types(info, quant)
+    data = sum(_pad(tensor_bytes(types[t.name], t.shape), GGUF_ALIGNMENT) for t in info.tensors)
+    return header_bytes(info) + data
+
+
+_DRY_RUN_LINE = re.compile(
+    r"\]\s+(?P<name>\S+)\s+-\s+\[[^\]]*\],\s+type\s+=\s+(?P<src>\w+),\s+"
+    r"size\s+=\s+[\d.]+\s+MiB(?:\s+->\s+[\d.]+\s+MiB\s+\((?P<dst>\w+)\))?"
+)
+
+
+def dry_run_types(path: Path, quant: str) -> dict[str, str]:
+    """The type of every tensor, as llama.cpp's own quantizer decides it (dry_run, no output)."""
+    import llama_cpp
+
+    from edgerunner.llama_log import capture_llama_log
+
+    preset = check_preset(quant)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = PRESETS[preset]
+    params.allow_requantize = True
+    params.dry_run = True
+    params.nthread = 1
+    with tempfile.TemporaryDirectory(prefix="er-dry-") as tmp, capture_llama_log() as lines:
+        out = Path(tmp) / "never-written.gguf"
+        status = llama_cpp.llama_model_quantize(str(path).encode(), str(out).encode(), params)
+    text = "".join(lines)
+    if status != 0:
+        raise QuantizeError(
+            f"llama.cpp's dry run of {quant} on {path} failed: {text.strip()[-300:]}",
+            hint="check that the file is a GGUF llama.cpp can load",
+        )
+    types: dict[str, str] = {}
+    for match in _DRY_RUN_LINE.finditer(text):
+        types[match["name"]] = (match["dst"] or match["src"]).upper()
+    if not types:
+        raise QuantizeError(f"could not read llama.cpp's dry-run log for {path}")
+    return types
+
+
+def measure_weights_dry_run(path: Path, quant: str) -> int:
+    """Bytes of the quantized file, from the tensor types llama.cpp's dry_run reports."""
+    from edgerunner.gguf_info import read_model_info
+
+    info = read_model_info(path)
+    types = dry_run_types(path, quant)
+    missing = {t.name for t in info.tensors} - set(types)
+    if missing:
+        raise ModelError(f"llama.cpp's dry run did not report {sorted(missing)[:3]} of {path}")
+    data = sum(_pad(tensor_bytes(types[t.name], t.shape), GGUF_ALIGNMENT) for t in info.tensors)
+    return header_bytes(info) + data
+
+
+# --- weights as resident memory -------------------------------------------------------------
+
+# ggml-cpu/repack.cpp (ggml_repack_get_optimal_repack_type): weight types the CPU backend
+# re-lays out into its CPU_REPACK buffer, by ISA feature, with the row-count multiple each
+# layout needs. Tried in this order; the first match wins.
+_REPACK_RULES: dict[str, list[tuple[frozenset[str], int]]] = {
+    "Q4_0": [(frozenset({"avx2"}), 8), (frozenset({"neon", "i8mm"}), 4),
+             (frozenset({"neon", "dotprod"}), 4)],
+    "Q4_K": [(frozenset({"avx2"}), 8), (frozenset({"neon", "i8mm"}), 8),
+             (frozenset({"neon", "dotprod"}), 8)],
+    "Q2_K": [(frozenset({"avx512"}), 8)],
+    "Q5_K": [(frozenset({"neon", "i8mm"}), 8), (frozenset({"neon", "dotprod"}), 8)],
+    "Q6_K": [(frozenset({"neon", "i8mm"}), 8), (frozenset({"neon", "dotprod"}), 8)],
+    "IQ4_NL": [(frozenset({"avx2"}), 8), (frozenset({"neon", "dotprod"}), 4)],
+    "Q8_0": [(frozenset({"neon", "i8mm"}), 4), (frozenset({"neon", "dotprod"}), 4)],
+}
+
+
+def _repacked(type_name: str, rows: int, features: frozenset[str]) -> bool:
+    for needs, multiple in _REPACK_RULES.get(type_name, []):
+        if needs <= features and rows % multiple == 0:
+            return True
+    return False
+
+
+def repacked_bytes(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> int:
+    """Bytes of matmul weights llama.cpp copies into its CPU_REPACK buffer on this CPU.
+
+    Token embeddings are read with GET_ROWS, which the repacked layout does not serve, so they
+    stay where they are; every other quantized 2-D weight feeds a MUL_MAT.
+    """
+    features = frozenset(cpu_features)
+    if not features:
+        return 0
+    types = tensor_types(info, quant)
+    total = 0
+    for t in info.tensors:
+        if "token_embd" in t.name or len(t.shape) < 2:
+            continue
+        if _repacked(types[t.name], t.shape[1], features):
+            total += tensor_bytes(types[t.name], t.shape)
+    return total
+
+
+def prefer_mmap(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> bool:
+    """mmap unless llama.cpp would repack weights: then the mapped copy stays resident too."""
+    return repacked_bytes(info, quant, cpu_features) == 0
+
+
+def resident_weight_bytes(
+    info: ModelInfo, quant: str, cpu_features: Iterable[str] = (), mmap: bool = True
+) -> int:
+    """Weights as RSS. With mmap the whole file is mapped and pre-faulted (llama-mmap.cpp,
+    MAP_POPULATE) and only the ends outside the used tensors are unmapped; repacked tensors
+    then exist twice, the mapped original and the anonymous copy. Without mmap every tensor
+    is read into an anonymous buffer once."""
+    data = predict_weights(info, quant) - header_bytes(info)
+    return data + (repacked_bytes(info, quant, cpu_features) if mmap else 0)
+
+
+def host_cpu_features() -> list[str]:
+    """ISA features of this machine, in the profile's vocabulary (repack rules need them)."""
+    names = {"avx2": "avx2", "avx512f": "avx512", "asimd": "neon", "neon": "neon",
+             "asimddp": "dotprod", "i8mm": "i8mm"}
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    found = {names[w] for line in text.splitlines()
+             if line.lower().startswith(("flags", "features")) for w in line.split() if w in names}
+    return sorted(found)
+
+
+# --- context shapes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """What llama.cpp makes of the requested context parameters."""
+
+    n_ctx: int  # cells of the full-attention cache (rounded up to 256)
+    n_ctx_swa: int  # cells of the sliding-window cache
+    n_batch: int
+    n_ubatch: int
+
+
+def context_shape(
+    info: ModelInfo, n_ctx: int, n_batch: int = 512, n_ubatch: int = 512, swa_full: bool = True
+) -> ContextShape:
+    """Round n_ctx and the batch sizes the way llama-cpp-python + llama-context.cpp do."""
+    batch = min(n_ctx, n_batch)  # llama.py: self.n_batch = min(n_ctx, n_batch)
+    ubatch = min(batch, n_ubatch)
+    cells = _pad(n_ctx, CTX_PAD)
+    swa_cells = cells
+    if info.has_swa and not swa_full:
+        # llama-kv-cache-iswa.cpp: GGML_PAD(min(size_base, n_swa + n_ubatch), 256)
+        swa_cells = _pad(min(cells, info.sliding_window + ubatch), CTX_PAD)
+    return ContextShape(n_ctx=cells, n_ctx_swa=swa_cells, n_batch=batch, n_ubatch=ubatch)
+
+
+def kv_cells(info: ModelInfo, shape: ContextShape) -> list[int]:
+    """KV cells per layer (0 for layers without attention)."""
+    cells = []
+    for il, heads in enumerate(info.n_head_kv):
+        swa = il < len(info.swa_layers) and info.swa_layers[il] and info.sliding_window > 0
+        cells.append(0 if heads == 0 else shape.n_ctx_swa if swa else shape.n_ctx)
+    return cells
+
+
+def kv_bytes(
+    info: ModelInfo, n_ctx: int, kv_type: KVType = "f16", n_batch: int = 512,
+    n_ubatch: int = 512, swa_full: bool = True,
+) -> int:
+    """Bytes of the KV cache: per layer cells × (row(K) + row(V)) in the cache's type."""
+    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full)
+    ggml_type = kv_type.upper()
+    total = 0
+    layers = zip(kv_cells(info, shape), info.n_embd_k_gqa, info.n_embd_v_gqa, strict=True)
+    for cells, k, v in layers:
+        total += cells * (row_bytes(ggml_type, k) + row_bytes(ggml_type, v))
+    return total
+
+
+# --- compute graph -------------------------------------------------------------------------
+
+
+def _dot_bytes(weight_type: str, n: int) -> int:
+    """Bytes of an f32 activation row converted to the weight type's vec_dot type (ggml-cpu)."""
+    if weight_type in ("F16", "BF16"):
+        return 2 * n
+    if weight_type == "F32":
+        return 0
+    return n * 36 // 32 + 4  # Q8_0 / Q8_1 / Q8_K rows: a little over one byte per element
+
+
+def graph_bytes(
+    info: ModelInfo, n_tokens: int, n_kv: int, n_kv_swa: int, n_outputs: int,
+    flash_attn: bool, weight_type: str = "Q8_0",
+) -> tuple[int, int]:
+    """(compute buffer, CPU work buffer) live at the peak of one decoder graph.
+
+    Mirrors the tensors llama-graph.cpp allocates for a standard decoder layer; ggml-alloc
+    reuses memory between layers, so the peak is the largest single stage plus the inputs
+    that stay alive for the whole graph.
+    """
+    f32 = 4
+    t = n_tokens
+    n_embd, n_head = info.n_embd, info.n_head
+    dk, dv = info.key_length, info.value_length
+    n_ff = info.n_ff or 4 * n_embd
+    heads_kv = max(info.n_head_kv, default=0)
+    mask_elem = 2 if flash_attn else f32
+    has_swa_mask = info.has_swa and n_kv_swa != n_kv
+    # Inputs: token ids, positions, KQ mask(s), cache row indices, output ids, the embeddings.
+    inputs = t * 4 + t * 4 + n_kv * t * mask_elem + t * 8 + n_outputs * 4 + t * n_embd * f32
+    if has_swa_mask:
+        inputs += n_kv_swa * t * mask_elem
+    if not flash_attn:
+        inputs += t * heads_kv * dv * 8  # v_idxs: one index per element of the transposed V
+    residual = 2 * t * n_embd * f32  # layer input kept for the skip connection + current
+    q_k_v = t * (n_head * dk + heads_kv * (dk + dv)) * f32
+    if flash_attn:
+        attn = q_k_v + t * n_head * dv * f32
+        attn_work = t * n_head * dk * 2  # Q converted to f16 for the K·Q dot products
+    else:
+        kq = n_kv * t * n_head * f32  # soft_max runs in place on it
+        attn = q_k_v + kq + 2 * t * n_head * dv * f32  # + kqv and its contiguous copy
+        attn_work = n_kv * t * n_head * 2  # kq converted to f16 for V·kq
+    ffn = t * (n_embd + 3 * n_ff) * f32  # norm, up, gate and the gated product
+    ffn_work = _dot_bytes(weight_type, n_ff) * t
+    # The lm_head stage: by then the inputs and the residual stream are dead (ggml-alloc
+    # frees a tensor after its last use), only the selected rows and their logits live.
+    output = n_outputs * (2 * n_embd + info.n_vocab) * f32
+    compute = max(inputs + residual + max(attn, ffn), output)
+    return compute, max(attn_work, ffn_work)
+
+
+def reserved_compute_bytes(
+    info: ModelInfo, n_ctx: int, n_batch: int = 512, n_ubatch: int = 512,
+    flash_attn: bool = False, swa_full: bool = True,
+) -> int:
+    """What llama.cpp reserves (and logs as `CPU compute buffer size`): the prompt graph over
+    the full cache with a logits row for every token of the ubatch. Virtual, not resident."""
+    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full)
+    compute, _ = graph_bytes(
+        info, shape.n_ubatch, shape.n_ctx, shape.n_ctx_swa, shape.n_ubatch, flash_attn
+    )
+    return compute
+
+
+def _n_kv_used(cells: int, used: int) -> int:
+    """llama_kv_cache::get_n_kv: the graph spans the used cells, padded to 256."""
+    return min(cells, max(CTX_PAD, _pad(used, CTX_PAD)))
+
+
+def touched_compute_bytes(
+    info: ModelInfo, shape: ContextShape, filled: int, flash_attn: bool, weight_type: str,
+    n_outputs: int = 1,
+) -> int:
+    """Resident compute + work memory after a prompt of `filled` tokens, ubatch by ubatch."""
+    peak_compute = peak_work = 0
+    done = 0
+    # Token-by-token decoding after the prompt is the same graph with n_tokens = 1.
+    while done < filled or done == 0:
+        t = min(shape.n_ubatch, max(1, filled - done))
+        done += t
+        n_kv = _n_kv_used(shape.n_ctx, done)
+        n_kv_swa = _n_kv_used(shape.n_ctx_swa, done)
+        compute, work = graph_bytes(
+            info, t, n_kv, n_kv_swa, min(n_outputs, t), flash_attn, weight_type
+        )
+        peak_compute, peak_work = max(peak_compute, compute), max(peak_work, work)
+    return peak_compute + peak_work
+
+
+# --- the estimate --------------------------------------------------------------------------
+
+
+def overhead_bytes(info: ModelInfo) -> int:
+    """Python + libraries + the vocabulary's host structures + per-request slack (measured)."""
+    mb = OVERHEAD_BASE_MB + OVERHEAD_REQUEST_MB
+    return int(mb * MIB) + OVERHEAD_PER_VOCAB_BYTES * info.n_vocab
+
+
+def _dominant_type(info: ModelInfo, quant: str) -> str:
+    types = tensor_types(info, quant)
+    sizes: dict[str, int] = {}
+    for t in info.tensors:
+        sizes[types[t.name]] = sizes.get(types[t.name], 0) + t.n_elements
+    return max(sizes, key=lambda k: sizes[k]) if sizes else quant.upper()
+
+
+def estimate_memory(
+    info: ModelInfo, quant: str, n_ctx: int, kv_type: KVType = "f16", n_batch: int = 512,
+    n_ubatch: int = 512, flash_attn: bool = False, swa_full: bool = True,
+    filled: int | None = None, logits_all: bool = False, cpu_features: Iterable[str] = (),
+    mmap: bool = True,
+) -> MemoryEstimate:
+    """Predicted peak RSS, by part, of serving `info` quantized to `quant` with these settings.
+
+    `filled` is how many tokens the context holds at the moment of interest; the default,
+    a full context, is the worst case a server reaches. `cpu_features` (the profile's ISA
+    features) decide which weights llama.cpp repacks; `mmap` whether the file is mapped.
+    """
+    if kv_type != "f16" and not flash_attn:
+        raise ValueError("a quantized KV cache needs flash attention in llama.cpp")
+    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full)
+    used = shape.n_ctx if filled is None else max(1, min(filled, shape.n_ctx))
+    weights = resident_weight_bytes(info, quant, cpu_features, mmap)
+    kv = kv_bytes(info, n_ctx, kv_type, n_batch, n_ubatch, swa_full)
+    compute = touched_compute_bytes(info, shape, used, flash_attn, _dominant_type(info, quant))
+    logits = info.n_vocab * 4  # llama.cpp output buffer: one row when only the last token asks
+    if logits_all:
+        logits = info.n_vocab * 4 * shape.n_batch + info.n_vocab * 4 * used
+    return MemoryEstimate(
+        weights_mb=round(weights / MIB, 2),
+        kv_mb=round(kv / MIB, 2),
+        compute_mb=round(compute / MIB, 2),
+        logits_mb=round(logits / MIB, 2),
+        overhead_mb=round(overhead_bytes(info) / MIB, 2),
+    )
+
+
+def mib(n_bytes: float) -> float:
+    """Bytes to MiB."""
+    return n_bytes / MIB
+
+
+def ceil_mb(value: float) -> int:
+    """Round a MiB figure up to a whole MiB (what a user can set as a limit)."""
+    return math.ceil(value)
