@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,12 +103,12 @@ def pack(
     _check_free_space(output_dir, plan.prediction.file_size * (2 if archive else 1))
 
     warnings = list(plan.warnings)
-    with (
-        ThreadPoolExecutor(max_workers=1) as pool,
-        stage_bundle(output_dir / name, check_dest=not archive) as stage,
-    ):
-        # Hashing the source overlaps with quantization: both mostly wait on C code.
-        source_hash = pool.submit(sha256_file, source)
+    with stage_bundle(output_dir / name, check_dest=not archive) as stage:
+        # Hashed before, not beside, quantization: on a 2-core packer a hashing thread slowed
+        # llama.cpp (and its GIL-taking log callback) by more than the hash itself costs.
+        mark = time.perf_counter()
+        source_hash = sha256_file(source)
+        timings["hash_source"] = time.perf_counter() - mark
         mark = time.perf_counter()
         result = quantize(
             source, stage.path / MODEL_FILE, quant,
@@ -128,7 +127,7 @@ def pack(
             edgerunner_version=__version__,
             llama_cpp_python_version=package_version("llama-cpp-python"),
             source=SourceModel(
-                name=info.name, path=str(source.resolve()), sha256=source_hash.result(),
+                name=info.name, path=str(source.resolve()), sha256=source_hash,
                 architecture=info.architecture, file_type=info.file_type,
                 n_params=info.n_params, n_ctx_train=info.n_ctx_train, n_vocab=info.n_vocab,
             ),
