@@ -182,8 +182,7 @@ def resident_weight_bytes(
     MAP_POPULATE) and only the ends outside the used tensors are unmapped; repacked tensors
     then exist twice, the mapped original and the anonymous copy. Without mmap every tensor
     is read into an anonymous buffer once."""
-    data = predict_weights(info, quant) - header_bytes(info)
-    return data + (repacked_bytes(info, quant, cpu_features) if mmap else 0)
+    return quant_facts(info, quant, cpu_features).resident(mmap)
 
 
 def host_cpu_features() -> list[str]:
@@ -350,33 +349,56 @@ def overhead_bytes(info: ModelInfo) -> int:
     return int(mb * MIB) + OVERHEAD_PER_VOCAB_BYTES * info.n_vocab
 
 
-def _dominant_type(info: ModelInfo, quant: str) -> str:
+@dataclass(frozen=True)
+class QuantFacts:
+    """What a preset does to the weights; computed once per (model, preset, CPU)."""
+
+    file_bytes: int  # the model.gguf llama.cpp writes
+    data_bytes: int  # its tensor data (what decoding reads per token, at most)
+    repacked_bytes: int  # weights llama.cpp copies into CPU_REPACK on this CPU
+    dominant_type: str  # the type most weight elements end up in
+
+    def resident(self, mmap: bool) -> int:
+        """Weights as RSS (see resident_weight_bytes)."""
+        return self.data_bytes + (self.repacked_bytes if mmap else 0)
+
+
+def quant_facts(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> QuantFacts:
+    """Weights-side facts of a preset, for repeated estimates at many context sizes."""
     types = tensor_types(info, quant)
     sizes: dict[str, int] = {}
     for t in info.tensors:
         sizes[types[t.name]] = sizes.get(types[t.name], 0) + t.n_elements
-    return max(sizes, key=lambda k: sizes[k]) if sizes else quant.upper()
+    file_bytes = predict_weights(info, quant)
+    return QuantFacts(
+        file_bytes=file_bytes,
+        data_bytes=file_bytes - header_bytes(info),
+        repacked_bytes=repacked_bytes(info, quant, cpu_features),
+        dominant_type=max(sizes, key=lambda k: sizes[k]) if sizes else quant.upper(),
+    )
 
 
 def estimate_memory(
     info: ModelInfo, quant: str, n_ctx: int, kv_type: KVType = "f16", n_batch: int = 512,
     n_ubatch: int = 512, flash_attn: bool = False, swa_full: bool = True,
     filled: int | None = None, logits_all: bool = False, cpu_features: Iterable[str] = (),
-    mmap: bool = True,
+    mmap: bool = True, facts: QuantFacts | None = None,
 ) -> MemoryEstimate:
     """Predicted peak RSS, by part, of serving `info` quantized to `quant` with these settings.
 
     `filled` is how many tokens the context holds at the moment of interest; the default,
     a full context, is the worst case a server reaches. `cpu_features` (the profile's ISA
     features) decide which weights llama.cpp repacks; `mmap` whether the file is mapped.
+    `facts` (from quant_facts) saves recomputing the weights side for many contexts.
     """
     if kv_type != "f16" and not flash_attn:
         raise ValueError("a quantized KV cache needs flash attention in llama.cpp")
     shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full)
     used = shape.n_ctx if filled is None else max(1, min(filled, shape.n_ctx))
-    weights = resident_weight_bytes(info, quant, cpu_features, mmap)
+    facts = facts or quant_facts(info, quant, cpu_features)
+    weights = facts.resident(mmap)
     kv = kv_bytes(info, n_ctx, kv_type, n_batch, n_ubatch, swa_full)
-    compute = touched_compute_bytes(info, shape, used, flash_attn, _dominant_type(info, quant))
+    compute = touched_compute_bytes(info, shape, used, flash_attn, facts.dominant_type)
     logits = info.n_vocab * 4  # llama.cpp output buffer: one row when only the last token asks
     if logits_all:
         logits = info.n_vocab * 4 * shape.n_batch + info.n_vocab * 4 * used

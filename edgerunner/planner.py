@@ -1,0 +1,319 @@
+"""The plan: which quantization, KV cache and context a model gets on a device, and why."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgerunner.errors import EdgerunnerError, PlanError
+from edgerunner.gguf_info import ModelInfo
+from edgerunner.manifest import KVType, MemoryEstimate, Prediction, RuntimePlan
+from edgerunner.memory import CTX_PAD, QuantFacts, estimate_memory, kv_bytes, quant_facts
+from edgerunner.profiles import DeviceProfile
+from edgerunner.quant_rules import PRESETS, check_preset
+
+logger = logging.getLogger(__name__)
+
+# Quality order: mean KL divergence against FP16 from llama.cpp's "LLaMA 3 8b Scoreboard"
+# (tools/perplexity/README.md, rows without an importance matrix). Lower is better. F16/BF16
+# are the reference. Source types edgerunner does not offer as presets are listed too, so a
+# source's precision can be placed on the same scale (the IQ rows use the imatrix results).
+KL_DIVERGENCE: dict[str, float] = {
+    "F32": 0.0, "BF16": 0.0, "F16": 0.0,
+    "Q8_0": 0.001391, "Q6_K": 0.005669, "Q5_K_M": 0.011093, "Q5_K_S": 0.017177,
+    "Q5_1": 0.018485, "Q5_0": 0.022964, "Q4_K_M": 0.032032, "IQ4_NL": 0.036482,
+    "IQ4_XS": 0.037087, "Q4_K_S": 0.044040, "Q4_1": 0.072530, "Q4_0": 0.073598,
+    "Q3_K_L": 0.088558, "Q3_K_M": 0.103797, "IQ3_M": 0.104464, "IQ3_S": 0.113201,
+    "IQ3_XS": 0.140704, "IQ3_XXS": 0.187044, "Q3_K_S": 0.236401, "IQ2_M": 0.331202,
+    "IQ2_S": 0.446305, "Q2_K": 0.457258, "Q2_K_S": 0.457258, "IQ2_XS": 0.556747,
+    "IQ2_XXS": 0.830947, "IQ1_M": 1.413517, "IQ1_S": 2.290167,
+}
+
+# KV cache configurations: (type, flash attention). llama.cpp needs flash attention for a
+# quantized V cache.
+_KV_CONFIGS: tuple[tuple[KVType, bool], ...] = (("f16", False), ("q8_0", True))
+
+
+class PlanOptions(BaseModel):
+    """What the user asks of the plan; unset fields take the model's and profile's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_ctx: int | None = Field(
+        None, ge=16, description="Smallest acceptable context (default 2048, or the training "
+        "context if smaller)",
+    )
+    max_ctx: int | None = Field(
+        None, ge=16, description="Largest context to plan for (default: training context, "
+        "capped at 8192)",
+    )
+    min_tps: float = Field(5.0, ge=0, description="Slowest acceptable decode speed, tokens/s")
+    quant: str | None = Field(None, description="Force this quantization preset, e.g. Q4_K_M")
+    reserve_mb: int | None = Field(
+        None, ge=0, description="Extra MiB kept free on top of the profile's OS reserve",
+    )
+
+
+class Candidate(BaseModel):
+    """One (quant, KV cache, context) the planner considered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quant: str = Field(..., description="Quantization preset")
+    kv_type: KVType = Field("f16", description="KV cache element type")
+    n_ctx: int = Field(..., ge=1, description="Largest context that fits (or min_ctx if none)")
+    swa_full: bool = Field(True, description="Full-size cache for sliding-window layers")
+    flash_attn: bool = Field(False, description="Flash attention")
+    mmap: bool = Field(True, description="Memory-map the weights")
+    memory: MemoryEstimate = Field(..., description="Predicted peak RSS at n_ctx")
+    decode_tps: float = Field(0.0, ge=0, description="Predicted decode tokens/s at n_ctx")
+    file_size: int = Field(0, ge=0, description="Predicted model.gguf bytes")
+    kl_divergence: float = Field(0.0, ge=0, description="llama.cpp's KLD vs FP16 (quality)")
+    fits: bool = Field(False, description="Fits the device at n_ctx ≥ min_ctx")
+    rejected: str | None = Field(None, description="Why it was not chosen (None: chosen)")
+
+
+class PlanResult(BaseModel):
+    """The whole plan: every candidate, the choice, and what the bundle records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="Model name")
+    profile: str = Field(..., description="Device profile name")
+    budget_mb: float = Field(..., description="MiB the model may use on the device")
+    min_ctx: int = Field(..., description="Effective minimum context")
+    max_ctx: int = Field(..., description="Effective maximum context")
+    candidates: list[Candidate] = Field(default_factory=list)
+    chosen: Candidate
+    runtime: RuntimePlan
+    prediction: Prediction
+    warnings: list[str] = Field(default_factory=list)
+
+
+def kl_divergence(type_name: str) -> float:
+    """Quality loss of a precision on llama.cpp's KLD scale (unknown types count as lossless)."""
+    name = type_name.upper().removeprefix("MOSTLY_").removeprefix("ALL_")
+    return KL_DIVERGENCE.get(name, 0.0)
+
+
+def allowed_presets(info: ModelInfo) -> list[str]:
+    """Presets that do not claim more precision than the source has (BF16 only from BF16)."""
+    floor = kl_divergence(info.file_type)
+    source = info.file_type.upper()
+    presets = []
+    for preset in PRESETS:
+        if preset == "BF16" and source != "BF16":
+            continue
+        if KL_DIVERGENCE[preset] >= floor:
+            presets.append(preset)
+    return presets
+
+
+def decode_tps(
+    profile: DeviceProfile, facts: QuantFacts, info: ModelInfo, n_ctx: int, kv_type: KVType,
+    swa_full: bool,
+) -> float:
+    """Decoding is memory-bound: every token reads the weights and, on average, half the KV."""
+    bytes_per_token = facts.data_bytes + kv_bytes(info, n_ctx, kv_type, swa_full=swa_full) / 2
+    return profile.memory.bandwidth_gbs * 1e9 / bytes_per_token * profile.decode_efficiency
+
+
+def _context_grid(min_ctx: int, max_ctx: int) -> list[int]:
+    """Powers of two and multiples of 256 between the bounds, ascending, ending at max_ctx."""
+    values = {min_ctx, max_ctx}
+    values.update(2 ** k for k in range(4, 21) if min_ctx <= 2 ** k <= max_ctx)
+    values.update(range(_ceil_to(min_ctx, CTX_PAD), max_ctx + 1, CTX_PAD))
+    return sorted(values)
+
+
+def _ceil_to(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+class _Planner:
+    """Evaluates candidates for one (model, profile, options)."""
+
+    def __init__(self, info: ModelInfo, profile: DeviceProfile, options: PlanOptions):
+        self.info, self.profile, self.options = info, profile, options
+        self.features = list(profile.cpu.features)
+        self.budget_mb = profile.usable_mb - (options.reserve_mb or 0)
+        train = info.n_ctx_train
+        self.min_ctx = options.min_ctx or min(2048, train)
+        self.max_ctx = options.max_ctx or min(train, 8192)
+        self.warnings: list[str] = []
+        if self.min_ctx > self.max_ctx:
+            raise PlanError(
+                f"--min-ctx {self.min_ctx} is larger than --max-ctx {self.max_ctx}",
+                hint="raise --max-ctx or lower --min-ctx",
+            )
+        if self.max_ctx > train:
+            self.warnings.append(
+                f"max context {self.max_ctx} exceeds the model's training context {train}; "
+                "quality past it is not guaranteed"
+            )
+
+    def estimate(
+        self, facts: QuantFacts, quant: str, n_ctx: int, kv: KVType, fa: bool, swa_full: bool,
+        mmap: bool,
+    ) -> MemoryEstimate:
+        return estimate_memory(
+            self.info, quant, n_ctx, kv_type=kv, flash_attn=fa, swa_full=swa_full,
+            cpu_features=self.features, mmap=mmap, facts=facts,
+        )
+
+    def candidate(
+        self, quant: str, facts: QuantFacts, kv: KVType, fa: bool, swa_full: bool
+    ) -> Candidate:
+        """The largest context that fits for this configuration (or the min_ctx estimate)."""
+        mmap = facts.repacked_bytes == 0
+        grid = _context_grid(self.min_ctx, self.max_ctx)
+        best: tuple[int, MemoryEstimate] | None = None
+        lo, hi = 0, len(grid) - 1
+        while lo <= hi:  # memory grows with n_ctx: binary search the grid
+            mid = (lo + hi) // 2
+            est = self.estimate(facts, quant, grid[mid], kv, fa, swa_full, mmap)
+            if est.total_mb <= self.budget_mb:
+                best, lo = (grid[mid], est), mid + 1
+            else:
+                hi = mid - 1
+        n_ctx, memory = best or (
+            self.min_ctx, self.estimate(facts, quant, self.min_ctx, kv, fa, swa_full, mmap)
+        )
+        return Candidate(
+            quant=quant, kv_type=kv, n_ctx=n_ctx, swa_full=swa_full, flash_attn=fa, mmap=mmap,
+            memory=memory, file_size=facts.file_bytes,
+            decode_tps=round(decode_tps(self.profile, facts, self.info, n_ctx, kv, swa_full), 2),
+            kl_divergence=KL_DIVERGENCE[quant], fits=best is not None,
+            rejected=None if best else (
+                f"needs {memory.total_mb:.0f} MiB at n_ctx={self.min_ctx}, "
+                f"{self.budget_mb:.0f} MiB available"
+            ),
+        )
+
+    def candidates(self, presets: Iterable[str]) -> list[Candidate]:
+        swa_options = (True, False) if self.info.has_swa else (True,)
+        found = []
+        for quant in presets:
+            facts = quant_facts(self.info, quant, self.features)
+            for kv, fa in _KV_CONFIGS:
+                for swa_full in swa_options:
+                    found.append(self.candidate(quant, facts, kv, fa, swa_full))
+        return found
+
+
+def _presets(info: ModelInfo, options: PlanOptions) -> tuple[list[str], list[str]]:
+    """(presets to consider, presets rejected as above the source's precision)."""
+    allowed = allowed_presets(info)
+    if options.quant:
+        quant = check_preset(options.quant)
+        if quant not in allowed:
+            raise PlanError(
+                f"{quant} would not improve on the source's {info.file_type} precision: "
+                "requantizing cannot restore lost bits",
+                hint=f"choose one of {', '.join(allowed)} or start from an F16/BF16 GGUF",
+            )
+        return [quant], []
+    return allowed, [p for p in PRESETS if p not in allowed and p != "BF16"]
+
+
+def _pick(fits: list[Candidate], min_tps: float, warnings: list[str]) -> Candidate:
+    """Best quality at ≥ min_tps; within that quant, the config giving the most context."""
+    fast = [c for c in fits if c.decode_tps >= min_tps]
+    if not fast:
+        fastest = max(fits, key=lambda c: (c.decode_tps, -c.kl_divergence))
+        warnings.append(
+            f"nothing decodes at {min_tps:g} tok/s on this device; chose the fastest that fits "
+            f"({fastest.quant}, predicted {fastest.decode_tps:.1f} tok/s)"
+        )
+        pool = [c for c in fits if c.quant == fastest.quant]
+    else:
+        best_kld = min(c.kl_divergence for c in fast)
+        pool = [c for c in fast if c.kl_divergence == best_kld]
+    # f16 KV and a full SWA cache are the defaults; the levers win only with more context.
+    return max(pool, key=lambda c: (c.n_ctx, c.kv_type == "f16", c.swa_full))
+
+
+def _explain(cands: list[Candidate], chosen: Candidate, min_tps: float) -> None:
+    for c in cands:
+        if c is chosen or c.rejected:
+            continue
+        if c.decode_tps < min_tps and chosen.decode_tps >= min_tps:
+            c.rejected = f"decodes at {c.decode_tps:.1f} tok/s < {min_tps:g}"
+        elif c.quant != chosen.quant:
+            better = c.kl_divergence > chosen.kl_divergence
+            c.rejected = "lower quality than " + chosen.quant if better else (
+                f"slower than {chosen.quant}")
+        elif c.n_ctx < chosen.n_ctx:
+            c.rejected = f"less context ({c.n_ctx}) than the chosen configuration"
+        else:
+            c.rejected = "same context; the chosen configuration keeps the defaults"
+
+
+def make_plan(
+    info: ModelInfo, profile: DeviceProfile, options: PlanOptions | None = None
+) -> PlanResult:
+    """Consider every candidate, pick one by DESIGN.md's rules, and explain the rest."""
+    options = options or PlanOptions()
+    planner = _Planner(info, profile, options)
+    presets, too_precise = _presets(info, options)
+    cands = planner.candidates(presets)
+    fits = [c for c in cands if c.fits]
+    if not fits:
+        raise _nothing_fits(info, profile, planner, cands)
+    chosen = _pick(fits, options.min_tps, planner.warnings)
+    _explain(cands, chosen, options.min_tps)
+    if info.file_type.upper() not in ("F32", "ALL_F32", "F16", "BF16"):
+        planner.warnings.append(
+            f"the source is already quantized ({info.file_type}): the bundle is a "
+            f"requantization, and {', '.join(too_precise) or 'no preset'} were left out because "
+            "requantizing upward adds size, not quality"
+        )
+    runtime = RuntimePlan(
+        quant=chosen.quant, n_ctx=chosen.n_ctx, kv_type=chosen.kv_type,
+        flash_attn=chosen.flash_attn, swa_full=chosen.swa_full, n_threads=profile.threads,
+        n_batch=512, n_ubatch=512, mmap=chosen.mmap, mlock=False,
+    )
+    return PlanResult(
+        model=info.name, profile=profile.name, budget_mb=planner.budget_mb,
+        min_ctx=planner.min_ctx, max_ctx=planner.max_ctx, candidates=cands, chosen=chosen,
+        runtime=runtime,
+        prediction=Prediction(
+            memory=chosen.memory, decode_tps=chosen.decode_tps, file_size=chosen.file_size
+        ),
+        warnings=planner.warnings,
+    )
+
+
+def _nothing_fits(
+    info: ModelInfo, profile: DeviceProfile, planner: _Planner, cands: list[Candidate]
+) -> PlanError:
+    smallest = min(cands, key=lambda c: c.memory.total_mb)
+    reserve = planner.options.reserve_mb or 0
+    needed_ram = math.ceil(smallest.memory.total_mb + profile.memory.os_reserved_mb + reserve)
+    bigger = _profiles_with(needed_ram - profile.memory.os_reserved_mb, reserve)
+    where = f"; profiles that would fit it: {', '.join(bigger)}" if bigger else ""
+    return PlanError(
+        f"{info.name} does not fit {profile.name}: even {smallest.quant} with a "
+        f"{smallest.kv_type} KV cache at n_ctx={planner.min_ctx} needs "
+        f"{smallest.memory.total_mb:.0f} MiB, and {planner.budget_mb:.0f} MiB are available "
+        f"({profile.memory.total_mb} MiB RAM − {profile.memory.os_reserved_mb} MiB OS reserve"
+        + (f" − {reserve} MiB --reserve-mb" if reserve else "") + ")",
+        hint=f"a device with at least {needed_ram} MiB RAM would do{where}; "
+        "or use a smaller model, or lower --min-ctx",
+        needed_mb=smallest.memory.total_mb,
+    )
+
+
+def _profiles_with(model_mb: float, reserve: int) -> list[str]:
+    """Shipped profiles whose usable RAM holds model_mb (+ the user's reserve)."""
+    from edgerunner.profiles import list_profiles
+
+    try:
+        profiles = list_profiles()
+    except EdgerunnerError:
+        return []
+    fitting = [p for p in profiles if p.usable_mb - reserve >= model_mb]
+    return [p.name for p in sorted(fitting, key=lambda p: p.memory.total_mb)][:5]
