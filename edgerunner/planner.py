@@ -32,9 +32,10 @@ KL_DIVERGENCE: dict[str, float] = {
     "IQ2_XXS": 0.830947, "IQ1_M": 1.413517, "IQ1_S": 2.290167,
 }
 
-# KV cache configurations: (type, flash attention). llama.cpp needs flash attention for a
-# quantized V cache.
-_KV_CONFIGS: tuple[tuple[KVType, bool], ...] = (("f16", False), ("q8_0", True))
+# KV cache configurations: (type, flash attention), defaults first. Flash attention never
+# materialises the n_kv × n_tokens × n_head score matrix; llama.cpp needs it for a quantized
+# V cache.
+_KV_CONFIGS: tuple[tuple[KVType, bool], ...] = (("f16", False), ("f16", True), ("q8_0", True))
 
 
 class PlanOptions(BaseModel):
@@ -232,8 +233,9 @@ def _pick(fits: list[Candidate], min_tps: float, warnings: list[str]) -> Candida
     else:
         best_kld = min(c.kl_divergence for c in fast)
         pool = [c for c in fast if c.kl_divergence == best_kld]
-    # f16 KV and a full SWA cache are the defaults; the levers win only with more context.
-    return max(pool, key=lambda c: (c.n_ctx, c.kv_type == "f16", c.swa_full))
+    # f16 KV, no flash attention and a full SWA cache are the defaults; each lever wins only
+    # when it buys more context.
+    return max(pool, key=lambda c: (c.n_ctx, c.kv_type == "f16", not c.flash_attn, c.swa_full))
 
 
 def _explain(cands: list[Candidate], chosen: Candidate, min_tps: float) -> None:
@@ -244,12 +246,12 @@ def _explain(cands: list[Candidate], chosen: Candidate, min_tps: float) -> None:
             c.rejected = f"decodes at {c.decode_tps:.1f} tok/s < {min_tps:g}"
         elif c.quant != chosen.quant:
             better = c.kl_divergence > chosen.kl_divergence
-            c.rejected = "lower quality than " + chosen.quant if better else (
+            c.rejected = f"lower quality than {chosen.quant}" if better else (
                 f"slower than {chosen.quant}")
         elif c.n_ctx < chosen.n_ctx:
-            c.rejected = f"less context ({c.n_ctx}) than the chosen configuration"
+            c.rejected = f"less context than {chosen.n_ctx}"
         else:
-            c.rejected = "same context; the chosen configuration keeps the defaults"
+            c.rejected = "same context, more levers than needed"
 
 
 def make_plan(
