@@ -73,6 +73,26 @@ def test_cli_bench_json_and_calibrate(rpi5_bundle: Path, tmp_path: Path,
             expected, rel=0.01)
 
 
+def test_later_plans_predict_the_calibrated_speed(
+    measured: BenchResult, rpi5_bundle: Path, default_model: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgerunner.gguf_info import read_model_info
+    from edgerunner.planner import PlanOptions, make_plan
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    manifest = load_bundle(rpi5_bundle).manifest
+    # A ratio inside the field's bounds, so nothing is clamped.
+    result = measured.model_copy(update={"decode_tps": manifest.prediction.decode_tps * 0.6})
+    write_calibration(calibrated_profile(manifest.profile, result))
+    plan = manifest.plan
+    again = make_plan(read_model_info(default_model), resolve_profile(manifest.profile.name),
+                      PlanOptions(quant=plan.quant, min_ctx=plan.n_ctx, max_ctx=plan.n_ctx,
+                                  min_tps=0))
+    assert again.runtime.n_ctx == plan.n_ctx
+    assert again.prediction.decode_tps == pytest.approx(result.decode_tps, rel=0.01)
+
+
 def test_cli_bench_table(rpi5_bundle: Path) -> None:
     result = CliRunner().invoke(main, ["bench", str(rpi5_bundle), "--prompt-tokens", "8",
                                        "--decode-tokens", "4"])
