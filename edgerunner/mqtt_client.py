@@ -70,9 +70,10 @@ class MqttChat:
         self.reply_root = f"{DEFAULT_REPLY_PREFIX}{self.client_id}"
         self.timeout = timeout
         self.v5 = protocol == "5"
-        # v5: a clean session that survives a broker restart for a while, so replies the device
-        # sends while we reconnect are kept for us
-        self._options = SessionOptions(self.client_id, protocol, persistent=False,
+        # v5: a session (fresh client id, so nothing stale to resume) that the broker keeps for
+        # 5 minutes, so replies sent while a restarted broker waits for us are kept; Mosquitto
+        # only persists sessions whose CONNECT did not ask for a clean start
+        self._options = SessionOptions(self.client_id, protocol, persistent=self.v5,
                                        session_expiry_s=300)
         self._client, self._address = new_client(url, self._options, username=username,
                                                  password=password, ca_file=ca_file)
@@ -98,8 +99,12 @@ class MqttChat:
         return self
 
     def close(self) -> None:
-        """Disconnect."""
-        self._client.disconnect()
+        """Disconnect, ending the session (nothing is left queued for us at the broker)."""
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        self._client.disconnect(properties=props)
         self._client.loop_stop()
 
     def __enter__(self) -> MqttChat:
@@ -154,7 +159,17 @@ class MqttChat:
                     yield reply
                     return
                 # QoS 1 keeps order per publisher, but a redelivery after a reconnect may not
+                if int(reply["seq"]) < expect:
+                    continue  # a redelivered duplicate
                 held[int(reply["seq"])] = reply
+                if reply["choices"][0].get("finish_reason") is not None:
+                    final_seq = int(reply["seq"])
+                    missing = [s for s in range(expect, final_seq) if s not in held]
+                    if missing:
+                        raise ClientError(
+                            f"the reply arrived incomplete: chunks {missing[:10]} of "
+                            f"{final_seq + 1} were lost (the broker restarted without them?)",
+                            hint="retry the request; a broker with persistence keeps them")
                 while expect in held:
                     chunk = held.pop(expect)
                     expect += 1

@@ -2,7 +2,7 @@
 
     edgerunner/<device>/request   device-addressed (persistent session, fixed client id, QoS 1)
     edgerunner/pool/request       $share/edgerunner/... on a second, clean short-expiry session
-    edgerunner/<device>/cancel    {"id": ...}: the client's request id or the reply id
+    edgerunner/<device>/cancel    {"id": ...}: the request `id`, its CorrelationData, or the reply id
     edgerunner/<device>/status    retained online/offline (Last Will)
     edgerunner/<device>/info      retained JSON, re-published on every connect and periodically
 
@@ -195,7 +195,7 @@ class MqttTransport:
             job.deadline = min(job.deadline, time.monotonic() + expiry_s)
         with self._jobs_lock:
             if not done.is_set():
-                keys.extend(k for k in (route.request_id, sink.id, job.id) if k)
+                keys.extend(k for k in (route.client_ref, sink.id, job.id) if k)
                 for k in keys:
                     self._jobs[k] = job
 

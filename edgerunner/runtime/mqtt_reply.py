@@ -53,6 +53,18 @@ class ReplyRoute:
     correlation: bytes | None = None  # v5 CorrelationData, echoed on every reply
     request_id: str | None = None  # the `id` the client put in the body, echoed as the reply id
 
+    @property
+    def client_ref(self) -> str | None:
+        """How the client names this request: its `id`, else its CorrelationData as text."""
+        if self.request_id is not None:
+            return self.request_id
+        if self.correlation:
+            try:
+                return self.correlation.decode()
+            except UnicodeDecodeError:
+                return self.correlation.hex()
+        return None
+
     def key(self) -> str | None:
         """What identifies this request for duplicate detection (None: not identifiable)."""
         if self.request_id is not None:

@@ -1,0 +1,243 @@
+"""A real Mosquitto broker on a free loopback port, started and killed by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgerunner.manifest import RuntimePlan
+from edgerunner.runtime.config import MqttConfig
+from edgerunner.runtime.engine import Engine
+from edgerunner.runtime.mqtt import MqttTransport
+from edgerunner.runtime.mqtt_session import SessionOptions, connect_async, new_client
+from edgerunner.runtime.scheduler import Scheduler
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Broker:
+    """One Mosquitto process with a temp config; restartable on the same port and store."""
+
+    def __init__(self, workdir: Path, port: int, extra: str = "") -> None:
+        self.workdir = workdir
+        self.port = port
+        self.url = f"mqtt://127.0.0.1:{port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.config = workdir / "mosquitto.conf"
+        # As root Mosquitto drops to user "mosquitto" unless told otherwise; the temp store and
+        # log would then be unwritable.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.config.write_text(
+            f"{user}listener {port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence true\npersistence_location {workdir}/\n"
+            f"log_dest file {workdir}/mosquitto.log\nlog_type all\n{extra}"
+        )
+
+    def start(self) -> None:
+        """Start the broker and wait until its port accepts connections."""
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the broker (SIGTERM saves the persistent store; SIGKILL does not)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def log(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _require_mosquitto() -> None:
+    if not os.access(MOSQUITTO, os.X_OK):
+        pytest.skip(
+            f"Mosquitto is not installed ({MOSQUITTO} missing): "
+            "`apt-get install mosquitto` or `make test`, which installs it"
+        )
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[type[Broker] | object]:
+    """Make brokers (not started) with extra config lines; all are killed at teardown."""
+    _require_mosquitto()
+    made: list[Broker] = []
+
+    def make(extra: str = "", start: bool = True) -> Broker:
+        workdir = tmp_path / f"broker{len(made)}"
+        workdir.mkdir()
+        broker = Broker(workdir, free_port(), extra)
+        made.append(broker)
+        if start:
+            broker.start()
+        return broker
+
+    yield make
+    for broker in made:
+        broker.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def broker(broker_factory) -> Broker:  # type: ignore[no-untyped-def]
+    """A running broker, killed at teardown."""
+    return broker_factory()  # type: ignore[no-any-return]
+
+
+# -- the daemon side, in process: a real Engine and Scheduler behind an MqttTransport --------
+
+
+def _engine(model: Path) -> Iterator[Engine]:
+    # a small window keeps two loaded engines cheap; nothing here needs more
+    engine = Engine(model, RuntimePlan(n_ctx=1024, n_threads=2), name="smollm2")
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def mqtt_engine(default_model: Path) -> Iterator[Engine]:
+    """The real small model loaded once for the MQTT tests."""
+    yield from _engine(default_model)
+
+
+@pytest.fixture(scope="session")
+def mqtt_engine_b(default_model: Path) -> Iterator[Engine]:
+    """A second loaded copy, for a second daemon in the pool tests."""
+    yield from _engine(default_model)
+
+
+@pytest.fixture
+def serve(mqtt_engine: Engine) -> Iterator[Callable[..., MqttTransport]]:
+    """Start MqttTransports over real schedulers; all are stopped at teardown."""
+    started: list[tuple[MqttTransport, Scheduler]] = []
+
+    def start(url: str, device_id: str = "dev1", *, engine: Engine | None = None,
+              wait: bool = True, **fields: Any) -> MqttTransport:
+        scheduler = Scheduler(engine or mqtt_engine, queue_depth=8, default_max_tokens=16)
+        scheduler.start()
+        fields.setdefault("reconnect_max_delay_s", 1)
+        config = MqttConfig(url=url, device_id=device_id, **fields)
+        transport = MqttTransport(config, scheduler, lambda: {"state": "ready"})
+        transport.start()
+        started.append((transport, scheduler))
+        if wait:
+            assert transport.device.wait_connected(10), "the transport did not connect"
+            assert transport.pool is None or transport.pool.wait_connected(10)
+        return transport
+
+    yield start
+    for transport, scheduler in started:
+        scheduler.shutdown(0)
+        transport.stop(1.0)
+
+
+class Probe:
+    """A plain paho v5 client that records what it receives (not its own publishes)."""
+
+    def __init__(self, url: str, topics: list[str]) -> None:
+        self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
+        self.seen: list[paho.MQTTMessage] = []
+        self._ready = threading.Event()
+        self._client, address = new_client(url, SessionOptions(f"probe-{uuid.uuid4().hex[:8]}"))
+
+        def on_connect(client: paho.Client, *args: Any) -> None:
+            client.subscribe([(t, SubscribeOptions(qos=1, noLocal=True)) for t in topics])
+
+        self._client.on_connect = on_connect
+        self._client.on_subscribe = lambda *args: self._ready.set()
+        self._client.on_message = lambda c, u, msg: self.messages.put(msg)
+        connect_async(self._client, address, SessionOptions("unused"))
+        self._client.loop_start()
+        assert self._ready.wait(10), "probe could not subscribe"
+
+    def publish(self, topic: str, payload: bytes | str, *, response_topic: str | None = None,
+                correlation: bytes | None = None, expiry: int | None = None) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        if response_topic is not None:
+            props.ResponseTopic = response_topic
+        if correlation is not None:
+            props.CorrelationData = correlation
+        if expiry is not None:
+            props.MessageExpiryInterval = expiry
+        self._client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+
+    def next(self, timeout: float = 60.0) -> paho.MQTTMessage:
+        """The next message; fails the test if none arrives in time."""
+        try:
+            msg = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no MQTT message within {timeout} s")
+        self.seen.append(msg)
+        return msg
+
+    def json(self, timeout: float = 60.0) -> dict[str, Any]:
+        reply: dict[str, Any] = json.loads(self.next(timeout).payload)
+        return reply
+
+    def quiet(self, seconds: float) -> list[paho.MQTTMessage]:
+        """Whatever arrives within `seconds` (for asserting that nothing does)."""
+        got = []
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            try:
+                got.append(self.messages.get(timeout=left))
+            except queue.Empty:
+                break
+        return got
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@pytest.fixture
+def probe() -> Iterator[Callable[..., Probe]]:
+    """Make Probes subscribed to topics; closed at teardown."""
+    made: list[Probe] = []
+
+    def make(url: str, *topics: str) -> Probe:
+        made.append(Probe(url, list(topics)))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
