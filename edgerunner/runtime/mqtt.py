@@ -2,7 +2,7 @@
 
     edgerunner/<device>/request   device-addressed (persistent session, fixed client id, QoS 1)
     edgerunner/pool/request       $share/edgerunner/... on a second, clean short-expiry session
-    edgerunner/<device>/cancel    {"id": ...}: the request `id`, its CorrelationData, or the reply id
+    edgerunner/<device>/cancel    {"id": ...}: the request id, its CorrelationData, or reply id
     edgerunner/<device>/status    retained online/offline (Last Will)
     edgerunner/<device>/info      retained JSON, re-published on every connect and periodically
 
