@@ -38,19 +38,27 @@ def build_request(prompt: str, system: str | None, json_schema: Path | None,
 @click.argument("prompt")
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path),
               help="Daemon socket [default: $XDG_RUNTIME_DIR/edgerunner.sock].")
+@click.option("--mqtt", "mqtt_url", metavar="URL",
+              help="Ask through an MQTT broker instead of the socket (needs --device-id).")
+@click.option("--device-id", help="The device to ask over MQTT (`pool`: any device of the fleet).")
+@click.option("--mqtt-protocol", type=click.Choice(["5", "3.1.1"]), default="5",
+              show_default=True, help="MQTT version.")
 @click.option("--system", help="System message.")
 @click.option("--json-schema", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Constrain the answer to this JSON Schema.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Longest answer, in tokens.")
 @click.option("--temperature", type=click.FloatRange(0, 2), help="0 = greedy.")
 @json_option
-def ask_cmd(prompt: str, socket_path: Path | None, system: str | None,
-            json_schema: Path | None, max_tokens: int | None, temperature: float | None,
-            as_json: bool) -> None:
+def ask_cmd(prompt: str, socket_path: Path | None, mqtt_url: str | None, device_id: str | None,
+            mqtt_protocol: str, system: str | None, json_schema: Path | None,
+            max_tokens: int | None, temperature: float | None, as_json: bool) -> None:
     """Ask the daemon PROMPT; the answer streams to the terminal (--json: the whole object)."""
     from edgerunner.runtime.client import Client
 
     body = build_request(prompt, system, json_schema, max_tokens, temperature)
+    if mqtt_url or device_id:
+        _ask_mqtt(mqtt_url, device_id, mqtt_protocol, body, as_json)
+        return
     messages = body.pop("messages")
     with Client(socket_path) as client:
         if as_json:
@@ -60,4 +68,22 @@ def ask_cmd(prompt: str, socket_path: Path | None, system: str | None,
             click.echo(piece, nl=False)
         click.echo()
         if client.last_finish_reason == "length":
+            click.echo("[stopped at max_tokens]", err=True)
+
+
+def _ask_mqtt(url: str | None, device_id: str | None, protocol: str, body: dict[str, Any],
+              as_json: bool) -> None:
+    from edgerunner.mqtt_client import MqttChat
+
+    if not url or not device_id:
+        raise click.UsageError("--mqtt URL and --device-id ID go together")
+    target = None if device_id == "pool" else device_id
+    with MqttChat(url, target, protocol="3.1.1" if protocol == "3.1.1" else "5") as chat:
+        if as_json:
+            print_json(chat.complete(body))
+            return
+        reply = chat.complete({**body, "stream": True},
+                              on_text=lambda text: click.echo(text, nl=False))
+        click.echo()
+        if reply["choices"][0]["finish_reason"] == "length":
             click.echo("[stopped at max_tokens]", err=True)

@@ -20,6 +20,8 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
               help="Also listen on TCP, e.g. 127.0.0.1:8080.")
 @click.option("--mqtt", "mqtt_url", metavar="URL", help="MQTT broker, e.g. mqtt://broker:1883.")
 @click.option("--device-id", help="This device's name in MQTT topics [default: hostname].")
+@click.option("--mqtt-protocol", type=click.Choice(["5", "3.1.1"]),
+              help="MQTT version [default: 5]; 3.1.1 for old brokers.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True,
                                                          dir_okay=False),
               help="A config.toml overriding the bundle's.")
@@ -41,7 +43,7 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
 @click.option("--log-prompts", is_flag=True, default=None, help="Log prompts and outputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's hash check (faster start).")
 def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url: str | None,
-              device_id: str | None, **flags: object) -> None:
+              device_id: str | None, mqtt_protocol: str | None, **flags: object) -> None:
     """Serve BUNDLE over a unix socket (OpenAI-compatible HTTP) and optionally TCP and MQTT."""
     from edgerunner.bundle import load_bundle
     from edgerunner.errors import PlanError
@@ -52,7 +54,8 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
     install()
     loaded = load_bundle(bundle, verify=not no_verify)
     overrides: dict[str, object] = {k.removesuffix("_path"): v for k, v in flags.items()}
-    mqtt = {k: v for k, v in {"url": mqtt_url, "device_id": device_id}.items() if v is not None}
+    mqtt = {k: v for k, v in {"url": mqtt_url, "device_id": device_id,
+                              "protocol": mqtt_protocol}.items() if v is not None}
     if mqtt:
         overrides["mqtt"] = mqtt
     config = load_config(loaded.config_path, config_file, overrides=overrides)
