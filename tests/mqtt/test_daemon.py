@@ -83,3 +83,15 @@ def test_ask_over_mqtt_needs_both_url_and_device(broker) -> None:
     result = CliRunner().invoke(main, ["ask", "hi", "--mqtt", broker.url])
     assert result.exit_code == 2
     assert "--device-id" in result.output
+
+
+def test_iot_client_example_prints_the_parsed_json(broker, daemon) -> None:
+    example = Path(__file__).parents[2] / "tools" / "iot_client_example.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--broker", "127.0.0.1", "--port", str(broker.port),
+         "--device", "proc1", "The hall is 19 C and its window is open."],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    reading = json.loads(result.stdout)
+    assert set(reading) == {"room", "temperature_c", "window_open"}
+    assert isinstance(reading["window_open"], bool)
