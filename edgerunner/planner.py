@@ -171,12 +171,18 @@ class _Planner:
         """The largest context that fits for this configuration (or the min_ctx estimate)."""
         mmap = facts.repacked_bytes == 0
         grid = _context_grid(self.min_ctx, self.max_ctx)
+
+        def tps(n_ctx: int) -> float:
+            return decode_tps(self.profile, facts, self.info, n_ctx, kv, swa_full)
+
+        # A configuration fast enough at min_ctx keeps that speed as its context grows.
+        floor_tps = self.options.min_tps if tps(self.min_ctx) >= self.options.min_tps else 0.0
         best: tuple[int, MemoryEstimate] | None = None
         lo, hi = 0, len(grid) - 1
-        while lo <= hi:  # memory grows with n_ctx: binary search the grid
+        while lo <= hi:  # memory grows and speed falls with n_ctx: binary search the grid
             mid = (lo + hi) // 2
             est = self.estimate(facts, quant, grid[mid], kv, fa, swa_full, mmap)
-            if est.total_mb <= self.budget_mb:
+            if est.total_mb <= self.budget_mb and (mid == 0 or tps(grid[mid]) >= floor_tps):
                 best, lo = (grid[mid], est), mid + 1
             else:
                 hi = mid - 1
@@ -186,7 +192,7 @@ class _Planner:
         return Candidate(
             quant=quant, kv_type=kv, n_ctx=n_ctx, swa_full=swa_full, flash_attn=fa, mmap=mmap,
             memory=memory, file_size=facts.file_bytes,
-            decode_tps=round(decode_tps(self.profile, facts, self.info, n_ctx, kv, swa_full), 2),
+            decode_tps=round(tps(n_ctx), 2),
             kl_divergence=KL_DIVERGENCE[quant], fits=best is not None,
             rejected=None if best else (
                 f"needs {memory.total_mb:.0f} MiB at n_ctx={self.min_ctx}, "
@@ -229,7 +235,7 @@ def _pick(fits: list[Candidate], min_tps: float, warnings: list[str]) -> Candida
             f"nothing decodes at {min_tps:g} tok/s on this device; chose the fastest that fits "
             f"({fastest.quant}, predicted {fastest.decode_tps:.1f} tok/s)"
         )
-        pool = [c for c in fits if c.quant == fastest.quant]
+        return fastest
     else:
         best_kld = min(c.kl_divergence for c in fast)
         pool = [c for c in fast if c.kl_divergence == best_kld]
@@ -242,7 +248,9 @@ def _explain(cands: list[Candidate], chosen: Candidate, min_tps: float) -> None:
     for c in cands:
         if c is chosen or c.rejected:
             continue
-        if c.decode_tps < min_tps and chosen.decode_tps >= min_tps:
+        if chosen.decode_tps < min_tps:
+            c.rejected = f"slower ({c.decode_tps:.1f} tok/s) than the fastest that fits"
+        elif c.decode_tps < min_tps:
             c.rejected = f"decodes at {c.decode_tps:.1f} tok/s < {min_tps:g}"
         elif c.quant != chosen.quant:
             better = c.kl_divergence > chosen.kl_divergence
