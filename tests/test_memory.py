@@ -1,0 +1,190 @@
+"""The memory model against the real llama.cpp: quantized file sizes, dry-run tensor types,
+the KV cache and compute buffer llama.cpp reports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+
+from edgerunner.gguf_info import ModelInfo, read_model_info
+from edgerunner.llama_log import capture_llama_log
+from edgerunner.memory import (
+    MIB,
+    context_shape,
+    dry_run_types,
+    estimate_memory,
+    kv_bytes,
+    measure_weights_dry_run,
+    predict_weights,
+    repacked_bytes,
+    reserved_compute_bytes,
+)
+from edgerunner.quant_rules import PRESETS, tensor_types
+
+REAL_PRESETS = ["Q2_K", "Q4_K_M", "Q5_0", "Q8_0", "F16"]
+
+
+def _quantize(source: Path, preset: str, out: Path) -> Path:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = PRESETS[preset]
+    params.allow_requantize = True
+    params.nthread = 2
+    target = out / f"{preset}.gguf"
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) == 0
+    return target
+
+
+@pytest.fixture(scope="session")
+def quantized(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The test model quantized for real to several presets (a few seconds)."""
+    out = tmp_path_factory.mktemp("quantized")
+    return {preset: _quantize(default_model, preset, out) for preset in REAL_PRESETS}
+
+
+@pytest.fixture(scope="session")
+def default_info(default_model: Path) -> ModelInfo:
+    return read_model_info(default_model)
+
+
+@pytest.mark.parametrize("preset", REAL_PRESETS)
+def test_predicted_file_size_matches_the_real_quantizer(
+    default_info: ModelInfo, quantized: dict[str, Path], preset: str
+) -> None:
+    actual = quantized[preset].stat().st_size
+    predicted = predict_weights(default_info, preset)
+    assert abs(predicted - actual) / actual < 0.01
+    # and the tensor types llama.cpp chose are the ones the port predicts
+    written = {t.name: t.type for t in read_model_info(quantized[preset]).tensors}
+    assert tensor_types(default_info, preset) == written
+
+
+def _write_f16_llama(path: Path, n_embd: int = 256, n_ff: int = 512, n_layer: int = 8,
+                     n_head: int = 4, n_head_kv: int = 1, n_vocab: int = 512) -> None:
+    """A tiny llama-architecture F16 GGUF whose rows suit every K-quant (256 columns)."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(n_layer)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    head = n_embd // n_head
+
+    def add(name: str, rows: int, cols: int) -> None:
+        data = rng.standard_normal((rows, cols)).astype(np.float16) * np.float16(0.02)
+        writer.add_tensor(name, data)
+
+    add("token_embd.weight", n_vocab, n_embd)
+    add("output.weight", n_vocab, n_embd)
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        writer.add_tensor(b + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(b + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        add(b + "attn_q.weight", n_head * head, n_embd)
+        add(b + "attn_k.weight", n_head_kv * head, n_embd)
+        add(b + "attn_v.weight", n_head_kv * head, n_embd)
+        add(b + "attn_output.weight", n_embd, n_head * head)
+        add(b + "ffn_gate.weight", n_ff, n_embd)
+        add(b + "ffn_up.weight", n_ff, n_embd)
+        add(b + "ffn_down.weight", n_embd, n_ff)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="session")
+def f16_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("synthetic") / "tiny-llama-f16.gguf"
+    _write_f16_llama(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "preset", ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0"]
+)
+def test_k_quant_mixtures_match_llama_cpp_dry_run(f16_llama: Path, preset: str) -> None:
+    """On rows K-quants accept, every attn_v / ffn_down / output bump matches llama.cpp."""
+    info = read_model_info(f16_llama)
+    assert tensor_types(info, preset) == dry_run_types(f16_llama, preset)
+    assert predict_weights(info, preset) == measure_weights_dry_run(f16_llama, preset)
+
+
+def test_dry_run_agrees_on_the_test_model(default_model: Path, default_info: ModelInfo) -> None:
+    for preset in ("Q3_K_M", "Q6_K"):
+        assert tensor_types(default_info, preset) == dry_run_types(default_model, preset)
+
+
+def _grab(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    assert match, f"llama.cpp did not log {pattern!r}"
+    return match[1]
+
+
+def _context_log(model: Path, n_ctx: int, kv: str, flash_attn: bool) -> str:
+    kv_type = llama_cpp.GGML_TYPE_Q8_0 if kv == "q8_0" else llama_cpp.GGML_TYPE_F16
+    with capture_llama_log() as lines:
+        llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, type_k=kv_type, type_v=kv_type,
+                              flash_attn=flash_attn, n_threads=1, verbose=True)
+        llm.close()
+    return "".join(lines)
+
+
+@pytest.mark.parametrize(("n_ctx", "kv", "flash_attn"),
+                         [(512, "f16", False), (1000, "q8_0", True), (3000, "f16", True)])
+def test_kv_and_compute_buffers_match_what_llama_cpp_reports(
+    default_model: Path, default_info: ModelInfo, n_ctx: int, kv: str, flash_attn: bool
+) -> None:
+    text = _context_log(default_model, n_ctx, kv, flash_attn)
+    cells = int(_grab(r"n_ctx\s+=\s+(\d+)", text))
+    kv_mib = float(_grab(r"llama_kv_cache: size =\s+([\d.]+) MiB", text))
+    compute_mib = float(_grab(r"CPU compute buffer size =\s+([\d.]+) MiB", text))
+    assert context_shape(default_info, n_ctx).n_ctx == cells
+    assert kv_bytes(default_info, n_ctx, "q8_0" if kv == "q8_0" else "f16") / MIB == (
+        pytest.approx(kv_mib, abs=0.01))
+    reserved = reserved_compute_bytes(default_info, n_ctx, flash_attn=flash_attn) / MIB
+    assert reserved == pytest.approx(compute_mib, rel=0.10)
+
+
+def test_sliding_window_cache_size_follows_llama_cpp_rule() -> None:
+    info = ModelInfo(n_layer=4, n_embd=256, n_head=4, n_head_kv=[2] * 4, key_length=64,
+                     value_length=64, n_vocab=1000, n_ctx_train=32768, sliding_window=1024,
+                     swa_layers=[True, False, True, False])
+    trimmed = context_shape(info, 8000, swa_full=False)
+    assert trimmed.n_ctx == 8192  # GGML_PAD(8000, 256)
+    assert trimmed.n_ctx_swa == 1536  # GGML_PAD(min(8192, 1024 + 512), 256)
+    assert context_shape(info, 8000, swa_full=True).n_ctx_swa == 8192
+    per_cell = 2 * (2 * 64) * 2  # K and V rows, f16
+    assert kv_bytes(info, 8000, swa_full=False) == 2 * (8192 + 1536) * per_cell
+
+
+def test_quantized_kv_needs_flash_attention(default_info: ModelInfo) -> None:
+    with pytest.raises(ValueError, match="flash attention"):
+        estimate_memory(default_info, "Q8_0", 2048, kv_type="q8_0", flash_attn=False)
+
+
+def test_repacked_weights_count_twice_only_with_mmap(default_info: ModelInfo) -> None:
+    features = ["avx2"]  # Q4_0 rows in multiples of 8 are repacked on AVX2
+    repacked = repacked_bytes(default_info, "Q4_0", features)
+    assert repacked > 0 and repacked_bytes(default_info, "Q4_0", []) == 0
+    mapped = estimate_memory(default_info, "Q4_0", 512, cpu_features=features, mmap=True)
+    loaded = estimate_memory(default_info, "Q4_0", 512, cpu_features=features, mmap=False)
+    assert mapped.weights_mb - loaded.weights_mb == pytest.approx(repacked / MIB, abs=0.01)
+
+
+def test_estimate_grows_with_context_and_shrinks_with_q8_kv(default_info: ModelInfo) -> None:
+    small = estimate_memory(default_info, "Q8_0", 1024, flash_attn=True)
+    large = estimate_memory(default_info, "Q8_0", 4096, flash_attn=True)
+    quant_kv = estimate_memory(default_info, "Q8_0", 4096, kv_type="q8_0", flash_attn=True)
+    assert small.total_mb < large.total_mb
+    assert quant_kv.kv_mb == pytest.approx(large.kv_mb * 34 / 64, rel=0.001)
