@@ -38,6 +38,11 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
+    def _check_socket(self) -> None:
+        # httpcore leaks its socket when a unix connect fails, so rule out the common case first
+        if self.socket_path is not None and not self.socket_path.exists():
+            raise self._unreachable(FileNotFoundError(f"{self.socket_path} does not exist"))
+
     def _unreachable(self, exc: Exception) -> ClientError:
         return ClientError(f"cannot reach the daemon at {self.where}: {exc}",
                            "is `edgerunner serve` running? pass --socket PATH if it listens "
@@ -56,6 +61,7 @@ class Client:
         raise ClientError(message, f"retry in {retry} s" if retry else None)
 
     def _get(self, path: str) -> dict[str, Any]:
+        self._check_socket()
         try:
             response = self._http.get(path)
         except httpx.TransportError as exc:
@@ -75,6 +81,7 @@ class Client:
 
     def chat(self, messages: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
         """POST /v1/chat/completions and return the `chat.completion` object."""
+        self._check_socket()
         try:
             response = self._http.post("/v1/chat/completions",
                                        json={"messages": messages, **params, "stream": False})
@@ -91,6 +98,7 @@ class Client:
         body = {"messages": messages, **params, "stream": True,
                 "stream_options": {"include_usage": True}}
         self.last_usage = self.last_finish_reason = None
+        self._check_socket()
         try:
             with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code >= 400:

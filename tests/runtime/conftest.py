@@ -1,0 +1,105 @@
+"""A real daemon on a short unix socket, serving the real default model."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edgerunner.bundle import Bundle, load_bundle
+from edgerunner.manifest import BundleManifest
+from edgerunner.runtime.config import ServeConfig
+from edgerunner.runtime.daemon import Daemon
+
+
+@pytest.fixture
+def bundle_manifest() -> BundleManifest:
+    """A manifest as pack writes one (no model file behind it)."""
+    from edgerunner.manifest import Prediction, RuntimePlan, SourceModel
+    from edgerunner.profiles import resolve_profile
+
+    return BundleManifest(
+        name="test-rpi5-q4_1", edgerunner_version="0.1.0", llama_cpp_python_version="0.3.36",
+        source=SourceModel(name="t", sha256="0" * 64, architecture="llama", file_type="F16"),
+        profile=resolve_profile("rpi5"), plan=RuntimePlan(), prediction=Prediction(),
+    )
+
+
+@pytest.fixture(scope="session")
+def bundle(rpi5_bundle: Path) -> Bundle:
+    """The default model packed for rpi5, loaded as the daemon loads it (verified)."""
+    return load_bundle(rpi5_bundle, verify=True)
+
+
+class RunningDaemon:
+    """A Daemon running its asyncio loop in a background thread."""
+
+    def __init__(self, bundle: Bundle, config: ServeConfig) -> None:
+        self.daemon = Daemon(bundle, config)
+        self.socket = config.socket_path()
+        self.exit_code: int | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.exit_code = asyncio.run(self.daemon.run())
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self, timeout: float = 60) -> RunningDaemon:
+        self._thread.start()
+        end = time.monotonic() + timeout
+        while self.daemon.state != "ready":
+            if not self._thread.is_alive():
+                raise RuntimeError(f"daemon died during start-up: {self.error!r}")
+            if time.monotonic() > end:
+                raise TimeoutError("daemon did not become ready")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 60) -> int | None:
+        self.daemon.stop_threadsafe()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "daemon did not stop"
+        return self.exit_code
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        return httpx.Client(transport=transport, base_url="http://edgerunner", **kwargs)
+
+
+def make_config(sock: Path, **overrides: Any) -> ServeConfig:
+    """A ServeConfig for tests: given socket, real guard paths unless overridden."""
+    # one thread: the test machine's cores are shared, and llama.cpp's threads spin-wait
+    return ServeConfig.model_validate({"socket": sock, "request_timeout_s": 120,
+                                       "drain_timeout_s": 10, "n_threads": 1, **overrides})
+
+
+@pytest.fixture(scope="session")
+def served(bundle: Bundle) -> Iterator[RunningDaemon]:
+    """One daemon shared by the HTTP tests (queue 8); every test must leave it serving."""
+    tmp = Path(tempfile.mkdtemp(prefix="er-", dir="/tmp"))
+    # the RSS ceiling guards a daemon process; this one shares pytest's process with other models
+    config = make_config(tmp / "d.sock", rss_ceiling_mb=1_000_000)
+    running = RunningDaemon(bundle, config).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def http(served: RunningDaemon) -> Iterator[httpx.Client]:
+    """An httpx client on the shared daemon's socket."""
+    with served.client(timeout=120) as client:
+        yield client

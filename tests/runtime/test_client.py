@@ -1,0 +1,61 @@
+"""`edgerunner ask` and the Python client against the real daemon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgerunner.cli import main
+from edgerunner.errors import ClientError
+from edgerunner.runtime.client import Client
+from tests.runtime.conftest import RunningDaemon
+
+
+def test_client_chat_stream_and_health(served: RunningDaemon) -> None:
+    with Client(served.socket) as client:
+        assert client.health()["state"] == "ready"
+        assert client.models() == [served.daemon.manifest.name]
+        messages = [{"role": "user", "content": "Name a colour."}]
+        # warm the prompt cache first: a cached prompt re-evaluates only its last token, in a
+        # batch of one, which can flip a near-tie in greedy decoding against a cold batch eval
+        client.chat(messages, max_tokens=6, temperature=0)
+        whole = client.chat(messages, max_tokens=6, temperature=0)
+        streamed = "".join(client.stream_chat(messages, max_tokens=6, temperature=0))
+        assert streamed == whole["choices"][0]["message"]["content"]
+        assert client.last_usage is not None and client.last_usage["completion_tokens"] >= 1
+        with pytest.raises(ClientError, match="context_length_exceeded"):
+            client.chat(messages, max_tokens=10**6)
+
+
+def test_client_names_an_unreachable_socket(short_tmp: Path) -> None:
+    with Client(short_tmp / "nobody.sock") as client, pytest.raises(ClientError) as info:
+        client.chat([{"role": "user", "content": "x"}])
+    assert "nobody.sock" in str(info.value) and "edgerunner serve" in str(info.value)
+
+
+def test_ask_streams_the_answer(served: RunningDaemon) -> None:
+    result = CliRunner().invoke(main, ["ask", "Say hello.", "--socket", str(served.socket),
+                                       "--max-tokens", "5", "--temperature", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+
+
+def test_ask_json_with_schema(served: RunningDaemon, tmp_path: Path) -> None:
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                  "required": ["ok"]}))
+    result = CliRunner().invoke(main, ["ask", "Is water wet?", "--socket", str(served.socket),
+                                       "--json-schema", str(schema), "--max-tokens", "20",
+                                       "--system", "Answer in JSON.", "--json"])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.output)
+    assert isinstance(json.loads(reply["choices"][0]["message"]["content"])["ok"], bool)
+
+
+def test_ask_without_a_daemon_fails_with_a_hint(short_tmp: Path) -> None:
+    result = CliRunner().invoke(main, ["ask", "hi", "--socket", str(short_tmp / "none.sock")])
+    assert result.exit_code == 1
+    assert "cannot reach the daemon" in result.output and "hint" in result.output

@@ -1,0 +1,224 @@
+"""The engine and scheduler on the real model, without any transport."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgerunner.manifest import RuntimePlan
+from edgerunner.runtime.engine import Engine
+from edgerunner.runtime.protocol import (
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    RequestError,
+    TextEvent,
+    parse_request,
+)
+from edgerunner.runtime.scheduler import Scheduler
+
+PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
+                   n_batch=256, n_ubatch=256)
+# a grammar that cannot end early: generation runs until max_tokens or a cancel
+LONG = {"type": "json_schema", "json_schema": {"name": "nums", "schema": {
+    "type": "array", "items": {"type": "integer"}, "minItems": 400}}}
+
+
+@pytest.fixture(scope="module")
+def engine(default_model: Path) -> Iterator[Engine]:
+    eng = Engine(default_model, PLAN, name="smol")
+    eng.load()
+    yield eng
+    eng.close()
+
+
+def chat(content: str, **extra: Any) -> Any:
+    return parse_request("chat", {"messages": [{"role": "user", "content": content}], **extra})
+
+
+class Collector:
+    """A sink that records events and wakes a waiting test on the final one."""
+
+    def __init__(self, on_text: Any = None) -> None:
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.seen: list[Event] = []
+        self.on_text = on_text
+
+    def __call__(self, event: Event) -> None:
+        self.seen.append(event)
+        self.events.put(event)
+        if isinstance(event, TextEvent) and self.on_text is not None:
+            self.on_text(event)
+
+    def final(self, timeout: float = 60) -> DoneEvent | ErrorEvent:
+        while True:
+            event = self.events.get(timeout=timeout)
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                return event
+
+    def texts(self) -> list[str]:
+        return [e.text for e in self.seen if isinstance(e, TextEvent)]
+
+
+def test_chat_template_and_greedy_generation(engine: Engine) -> None:
+    prepared = engine.prepare(chat("What is 2+2?", temperature=0, max_tokens=12), 100)
+    assert "<|im_start|>user\nWhat is 2+2?<|im_end|>" in prepared.prompt_text  # GGUF template
+    assert "<|im_end|>" in prepared.stop
+    pieces: list[str] = []
+    engine.run(prepared, None, lambda: False)  # warm the prompt cache (see test_client)
+    first = engine.run(prepared, pieces.append, lambda: False)
+    second = engine.run(prepared, None, lambda: False)
+    assert first.text == second.text == "".join(pieces)  # greedy is deterministic
+    assert first.prompt_tokens == len(prepared.prompt_tokens)
+    assert 1 <= first.completion_tokens <= 12 + 3  # llama.cpp holds back partial UTF-8
+
+
+def test_stop_sequence_ends_generation(engine: Engine) -> None:
+    free = engine.run(engine.prepare(chat("Count: 1, 2, 3,", temperature=0, max_tokens=40),
+                                     100), None, lambda: False)
+    assert len(free.text) > 3
+    cut = free.text[len(free.text) // 2:][:3].strip() or free.text[-2:]
+    stopped = engine.run(engine.prepare(chat("Count: 1, 2, 3,", temperature=0, max_tokens=40,
+                                             stop=[cut]), 100), None, lambda: False)
+    assert cut not in stopped.text
+    assert stopped.finish_reason == "stop"
+    assert free.text.startswith(stopped.text)
+
+
+def test_json_schema_output_parses_and_matches(engine: Engine) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    request = chat("Invent a person.", temperature=0, max_tokens=60, response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    out = engine.run(engine.prepare(request, 100), None, lambda: False)
+    data = json.loads(out.text)
+    assert isinstance(data["name"], str) and isinstance(data["age"], int)
+
+
+@pytest.mark.parametrize("schema", [{"type": "foo"}, {"$ref": "#/definitions/missing"},
+                                    {"type": "string", "pattern": "(["}])
+def test_invalid_json_schema_is_a_request_error(engine: Engine, schema: dict) -> None:
+    request = chat("x", response_format={"type": "json_schema",
+                                         "json_schema": {"schema": schema}})
+    with pytest.raises(RequestError) as info:
+        engine.prepare(request, 10)
+    assert info.value.code == "invalid_request"
+    assert "json_schema" in info.value.message
+
+
+def test_cancel_stops_within_one_token(engine: Engine) -> None:
+    request = chat("numbers", temperature=0, max_tokens=300, response_format=LONG)
+    calls = 0
+
+    def stop_after_five() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 5
+
+    out = engine.run(engine.prepare(request, 100), None, stop_after_five)
+    assert out.finish_reason is None  # interrupted
+    assert out.completion_tokens == 5  # the token sampled when the flag was seen is dropped
+
+
+def test_scheduler_admission_queue_and_events(engine: Engine) -> None:
+    scheduler = Scheduler(engine, queue_depth=2, request_timeout_s=60)
+    scheduler.start()
+    try:
+        with pytest.raises(RequestError) as info:
+            scheduler.submit(chat("word " * 1500, max_tokens=100), sink=Collector())
+        assert info.value.code == "context_length_exceeded"
+        prompt_tokens = int(info.value.message.split("prompt is ")[1].split()[0])
+        assert prompt_tokens > 1500 and "max_tokens is 100" in info.value.message
+        assert "1024" in info.value.message
+
+        with pytest.raises(RequestError) as info:
+            scheduler.submit(chat("x", model="gpt-4"), sink=Collector())
+        assert info.value.code == "model_not_found" and "smol" in info.value.message
+
+        gate, generating = threading.Event(), threading.Event()
+        blocker = Collector(on_text=lambda e: (generating.set(), gate.wait(30)))
+        running = scheduler.submit(chat("n", max_tokens=5, stream=True), sink=blocker)
+        assert generating.wait(30)  # the worker holds this job; the queue is empty
+        sinks = [Collector(), Collector()]
+        queued = [scheduler.submit(chat(f"q{i}", max_tokens=3), sink=s)
+                  for i, s in enumerate(sinks)]
+        with pytest.raises(RequestError) as info:
+            scheduler.submit(chat("one too many", max_tokens=3), sink=Collector())
+        assert info.value.code == "busy" and info.value.retry_after is not None
+        queued[0].cancel()
+        gate.set()
+        done = blocker.final()
+        assert isinstance(done, DoneEvent) and "".join(blocker.texts()) == done.text
+        cancelled = sinks[0].final()
+        assert isinstance(cancelled, ErrorEvent) and cancelled.error.code == "cancelled"
+        last = sinks[1].final()
+        assert isinstance(last, DoneEvent) and last.usage.completion_tokens >= 1
+        assert running.finished and queued[1].finished
+        assert scheduler.stats.failed["cancelled"] == 1
+        assert scheduler.stats.refused["busy"] == 1
+    finally:
+        assert scheduler.shutdown(5)
+
+
+def test_queued_request_past_its_deadline_times_out(engine: Engine) -> None:
+    scheduler = Scheduler(engine, queue_depth=4, request_timeout_s=0.2)
+    scheduler.start()
+    try:
+        gate, generating = threading.Event(), threading.Event()
+        blocker = Collector(on_text=lambda e: (generating.set(), gate.wait(30)))
+        scheduler.submit(chat("n", max_tokens=3, stream=True), sink=blocker)
+        assert generating.wait(30)
+        waiting = Collector()
+        scheduler.submit(chat("late", max_tokens=3), sink=waiting)
+        threading.Timer(0.5, gate.set).start()
+        first = blocker.final()
+        late = waiting.final()
+        assert isinstance(first, ErrorEvent) and first.error.code == "timeout"
+        assert isinstance(late, ErrorEvent) and late.error.code == "timeout"
+        assert "in the queue" in late.error.message
+    finally:
+        scheduler.shutdown(5)
+
+
+def test_shutdown_cancels_what_the_drain_did_not_finish(engine: Engine) -> None:
+    scheduler = Scheduler(engine, queue_depth=4)
+    scheduler.start()
+    long_sink, queued_sink = Collector(), Collector()
+    scheduler.submit(chat("numbers", max_tokens=400, response_format=LONG), sink=long_sink)
+    scheduler.submit(chat("after", max_tokens=3), sink=queued_sink)
+    assert scheduler.shutdown(drain_timeout=0.2) is False
+    assert isinstance(long_sink.final(), ErrorEvent)
+    queued = queued_sink.final()
+    assert isinstance(queued, ErrorEvent) and queued.error.code == "cancelled"
+    with pytest.raises(RequestError, match="shutting down"):
+        scheduler.submit(chat("x"), sink=Collector())
+
+
+def test_keep_alive_unloads_when_idle_and_reloads_on_demand(default_model: Path) -> None:
+    engine = Engine(default_model, PLAN, name="smol")
+    engine.load()
+    scheduler = Scheduler(engine, keep_alive_s=0.2)
+    scheduler.start()
+    try:
+        deadline = threading.Event()
+        for _ in range(100):
+            if not engine.loaded:
+                break
+            deadline.wait(0.05)
+        assert not engine.loaded
+        # admission still counts tokens while unloaded, then the worker reloads to answer
+        with pytest.raises(RequestError, match="context window"):
+            scheduler.submit(chat("word " * 1500, max_tokens=10), sink=Collector())
+        sink = Collector()
+        scheduler.submit(chat("hi", max_tokens=3), sink=sink)
+        assert isinstance(sink.final(), DoneEvent)
+    finally:
+        scheduler.shutdown(5)
+        engine.close()
