@@ -22,7 +22,7 @@ def packed_json(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     """One real `pack --json` with an explicit quant, parsed."""
     out = tmp_path_factory.mktemp("cli-pack")
     result = run("pack", str(default_model), "--profile", "rpi5", "-o", str(out),
-                 "--quant", "Q4_0", "--max-ctx", "1024", "--json")
+                 "--quant", "Q4_0", "--min-ctx", "512", "--max-ctx", "1024", "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
