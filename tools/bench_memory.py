@@ -121,7 +121,7 @@ def bench(model: Path, presets: list[str], contexts: list[int], threads: int) ->
                         f"{est.kv_mb:.1f}+{est.compute_mb:.1f}",
                         f"{got['loaded']['VmRSS']:.1f}→{got['prompt']['VmRSS']:.1f}",
                     )
-    Console().print(table)
+    Console(width=150).print(table)
     print(f"max |error| = {worst:.1%} over {len(presets) * len(contexts) * 2} cells")
     return worst
 
