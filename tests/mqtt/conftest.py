@@ -22,7 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgerunner.manifest import RuntimePlan
+from edgerunner.manifest import BundleManifest
 from edgerunner.runtime.config import MqttConfig
 from edgerunner.runtime.engine import Engine
 from edgerunner.runtime.mqtt import MqttTransport
@@ -125,24 +125,26 @@ def broker(broker_factory) -> Broker:  # type: ignore[no-untyped-def]
 # -- the daemon side, in process: a real Engine and Scheduler behind an MqttTransport --------
 
 
-def _engine(model: Path) -> Iterator[Engine]:
-    # a small window keeps two loaded engines cheap; nothing here needs more
-    engine = Engine(model, RuntimePlan(n_ctx=1024, n_threads=2), name="smollm2")
+def _engine(bundle: Path) -> Iterator[Engine]:
+    manifest = BundleManifest.model_validate_json((bundle / "manifest.json").read_text())
+    # the bundle's plan with a smaller window: two loaded engines stay cheap, none needs more
+    plan = manifest.plan.model_copy(update={"n_ctx": 1024, "n_threads": 2})
+    engine = Engine(bundle / "model.gguf", plan, name=manifest.name)
     engine.load()
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="session")
-def mqtt_engine(default_model: Path) -> Iterator[Engine]:
-    """The real small model loaded once for the MQTT tests."""
-    yield from _engine(default_model)
+def mqtt_engine(rpi5_bundle: Path) -> Iterator[Engine]:
+    """The rpi5 bundle's model, loaded once for the in-process MQTT tests."""
+    yield from _engine(rpi5_bundle)
 
 
 @pytest.fixture(scope="session")
-def mqtt_engine_b(default_model: Path) -> Iterator[Engine]:
+def mqtt_engine_b(rpi5_bundle: Path) -> Iterator[Engine]:
     """A second loaded copy, for a second daemon in the pool tests."""
-    yield from _engine(default_model)
+    yield from _engine(rpi5_bundle)
 
 
 @pytest.fixture

@@ -227,7 +227,7 @@ def test_broker_restart_mid_stream_loses_no_request(broker_factory, serve) -> No
     transport = serve(broker.url)
     outcome: dict[str, object] = {}
     with MqttChat(broker.url, "dev1", timeout=90) as chat:
-        request_id = chat.send({**COUNT, "max_tokens": 300})
+        request_id = chat.send({**COUNT, "max_tokens": 150})
         replies = chat.replies(request_id)
 
         def read_rest() -> None:
