@@ -38,6 +38,8 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
               help="Drain and exit 4 if RSS goes over this [default: 1.5 x predicted].")
 @click.option("--keep-alive", "keep_alive_s", type=click.FloatRange(min=0),
               help="Unload the model after this many idle seconds (0 = never).")
+@click.option("--n-ctx", "n_ctx", type=click.IntRange(256),
+              help="Serve a smaller context than the plan (uses less memory).")
 @click.option("--threads", "n_threads", type=click.IntRange(1, 256),
               help="Override the plan's thread count.")
 @click.option("--log-prompts", is_flag=True, default=None, help="Log prompts and outputs.")

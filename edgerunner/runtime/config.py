@@ -145,6 +145,10 @@ class ServeConfig(_Settings):
     guard_root: Path = Field(
         Path("/"), description="Root for /proc and /sys/fs/cgroup (tests point it at a fake tree)"
     )
+    n_ctx: int | None = Field(
+        None, ge=256, le=1_048_576,
+        description="Serve a smaller context than the bundle's plan (less memory); unset = plan",
+    )
     n_threads: int | None = Field(
         None, ge=1, le=256, description="Override the plan's decode threads"
     )

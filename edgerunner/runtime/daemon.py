@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from edgerunner import __version__
 from edgerunner.bundle import Bundle
+from edgerunner.errors import ConfigError
 from edgerunner.manifest import BundleManifest
 from edgerunner.runtime.config import ServeConfig
 from edgerunner.runtime.engine import Engine
@@ -36,6 +37,7 @@ from edgerunner.runtime.guard import (
 )
 from edgerunner.runtime.http import HttpTransport, create_app
 from edgerunner.runtime.metrics import render_metrics
+from edgerunner.runtime.predict import predict_totals
 from edgerunner.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -60,40 +62,31 @@ class Transport(Protocol):
 def memory_estimator(bundle: Bundle) -> Callable[[int], float]:
     """Predicted MiB at another n_ctx, anchored at the manifest's own prediction.
 
-    The GGUF is read (with edgerunner.memory's model) only when another n_ctx is asked for:
-    reading the header costs tens of MiB of RSS the daemon would otherwise keep.
+    Other sizes come from edgerunner.memory in a child process (see runtime/predict.py), asked
+    only when a size other than the plan's is needed; if that fails, the manifest's KV cache
+    is scaled instead.
     """
     manifest = bundle.manifest
     plan = manifest.plan
     anchor = manifest.prediction.memory.total_mb
     scaled = scaled_estimate(manifest.prediction.memory, plan.n_ctx)
-    model: Callable[[int], float] | None = None
-
-    def load_model() -> Callable[[int], float]:
-        try:
-            from edgerunner.gguf_info import read_model_info
-            from edgerunner.memory import estimate_memory
-
-            info = read_model_info(bundle.model_path)
-
-            def predict(n_ctx: int) -> float:
-                return estimate_memory(info, plan.quant, n_ctx, plan.kv_type, plan.n_batch,
-                                       plan.n_ubatch, plan.flash_attn, plan.swa_full).total_mb
-
-            base = predict(plan.n_ctx)
-            return lambda n_ctx: anchor + predict(n_ctx) - base
-        except Exception as exc:  # the memory model is an improvement, not a requirement
-            logger.info("memory model unavailable (%s); scaling the manifest's KV prediction",
-                        exc)
-            return scaled
+    cache: dict[int, float] = {}
 
     def estimate(n_ctx: int) -> float:
-        nonlocal model
         if n_ctx == plan.n_ctx:
             return anchor
-        if model is None:
-            model = load_model()
-        return model(n_ctx)
+        if not cache:
+            sizes = sorted({*range(256, plan.n_ctx, 256), plan.n_ctx, n_ctx})
+            try:
+                cache.update(predict_totals(bundle.model_path, plan, sizes))
+            except Exception as exc:  # the memory model is an improvement, not a requirement
+                logger.warning("memory model unavailable (%s); scaling the manifest's KV "
+                               "prediction instead", exc)
+                cache.update({n: scaled(n) for n in sizes})
+                cache[plan.n_ctx] = anchor
+        if n_ctx not in cache:
+            cache[n_ctx] = scaled(n_ctx) - scaled(plan.n_ctx) + cache[plan.n_ctx]
+        return anchor + cache[n_ctx] - cache[plan.n_ctx]
 
     return estimate
 
@@ -140,7 +133,15 @@ class Daemon:
         """Start-up guard: the plan as-is, shrunk to fit, or PlanError (exit code 3)."""
         snap = self.probe.read()
         memory = self.manifest.prediction.memory
-        fit = fit_plan(self.manifest.plan, self._estimate, snap.headroom_mb,
+        plan = self.manifest.plan
+        wanted = self.config.n_ctx
+        if wanted is not None and wanted != plan.n_ctx:
+            if wanted > plan.n_ctx:
+                raise ConfigError(
+                    f"n_ctx {wanted} is larger than the {plan.n_ctx} this bundle was planned for",
+                    "re-pack with a larger --max-ctx, or leave n_ctx unset")
+            plan = plan.model_copy(update={"n_ctx": wanted})
+        fit = fit_plan(plan, self._estimate, snap.headroom_mb,
                        self.config.memory_reserve_mb, strict=self.config.strict,
                        already_resident_mb=min(snap.rss_mb, memory.overhead_mb))
         log = logger.warning if fit.shrunk else logger.info
