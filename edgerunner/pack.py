@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from edgerunner.bundle import (
 from edgerunner.errors import BundleError
 from edgerunner.gguf_info import ModelInfo, read_model_info
 from edgerunner.manifest import SCHEMA_VERSION, BundleManifest, FileEntry, SourceModel
-from edgerunner.models import ensure_default_model, sha256_file
+from edgerunner.models import DEFAULT_MODEL_SHA256, ensure_default_model, sha256_file
 from edgerunner.planner import PlanOptions, PlanResult, make_plan
 from edgerunner.profiles import DeviceProfile
 from edgerunner.quantize import Progress, check_architecture, quantize
@@ -82,7 +84,32 @@ def pack(
     """Plan, quantize and write a bundle for `profile` into output_dir; returns where it went."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    source = model if model is not None else ensure_default_model()
+    if model is None:
+        source, hasher = ensure_default_model(), _SourceHash(None, DEFAULT_MODEL_SHA256)
+    else:
+        source, hasher = model, _SourceHash(model if model.is_file() else None)
+    try:
+        return _pack(source, hasher, profile, output_dir, options, archive=archive,
+                     progress=progress, n_threads=n_threads, info=info, timings=timings,
+                     start=start)
+    finally:
+        hasher.cancel()
+
+
+def _pack(
+    source: Path,
+    hasher: _SourceHash,
+    profile: DeviceProfile,
+    output_dir: Path,
+    options: PlanOptions | None,
+    *,
+    archive: bool,
+    progress: Progress | None,
+    n_threads: int | None,
+    info: ModelInfo | None,
+    timings: dict[str, float],
+    start: float,
+) -> PackResult:
     if info is None:
         info = read_model_info(source)
     timings["read_header"] = time.perf_counter() - start
@@ -104,11 +131,9 @@ def pack(
 
     warnings = list(plan.warnings)
     with stage_bundle(output_dir / name, check_dest=not archive) as stage:
-        # Hashed before, not beside, quantization: on a 2-core packer a hashing thread slowed
-        # llama.cpp (and its GIL-taking log callback) by more than the hash itself costs.
         mark = time.perf_counter()
-        source_hash = sha256_file(source)
-        timings["hash_source"] = time.perf_counter() - mark
+        source_hash = hasher.result()
+        timings["hash_source_wait"] = time.perf_counter() - mark
         mark = time.perf_counter()
         result = quantize(
             source, stage.path / MODEL_FILE, quant,
@@ -152,6 +177,55 @@ def pack(
                 result.size, 100 * (result.size - predicted) / predicted if predicted else 0.0)
     return PackResult(path=dest, manifest=final, plan=plan, warnings=warnings, timings=timings,
                       actual_size=result.size, archive=archive)
+
+
+class _SourceHash:
+    """sha256 of the source, computed while the header is read and the plan is made.
+
+    Header parsing is pure Python on one core; hashing mostly runs with the GIL released, so
+    the two overlap well. Quantization is a different story: on a 2-core packer a hashing
+    thread beside llama.cpp slowed it by more than the hash costs, so result() is awaited
+    before quantizing starts.
+    """
+
+    _CHUNK = 8 << 20  # few GIL round trips per GiB
+
+    def __init__(self, path: Path | None, known: str | None = None) -> None:
+        self._digest = hashlib.sha256()
+        self._known = known
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if path is not None and known is None:
+            self._thread = threading.Thread(target=self._run, args=(path,), daemon=True,
+                                            name="edgerunner-hash-source")
+            self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            with path.open("rb") as handle:
+                while not self._stop.is_set() and (block := handle.read(self._CHUNK)):
+                    self._digest.update(block)
+        except OSError as exc:
+            self._error = exc
+
+    def result(self) -> str:
+        """The hex digest (waits for the thread)."""
+        if self._known is not None:
+            return self._known
+        if self._thread is None:
+            raise BundleError("the source model vanished while packing", hint="pack it again")
+        self._thread.join()
+        if self._error is not None or self._stop.is_set():
+            raise BundleError(f"could not read the source model: {self._error}") from self._error
+        self._known = self._digest.hexdigest()
+        return self._known
+
+    def cancel(self) -> None:
+        """Stop hashing (pack failed or finished) and let the thread end."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _render_side_files(stage: BundleStage, manifest: BundleManifest) -> None:

@@ -5,8 +5,10 @@ In one run, on the same input, with the same quant and thread count:
   pack   edgerunner.pack.pack(): read the header, plan, quantize, hash, render, write manifest,
          fsync, rename
 Trials alternate the order (bare first, then pack first) so neither always runs on a warmer
-page cache; the table reports medians and pack/bare. Then each preset is packed once and the
-plan's predicted model.gguf size is set against the real one.
+page cache; the table reports medians and pack/bare, in wall time and in this process's CPU
+time (user+sys over all threads), which other load on a shared machine disturbs far less.
+Then each preset is packed once and the plan's predicted model.gguf size is set against the
+real one.
 
     python3 tools/bench_pack.py [--source default|f16] [--quant Q4_K_M] [--trials 5]
 """
@@ -27,7 +29,7 @@ import llama_cpp
 
 from edgerunner.gguf_info import read_model_info
 from edgerunner.models import ensure_default_model
-from edgerunner.pack import pack
+from edgerunner.pack import PackResult, pack
 from edgerunner.planner import PlanOptions
 from edgerunner.profiles import resolve_profile
 from edgerunner.quantize import FLOAT_TYPES, ftype_for, quantize
@@ -35,24 +37,31 @@ from edgerunner.quantize import FLOAT_TYPES, ftype_for, quantize
 SIZE_PRESETS = ["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 
 
-def bare_quantize(src: Path, dst: Path, quant: str, threads: int, requantize: bool) -> float:
+Sample = tuple[float, float]  # (wall s, CPU s)
+
+
+def timed(func: Callable[[], object]) -> tuple[Sample, object]:
+    """Wall and process CPU time of one call, and its result."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = func()
+    return (time.perf_counter() - wall, time.process_time() - cpu), result
+
+
+def bare_quantize(src: Path, dst: Path, quant: str, threads: int, requantize: bool) -> Sample:
     """The baseline: one llama_model_quantize call, timed."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_for(quant)
     params.nthread = threads
     params.allow_requantize = requantize
-    start = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    elapsed = time.perf_counter() - start
+    sample, rc = timed(lambda: llama_cpp.llama_model_quantize(
+        str(src).encode(), str(dst).encode(), ctypes.byref(params)))
     if rc != 0:
         raise SystemExit(f"bare llama_model_quantize failed with {rc}")
-    return elapsed
+    return sample
 
 
-def timed(func: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    func()
-    return time.perf_counter() - start
+def median(samples: list[Sample], index: int) -> float:
+    return statistics.median(s[index] for s in samples)
 
 
 def main() -> int:
@@ -83,8 +92,8 @@ def main() -> int:
               f"quant {args.quant}, {args.threads} threads, profile {profile.name}, "
               f"{args.trials} trials\n")
 
-        bare_times: list[float] = []
-        pack_times: list[float] = []
+        bare_times: list[Sample] = []
+        pack_times: list[Sample] = []
         phases: dict[str, list[float]] = {}
 
         def run_bare(i: int) -> None:
@@ -94,10 +103,10 @@ def main() -> int:
 
         def run_pack(i: int) -> None:
             out = work / f"pack-{i}"
-            start = time.perf_counter()
-            result = pack(src, profile, out, PlanOptions(quant=args.quant),
-                          n_threads=args.threads)
-            pack_times.append(time.perf_counter() - start)
+            sample, result = timed(lambda: pack(src, profile, out, PlanOptions(quant=args.quant),
+                                                n_threads=args.threads))
+            pack_times.append(sample)
+            assert isinstance(result, PackResult)
             for name, seconds in result.timings.items():
                 phases.setdefault(name, []).append(seconds)
             shutil.rmtree(out)
@@ -107,16 +116,20 @@ def main() -> int:
             for step in order:
                 step(i)
 
-        bare, packed = statistics.median(bare_times), statistics.median(pack_times)
-        print(f"{'':>22} {'median s':>9}  trials")
-        print(f"{'bare quantize':>22} {bare:9.3f}  " + " ".join(f"{t:.3f}" for t in bare_times))
-        print(f"{'pack (whole)':>22} {packed:9.3f}  " + " ".join(f"{t:.3f}" for t in pack_times))
+        print(f"{'':>24} {'wall s':>7} {'CPU s':>7}  wall per trial")
+        for label, samples in (("bare quantize", bare_times), ("pack (whole)", pack_times)):
+            print(f"{label:>24} {median(samples, 0):7.3f} {median(samples, 1):7.3f}  "
+                  + " ".join(f"{s[0]:.3f}" for s in samples))
         for name, values in phases.items():
-            print(f"{'pack: ' + name:>22} {statistics.median(values):9.3f}")
-        print(f"\npack / bare = {packed / bare:.3f}  (overhead {100 * (packed / bare - 1):+.1f}%)")
-        without_header = packed - statistics.median(phases["read_header"])
-        print(f"pack without the header read / bare = {without_header / bare:.3f}  "
-              f"(overhead {100 * (without_header / bare - 1):+.1f}%)\n")
+            print(f"{'pack: ' + name:>24} {statistics.median(values):7.3f}")
+        header = statistics.median(phases["read_header"])
+        for index, kind in ((0, "wall"), (1, "CPU")):
+            ratio = median(pack_times, index) / median(bare_times, index)
+            print(f"\npack / bare ({kind}) = {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f}%)",
+                  end="")
+        rest = (median(pack_times, 0) - header) / median(bare_times, 0)
+        print(f"\npack without the header read / bare (wall) = {rest:.3f}  "
+              f"(overhead {100 * (rest - 1):+.1f}%)\n")
 
         print(f"{'preset':>8} {'predicted B':>13} {'actual B':>13} {'error':>8}")
         for quant in SIZE_PRESETS:
