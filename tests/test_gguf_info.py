@@ -1,0 +1,41 @@
+"""The GGUF header reader: the fast reader sees exactly what the gguf package sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+
+from edgerunner.gguf_info import _HeaderReader, read_model_info
+
+
+def test_fast_reader_matches_gguf_package(default_model: Path) -> None:
+    slow, fast = gguf.GGUFReader(default_model, "r"), _HeaderReader(default_model, "r")
+    assert list(slow.fields) == list(fast.fields)
+    for key in ("general.architecture", "llama.block_count", "tokenizer.chat_template"):
+        assert slow.fields[key].contents() == fast.fields[key].contents()
+    tokens = "tokenizer.ggml.tokens"
+    assert slow.fields[tokens].contents()[-5:] == fast.fields[tokens].contents()[-5:]
+    assert [(t.name, t.tensor_type, int(t.data_offset)) for t in slow.tensors] == [
+        (t.name, t.tensor_type, int(t.data_offset)) for t in fast.tensors
+    ]
+
+
+def test_model_info_of_default_model(default_model: Path) -> None:
+    info = read_model_info(default_model)
+    assert (info.architecture, info.n_layer, info.n_embd, info.n_head) == ("llama", 30, 576, 9)
+    assert info.n_head_kv == [3] * 30  # GQA: 9 query heads share 3 KV heads
+    assert (info.key_length, info.value_length, info.n_vocab) == (64, 64, 49152)
+    assert info.n_ctx_train == 8192 and info.file_type == "Q4_1"
+    assert info.tensor_types == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert not info.has_swa
+    assert sum(t.n_bytes for t in info.tensors) < info.file_size
+
+
+def test_swa_pattern_from_architecture_period() -> None:
+    from edgerunner.gguf_info import _swa_layers
+
+    gemma3 = _swa_layers("gemma3", 12, 1024, None)
+    assert gemma3 == [True] * 5 + [False] + [True] * 5 + [False]
+    assert _swa_layers("llama", 4, 0, None) == [False] * 4
+    assert _swa_layers("gemma3n", 3, 512, [True, False, True]) == [True, False, True]
