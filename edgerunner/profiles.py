@@ -17,7 +17,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ISAFeature = Literal["neon", "dotprod", "i8mm", "sve", "fp16", "avx", "avx2", "avx512", "f16c", "fma"]
+ISAFeature = Literal[
+    "neon", "dotprod", "i8mm", "sve", "fp16", "avx", "avx2", "avx512", "f16c", "fma"
+]
 
 
 class _Strict(BaseModel):
