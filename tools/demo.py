@@ -60,10 +60,11 @@ def main() -> int:
         bundle = next(p for p in out.iterdir() if (p / "manifest.json").exists())
         edgerunner("verify", str(bundle))
         sock = work / "er.sock"
-        print(f"\n$ edgerunner serve {bundle} --socket {sock} &", flush=True)
+        log = work / "serve.log"
+        print(f"\n$ edgerunner serve {bundle} --socket {sock} 2>{log} &", flush=True)
         daemon = subprocess.Popen(
             [sys.executable, "-m", "edgerunner", "serve", str(bundle), "--socket", str(sock)],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=log.open("wb"),
         )
         try:
             wait_until_ready(sock, daemon)
@@ -71,7 +72,8 @@ def main() -> int:
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=60)
-        print(f"\ndaemon stopped with exit code {code}; socket removed: {not sock.exists()}")
+        print(f"\n--- daemon log ({log.name})\n{log.read_text()}", end="")
+        print(f"daemon stopped with exit code {code}; socket removed: {not sock.exists()}")
         return 0 if code == 0 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
