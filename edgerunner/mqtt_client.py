@@ -36,6 +36,8 @@ from edgerunner.runtime.mqtt_topics import (
 
 logger = logging.getLogger(__name__)
 
+NO_MATCHING_SUBSCRIBERS = 16  # v5 PUBACK reason code
+
 
 class RemoteError(ClientError):
     """The device answered with an error body."""
@@ -80,6 +82,8 @@ class MqttChat:
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._published: dict[int, str] = {}  # mid → request id, until the broker acknowledges
         self._client.reconnect_delay_set(1, 5)
         self._subscribed = threading.Event()
         self._refused: str | None = None
@@ -134,7 +138,10 @@ class MqttChat:
                 props.MessageExpiryInterval = expiry_s
         else:
             payload.update(reply_to=topic, id=request_id)
-        self._client.publish(self.request_topic, json.dumps(payload), qos=1, properties=props)
+        with self._lock:
+            info = self._client.publish(self.request_topic, json.dumps(payload), qos=1,
+                                        properties=props)
+            self._published[info.mid] = request_id
         return request_id
 
     def replies(self, request_id: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
@@ -224,6 +231,19 @@ class MqttChat:
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
         self._subscribed.set()
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        with self._lock:
+            request_id = self._published.pop(mid, None)
+            inbox = self._inboxes.get(request_id) if request_id else None
+        # v5 brokers say when nobody subscribes to the request topic: the request is gone
+        if inbox is not None and reason.value == NO_MATCHING_SUBSCRIBERS:
+            where = f"device {self.device_id}" if self.device_id else "the pool"
+            inbox.put({"error": {
+                "type": "not_delivered", "code": "no_subscribers",
+                "message": f"no daemon is subscribed to {self.request_topic}: {where} is not "
+                           "online; start it, or check the device id"}})
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         request_id = msg.topic[len(self.reply_root) + 1:]

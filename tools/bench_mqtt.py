@@ -50,7 +50,8 @@ def mosquitto(workdir: Path) -> Iterator[str]:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     user = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(f"{user}listener {port} 127.0.0.1\nallow_anonymous true\n")
+    conf.write_text(f"{user}listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"log_dest file {workdir}/mosquitto.log\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -72,7 +73,7 @@ def daemon(bundle: Path, url: str, device: str, sock: Path, log: Path,
     """`edgerunner serve` as a subprocess, until it is online on MQTT."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgerunner", "serve", str(bundle), "--no-verify",
+            [sys.executable, "-m", "edgerunner", "-v", "serve", str(bundle), "--no-verify",
              "--socket", str(sock), "--mqtt", url, "--device-id", device, *extra],
             stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -128,7 +129,7 @@ def via_mqtt(chat: MqttChat, prompt: str) -> tuple[float, float, int]:
 
 def pool_run(url: str, n: int) -> tuple[float, int]:
     """Send n pool requests at once; (seconds until all answered, answers received)."""
-    with MqttChat(url, None, timeout=600) as chat:
+    with MqttChat(url, None, timeout=120) as chat:
         start = time.perf_counter()
         ids = [chat.send({**body(PROMPTS[i % len(PROMPTS)]), "max_tokens": 48,
                           "stream": False}) for i in range(n)]
@@ -152,8 +153,8 @@ def main() -> int:
     parser.add_argument("--pool-requests", type=int, default=12)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="er-bm-", dir="/tmp") as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="er-bm-", dir="/tmp"))
+    try:
         bundle = args.bundle or pack_default(work)
         with mosquitto(work) as url:
             with daemon(bundle, url, "bench", work / "a.sock", work / "a.log"):
@@ -175,6 +176,10 @@ def main() -> int:
                 with daemon(bundle, url, "pool-b", work / "p2.sock", work / "p2.log",
                             *pool_extra):
                     two = pool_run(url, args.pool_requests)
+    except BaseException:
+        print(f"failed; daemon and broker logs kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
 
     def tps(r: list[tuple[float, float, int]]) -> float:
         return statistics.median((t - 1) / d for _, d, t in r if d > 0 and t > 1)

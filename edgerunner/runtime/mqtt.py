@@ -87,12 +87,13 @@ class MqttTransport:
                 client_id=f"{client_id}-pool", protocol=config.protocol, persistent=False,
                 session_expiry_s=config.pool_session_expiry_s, keepalive_s=config.keepalive_s)
             self.pool = Link.build("pool", config.url, pool_options,
-                                   subscriptions=[POOL_SUBSCRIPTION], **common)
+                                   subscriptions=[POOL_SUBSCRIPTION], on_up=self._announce,
+                                   **common)
 
     @property
     def connected(self) -> bool:
-        """True while the device session is up (and the pool session, when there is one)."""
-        return self.device.connected and (self.pool is None or self.pool.connected)
+        """True while the device session is up and subscribed (and the pool one, if any)."""
+        return self.device.subscribed and (self.pool is None or self.pool.subscribed)
 
     def start(self) -> None:
         """Connect in the background (the broker may still be down) and return at once."""
@@ -125,7 +126,11 @@ class MqttTransport:
     # -- status and info ----------------------------------------------------------------------
 
     def _announce(self, link: Link) -> None:
-        link.publish(self.topics.status, b"online", retain=True)
+        # "online" means ready for work: both sessions connected and subscribed, so a client
+        # that waits for it does not publish to a pool nobody subscribes to yet
+        if not (self.device.subscribed and (self.pool is None or self.pool.subscribed)):
+            return
+        self.device.publish(self.topics.status, b"online", retain=True)
         self._publish_info()
 
     def _publish_info(self) -> None:
@@ -189,6 +194,11 @@ class MqttTransport:
             job = self.scheduler.submit(request, sink=sink)
         except RequestError as exc:
             replier.send_error(route, exc)
+            return
+        except Exception as exc:  # never leave a request unanswered
+            logger.exception("mqtt: submitting a request failed")
+            replier.send_error(route, RequestError(
+                "internal_error", f"the daemon could not queue the request: {exc}"))
             return
         if expiry_s is not None:
             # Message Expiry: a request that expires while queued is answered, not generated

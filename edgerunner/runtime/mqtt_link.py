@@ -46,7 +46,7 @@ class Link:
         *,
         subscriptions: list[str],
         on_message: OnMessage,
-        on_up: Callable[[Link], None] = lambda link: None,
+        on_up: Callable[[Link], None] = lambda link: None,  # connected and subscribed
         backlog_limit: int = 1000,
         reconnect_delay: tuple[int, int] = (1, 30),
     ) -> None:
@@ -64,11 +64,14 @@ class Link:
         self._outstanding = 0  # QoS 1 replies published but not yet acknowledged
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
         self._stopping = False
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(*reconnect_delay)
 
     @classmethod
@@ -85,6 +88,15 @@ class Link:
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected (True) or `timeout` passed (False)."""
         return self._connected.wait(timeout)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until connected and subscribed (True) or `timeout` passed (False)."""
+        return self._subscribed.wait(timeout)
+
+    @property
+    def subscribed(self) -> bool:
+        """True once the broker acknowledged this connection's subscriptions."""
+        return self._subscribed.is_set()
 
     @property
     def outstanding(self) -> int:
@@ -146,15 +158,30 @@ class Link:
         self.max_packet = announced_max_packet(properties) if self.v5 else PROTOCOL_MAX_PACKET
         logger.info("mqtt %s: connected to %s (session present: %s, max packet %d)", self.name,
                     self.address.host, flags.session_present, self.max_packet)
-        if self._subscriptions:
-            client.subscribe([(topic, 1) for topic in self._subscriptions])
         self._connected.set()
+        if self._subscriptions:
+            _, self._sub_mid = client.subscribe([(topic, 1) for topic in self._subscriptions])
+        else:
+            self._subscribed.set()
+            self._on_up(self)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int,
+                      reasons: list[ReasonCode], properties: Properties | None) -> None:
+        if mid != self._sub_mid:
+            return
+        refused = [r for r in reasons if r.is_failure]
+        if refused:
+            logger.error("mqtt %s: the broker refused subscriptions %s: %s", self.name,
+                         self._subscriptions, refused)
+            return
+        self._subscribed.set()
         self._on_up(self)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason: ReasonCode, properties: Properties | None) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self._subscribed.clear()
         if was and not self._stopping:
             logger.warning("mqtt %s: disconnected (%s); reconnecting with backoff",
                            self.name, reason)

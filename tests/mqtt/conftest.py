@@ -162,8 +162,8 @@ def serve(mqtt_engine: Engine) -> Iterator[Callable[..., MqttTransport]]:
         transport.start()
         started.append((transport, scheduler))
         if wait:
-            assert transport.device.wait_connected(10), "the transport did not connect"
-            assert transport.pool is None or transport.pool.wait_connected(10)
+            assert transport.device.wait_ready(10), "the transport did not connect"
+            assert transport.pool is None or transport.pool.wait_ready(10)
         return transport
 
     yield start

@@ -215,7 +215,7 @@ def test_daemon_started_before_the_broker_connects_when_it_comes_up(
     time.sleep(0.5)
     assert not transport.connected
     broker.start()
-    assert transport.device.wait_connected(15)
+    assert transport.device.wait_ready(15)
     assert wait_for_status(broker.url, "dev1", "online", timeout=10)
     with MqttChat(broker.url, "dev1", timeout=60) as chat:
         assert chat.complete(HELLO)["object"] == "chat.completion"
@@ -251,3 +251,11 @@ def test_broker_restart_mid_stream_loses_no_request(broker_factory, serve) -> No
         chunks = [first, *outcome["chunks"]]  # type: ignore[list-item]
         assert [c["seq"] for c in chunks] == list(range(len(chunks)))
         assert chunks[-1]["choices"][0]["finish_reason"] is not None
+
+
+def test_request_nobody_subscribes_to_fails_fast_instead_of_timing_out(broker) -> None:
+    with MqttChat(broker.url, "nobody-here", timeout=60) as chat:
+        request_id = chat.send(HELLO)
+        with pytest.raises(RemoteError) as err:
+            list(chat.replies(request_id, timeout=10))
+    assert err.value.code == "no_subscribers"
