@@ -194,7 +194,7 @@ def main() -> int:
     print(f"{'decode tok/s (median)':28}{s_tps:12.1f}{m_tps:12.1f}{m_tps / s_tps:14.3f}"
           f"{'>= 0.95':>10}")
     print(f"{'first chunk, ms (median)':28}{s_ttfc:12.1f}{m_ttfc:12.1f}"
-          f"{f'+{m_ttfc - s_ttfc:.1f} ms':>14}{'<= 15 ms':>10}")
+          f"{f'{m_ttfc - s_ttfc:+.1f} ms':>14}{'<= 15 ms':>10}")
     print(f"({n} streamed requests each, max_tokens {MAX_TOKENS}, temperature 0)")
     print(f"\n{'pool':28}{'1 daemon':>12}{'2 daemons':>12}{'2/1':>14}")
     print(f"{'requests answered':28}{one[1]:12d}{two[1]:12d}"
