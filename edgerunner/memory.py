@@ -45,12 +45,14 @@ CTX_PAD = 256
 
 # Measured on x86_64, Python 3.11, llama-cpp-python 0.3.36, by `python tools/bench_memory.py
 # --overhead` (a fresh process per measurement, VmRSS read from /proc/self/status):
-# - RSS after `import llama_cpp` + llama_backend_init(): 41.5 MiB.
+# - RSS of a process that has imported the daemon (edgerunner.runtime.daemon: llama_cpp,
+#   uvicorn, starlette, paho, pydantic, numpy) + llama_backend_init(): 61.5 MiB. The daemon is
+#   the process the prediction is for; bare `import llama_cpp` alone is ~41.5 MiB.
 # - anonymous memory a loaded model holds beyond its tensors (vocab tables, token-piece
 #   cache, merges, metadata) divided by n_vocab: 16.6 MiB / 49152 tokens ≈ 354 bytes/token.
 # - per-request slack (tokenizer lists, sampler, chat formatting) seen after one prompt
 #   beyond the modelled graph buffers: ~4 MiB.
-OVERHEAD_BASE_MB = 41.5
+OVERHEAD_BASE_MB = 61.5
 OVERHEAD_PER_VOCAB_BYTES = 354
 OVERHEAD_REQUEST_MB = 4.0
 

@@ -37,6 +37,8 @@ def status():
             out[key] = int(value.split()[0]) / 1024
     return out
 args = json.loads(sys.argv[1])
+# The prediction is for the serving process, so load everything the daemon imports.
+import edgerunner.runtime.daemon
 import llama_cpp
 llama_cpp.llama_backend_init()
 after_import = status()
@@ -86,7 +88,7 @@ def measure_overhead(model: Path, info: ModelInfo) -> None:
     runs = [run_child({"mode": "overhead", "model": str(model)}) for _ in range(3)]
     base = min(r["import"]["VmRSS"] for r in runs)
     anon = min(r["model"]["RssAnon"] - r["import"]["RssAnon"] for r in runs)
-    print(f"RSS after import llama_cpp + backend init: {base:.1f} MiB")
+    print(f"RSS after importing the daemon + backend init: {base:.1f} MiB")
     print(f"anonymous memory of a loaded model (beyond mmap'd tensors): {anon:.1f} MiB")
     per_token = anon * MIB / info.n_vocab
     print(f"  = {per_token:.0f} bytes per vocabulary token (n_vocab={info.n_vocab})")
