@@ -1,7 +1,42 @@
-"""edgerunner: pack a local LLM for a small device and serve it there under memory guards."""
+"""edgerunner: pack a local LLM for a small device and serve it there under memory guards.
+
+    from edgerunner import read_model_info, resolve_profile, make_plan, pack, verify_bundle
+
+Names are imported on first use, so `import edgerunner` stays cheap (no llama.cpp load).
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_EXPORTS = {
+    "EdgerunnerError": "edgerunner.errors",
+    "ModelInfo": "edgerunner.gguf_info",
+    "read_model_info": "edgerunner.gguf_info",
+    "DeviceProfile": "edgerunner.profiles",
+    "resolve_profile": "edgerunner.profiles",
+    "list_profiles": "edgerunner.profiles",
+    "estimate_memory": "edgerunner.memory",
+    "PlanOptions": "edgerunner.planner",
+    "make_plan": "edgerunner.planner",
+    "pack": "edgerunner.pack",
+    "BundleManifest": "edgerunner.manifest",
+    "load_bundle": "edgerunner.bundle",
+    "verify_bundle": "edgerunner.bundle",
+    "ensure_default_model": "edgerunner.models",
+    "Client": "edgerunner.runtime.client",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgerunner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
