@@ -190,8 +190,10 @@ class MqttTransport:
 
         sink = ReplyStream(replier, route, model=self.scheduler.model_name, stream=request.stream,
                            interval=self.config.stream_interval_s, on_final=forget)
+        # Message Expiry: a request that expires while queued is answered, not generated
+        deadline = time.monotonic() + expiry_s if expiry_s is not None else None
         try:
-            job = self.scheduler.submit(request, sink=sink)
+            job = self.scheduler.submit(request, sink=sink, deadline=deadline)
         except RequestError as exc:
             replier.send_error(route, exc)
             return
@@ -200,9 +202,6 @@ class MqttTransport:
             replier.send_error(route, RequestError(
                 "internal_error", f"the daemon could not queue the request: {exc}"))
             return
-        if expiry_s is not None:
-            # Message Expiry: a request that expires while queued is answered, not generated
-            job.deadline = min(job.deadline, time.monotonic() + expiry_s)
         with self._jobs_lock:
             if not done.is_set():
                 keys.extend(k for k in (route.client_ref, sink.id, job.id) if k)

@@ -3,6 +3,7 @@
 Contract for transports (HTTP, MQTT, anything else):
 
     job = scheduler.submit(request, sink=callback)   # ChatCompletionRequest | CompletionRequest
+    job = scheduler.submit(request, sink=callback, deadline=time.monotonic() + expiry_s)
 
 * `submit` validates admission on the caller's thread and raises `RequestError` at once for
   `context_length_exceeded` (names prompt tokens, max_tokens and n_ctx), `memory_pressure`,
@@ -15,9 +16,12 @@ Contract for transports (HTTP, MQTT, anything else):
   (e.g. `loop.call_soon_threadsafe(queue.put_nowait, event)` for asyncio, or a paho publish). If
   the sink raises, the job is cancelled.
 * `job.cancel()` (any thread) stops generation within one token; the final event is then
-  `ErrorEvent(code="cancelled")`. A job whose deadline passes while queued is answered with
-  `ErrorEvent(code="timeout")` without generating; one that passes mid-generation stops and gets
-  the same timeout error after the text already streamed.
+  `ErrorEvent(code="cancelled")`.
+* Every job has the daemon's `request_timeout_s`; `deadline=` (absolute `time.monotonic()`,
+  e.g. from MQTT Message Expiry) can only make it earlier. A job whose deadline passes while
+  queued is answered with `ErrorEvent(code="timeout")` without generating (the message says
+  "expired before it could run" for an explicit deadline); one that passes mid-generation stops
+  and gets the same timeout code after the text already streamed.
 * `job.id` ("chatcmpl-..." / "cmpl-..."), `job.created` and `scheduler.model_name` are what the
   response objects carry (see protocol.chat_completion / chat_chunk / text_completion).
 * Transports never touch llama.cpp; only this module's worker calls the Engine.
@@ -61,7 +65,8 @@ class Job:
     request: AnyRequest
     prepared: Prepared
     sink: Sink
-    deadline: float  # time.monotonic() after which the job fails with `timeout`
+    deadline: float  # submit time + request_timeout_s (monotonic): then the job fails, `timeout`
+    expires: float | None = None  # the caller's own deadline (submit(deadline=)), if earlier
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     submitted: float = field(default_factory=time.monotonic)
@@ -80,6 +85,10 @@ class Job:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    def overdue(self, now: float) -> bool:
+        """True once the request timeout or the caller's deadline has passed."""
+        return now > self.deadline or (self.expires is not None and now > self.expires)
 
     @property
     def finished(self) -> bool:
@@ -165,15 +174,18 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="edgerunner-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, request: AnyRequest, *, sink: Sink) -> Job:
-        """Admit and queue a request; RequestError if it cannot be taken (nothing queued then)."""
+    def submit(self, request: AnyRequest, *, sink: Sink, deadline: float | None = None) -> Job:
+        """Admit and queue a request; RequestError if it cannot be taken (nothing queued then).
+
+        `deadline` (a `time.monotonic()` value) ends the job earlier than request_timeout_s.
+        """
         try:
-            return self._submit(request, sink)
+            return self._submit(request, sink, deadline)
         except RequestError as exc:
             self.stats.refused[exc.code] += 1
             raise
 
-    def _submit(self, request: AnyRequest, sink: Sink) -> Job:
+    def _submit(self, request: AnyRequest, sink: Sink, deadline: float | None) -> Job:
         if not self._accepting:
             raise RequestError("cancelled", "the daemon is shutting down; retry on another device")
         if request.model is not None and request.model != self.model_name:
@@ -191,8 +203,9 @@ class Scheduler:
             )
         if self.admission is not None:
             self.admission()
-        job = Job(request=request, prepared=prepared, sink=sink,
-                  deadline=time.monotonic() + self.request_timeout_s)
+        timeout_at = time.monotonic() + self.request_timeout_s
+        job = Job(request=request, prepared=prepared, sink=sink, deadline=timeout_at,
+                  expires=deadline if deadline is not None and deadline < timeout_at else None)
         with self._cond:
             if len(self._queue) >= self.queue_depth:
                 raise BusyError(
@@ -292,10 +305,8 @@ class Scheduler:
         if job.cancelled:
             self._finish(job, ErrorEvent(RequestError("cancelled", "request was cancelled")))
             return
-        if time.monotonic() > job.deadline:
-            self._finish(job, ErrorEvent(RequestError(
-                "timeout", f"request waited longer than {self.request_timeout_s:g} s in the queue; "
-                "retry, or raise request_timeout_s")))
+        if job.overdue(time.monotonic()):
+            self._finish(job, ErrorEvent(self._timeout(job, queued=True)))
             return
         if self.before_job is not None:
             self.before_job(self.engine)
@@ -311,7 +322,7 @@ class Scheduler:
 
         def should_stop() -> bool:
             self.heartbeat()
-            return job.cancelled or time.monotonic() > job.deadline
+            return job.cancelled or job.overdue(time.monotonic())
 
         outcome = self.engine.run(job.prepared, on_text if stream else None, should_stop)
         elapsed = time.monotonic() - started
@@ -321,8 +332,7 @@ class Scheduler:
         self.stats.generation_seconds += elapsed
         if outcome.finish_reason is None:
             error = (RequestError("cancelled", "request was cancelled") if job.cancelled else
-                     RequestError("timeout", f"request ran past its {self.request_timeout_s:g} s "
-                                  "timeout; lower max_tokens or raise request_timeout_s"))
+                     self._timeout(job, queued=False))
             self._finish(job, ErrorEvent(error))
             return
         usage = Usage(prompt_tokens=outcome.prompt_tokens,
@@ -334,6 +344,25 @@ class Scheduler:
         if self.log_prompts:
             logger.info("output %s: %r", job.id, outcome.text)
         self._finish(job, DoneEvent(outcome.text, outcome.finish_reason, usage))
+
+    def _timeout(self, job: Job, *, queued: bool) -> RequestError:
+        # the caller's deadline binds when it was set (it is never later than the timeout)
+        if job.expires is not None:
+            if queued:
+                return RequestError(
+                    "timeout", "request expired before it could run (message expiry: its "
+                    "deadline passed while it waited in the queue); send it again with a longer "
+                    "expiry, or when the device is less busy")
+            return RequestError(
+                "timeout", "request ran past its deadline (message expiry) while generating; "
+                "give it a longer expiry or lower max_tokens")
+        if queued:
+            return RequestError(
+                "timeout", f"request waited longer than {self.request_timeout_s:g} s in the "
+                "queue; retry, or raise request_timeout_s")
+        return RequestError(
+            "timeout", f"request ran past its {self.request_timeout_s:g} s timeout; "
+            "lower max_tokens or raise request_timeout_s")
 
     def _finish(self, job: Job, event: DoneEvent | ErrorEvent) -> None:
         if isinstance(event, DoneEvent):

@@ -175,6 +175,7 @@ def test_request_expiring_in_the_queue_is_not_generated(broker, serve, probe) ->
         chat.cancel(long_id)
     reply = p.json()
     assert reply["error"]["code"] == "timeout"
+    assert "expired before it could run" in reply["error"]["message"]
     assert transport.scheduler.stats.completed == 0
 
 

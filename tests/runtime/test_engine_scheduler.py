@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,49 @@ def test_queued_request_past_its_deadline_times_out(engine: Engine) -> None:
         assert isinstance(first, ErrorEvent) and first.error.code == "timeout"
         assert isinstance(late, ErrorEvent) and late.error.code == "timeout"
         assert "in the queue" in late.error.message
+    finally:
+        scheduler.shutdown(5)
+
+
+def test_explicit_deadline_expires_a_queued_job_with_its_own_message(engine: Engine) -> None:
+    scheduler = Scheduler(engine, queue_depth=4, request_timeout_s=300)
+    scheduler.start()
+    try:
+        gate, generating = threading.Event(), threading.Event()
+        blocker = Collector(on_text=lambda e: (generating.set(), gate.wait(30)))
+        scheduler.submit(chat("n", max_tokens=3, stream=True), sink=blocker)
+        assert generating.wait(30)
+        expiring, patient = Collector(), Collector()
+        scheduler.submit(chat("late", max_tokens=3), sink=expiring,
+                         deadline=time.monotonic() + 0.2)
+        # a deadline after request_timeout_s cannot extend the job
+        job = scheduler.submit(chat("ok", max_tokens=3), sink=patient,
+                               deadline=time.monotonic() + 10_000)
+        assert job.expires is None
+        threading.Timer(0.5, gate.set).start()
+        assert isinstance(blocker.final(), DoneEvent)
+        late = expiring.final()
+        assert isinstance(late, ErrorEvent) and late.error.code == "timeout"
+        assert "expired before it could run" in late.error.message
+        assert "message expiry" in late.error.message
+        assert isinstance(patient.final(), DoneEvent)
+        assert expiring.texts() == []  # answered, never generated
+    finally:
+        scheduler.shutdown(5)
+
+
+def test_explicit_deadline_stops_a_running_job(engine: Engine) -> None:
+    scheduler = Scheduler(engine, queue_depth=4, request_timeout_s=300)
+    scheduler.start()
+    try:
+        sink = Collector(on_text=lambda e: time.sleep(0.05))
+        scheduler.submit(chat("numbers", max_tokens=400, response_format=LONG, stream=True),
+                         sink=sink, deadline=time.monotonic() + 1.0)
+        final = sink.final()
+        assert isinstance(final, ErrorEvent) and final.error.code == "timeout"
+        assert "while generating" in final.error.message
+        assert sink.texts(), "it ran before its deadline passed"
+        assert scheduler.stats.failed["timeout"] == 1
     finally:
         scheduler.shutdown(5)
 
