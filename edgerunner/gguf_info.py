@@ -222,7 +222,8 @@ def _swa_layers(arch: str, n_layer: int, window: int, pattern: Any) -> list[bool
 def _file_type_name(file_type_id: Any, counts: Counter[str]) -> str:
     if file_type_id is not None:
         try:
-            return gguf.LlamaFileType(int(file_type_id)).name.removeprefix("MOSTLY_")
+            name = gguf.LlamaFileType(int(file_type_id)).name
+            return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
         except ValueError:
             pass
     quantized = {k: v for k, v in counts.items() if k not in ("F32",)}

@@ -39,3 +39,24 @@ def test_swa_pattern_from_architecture_period() -> None:
     assert gemma3 == [True] * 5 + [False] + [True] * 5 + [False]
     assert _swa_layers("llama", 4, 0, None) == [False] * 4
     assert _swa_layers("gemma3n", 3, 512, [True, False, True]) == [True, False, True]
+
+
+def test_f32_source_is_a_float_source(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "tiny-f32.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)
+    writer.add_context_length(64)
+    writer.add_vocab_size(16)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    info = read_model_info(path)
+    assert info.file_type == "F32"
+    assert info.n_head_kv == [2] and info.n_vocab == 16
