@@ -25,12 +25,12 @@ def profiles_dir() -> Path:
     override = os.environ.get("EDGERUNNER_PROFILES_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "profiles"
+    return Path(__file__).parent / "_profiles"
 
 
 def systemd_dir() -> Path:
     """The shipped systemd unit templates."""
-    return Path(__file__).resolve().parent.parent / "systemd"
+    return Path(__file__).parent / "_systemd"
 
 
 def user_profiles_dir() -> Path:

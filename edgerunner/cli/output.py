@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -11,8 +12,9 @@ from rich.console import Console
 
 
 def console() -> Console:
-    """A rich console on stdout (plain text when not a terminal)."""
-    return Console(highlight=False, soft_wrap=True)
+    """A rich console on stdout; piped output gets a wide fixed width so tables don't wrap."""
+    width = None if sys.stdout.isatty() else 200
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def print_json(data: Any) -> None:
