@@ -303,7 +303,7 @@ def _nothing_fits(
     smallest = min(cands, key=lambda c: c.memory.total_mb)
     reserve = planner.options.reserve_mb or 0
     needed_ram = math.ceil(smallest.memory.total_mb + profile.memory.os_reserved_mb + reserve)
-    bigger = _profiles_with(needed_ram - profile.memory.os_reserved_mb, reserve)
+    bigger = _profiles_with(smallest.memory.total_mb, reserve)
     where = f"; profiles that would fit it: {', '.join(bigger)}" if bigger else ""
     return PlanError(
         f"{info.name} does not fit {profile.name}: even {smallest.quant} with a "

@@ -202,3 +202,22 @@ def test_large_vocabulary_costs_memory_where_llama_cpp_spends_it() -> None:
     # llama.cpp reserves a logits row per ubatch token: 151936 × 512 floats ≈ 297 MiB.
     assert reserved_compute_bytes(QWEN_05B, 4096) >= 151936 * 512 * 4
     assert make_plan(QWEN_05B, PI_2GB).chosen.fits
+
+
+def test_suggested_profiles_count_the_user_reserve_once() -> None:
+    from edgerunner.planner import PlanOptions
+    from edgerunner.profiles import resolve_profile
+
+    zero = resolve_profile("rpi-zero2w")
+    with pytest.raises(PlanError) as caught:
+        make_plan(LLAMA_1B, zero, PlanOptions(min_ctx=8192, reserve_mb=250))
+    err = caught.value
+    assert err.needed_mb is not None and err.hint is not None
+    suggested = err.hint.split("profiles that would fit it: ")[1].split(";")[0].split(", ")
+    for name in suggested:
+        assert resolve_profile(name).usable_mb - 250 >= err.needed_mb
+    # the smallest shipped board that holds it with the reserve is suggested first
+    from edgerunner.profiles import list_profiles
+
+    holding = [p for p in list_profiles() if p.usable_mb - 250 >= err.needed_mb]
+    assert suggested[0] == min(holding, key=lambda p: p.memory.total_mb).name
