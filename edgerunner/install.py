@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgerunner.errors import BundleError, InstallError
 from edgerunner.manifest import BundleManifest
@@ -35,8 +35,14 @@ from edgerunner.systemd_unit import (
     SERVICE_USER,
     check_bundle_name,
     render_unit,
+    socket_path,
     unit_name,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ class InstallReport(BaseModel):
     dry_run: bool = Field(False, description="Nothing was written")
     bundle_dir: str = Field(..., description="Installed bundle directory (as seen on the device)")
     unit: str = Field(..., description="systemd unit name")
+    socket: str = Field("", description="Unix socket the service listens on (as on the device)")
     previous: str | None = Field(None, description="Bundle kept for --rollback, if any")
     changes: list[str] = Field(default_factory=list, description="Each change, in order")
     commands: list[str] = Field(default_factory=list, description="systemctl steps to run")
@@ -110,10 +117,11 @@ def install_bundle(
         finally:
             shutil.rmtree(holder, ignore_errors=True)
     current, previous = bundles / manifest.name, bundles / PREVIOUS / manifest.name
-    _write_unit(report, manifest, root, executable or default_executable(), dry_run)
     # The config in /etc came from the bundle that was current before this install.
-    _write_config(report, config, root, dry_run,
-                  installed_from=previous if rotated and not dry_run else current)
+    etc_config = _write_config(report, config, root, dry_run,
+                               installed_from=previous if rotated and not dry_run else current)
+    _write_unit(report, manifest, root, executable or default_executable(), dry_run,
+                drain_timeout_s(config, etc_config))
     _write_file(report, _under(root, SYSUSERS_FILE), SYSUSERS_TEXT, dry_run, mode=0o644)
     _commands(report, root, enable)
     return report
@@ -140,7 +148,8 @@ def rollback(
     manifest = _verified(previous)
     report = InstallReport(
         name=name, root=str(root), dry_run=dry_run, bundle_dir=f"{BUNDLES_DIR}/{name}",
-        unit=unit_name(name), previous=f"{BUNDLES_DIR}/{PREVIOUS}/{name}",
+        unit=unit_name(name), socket=socket_path(name),
+        previous=f"{BUNDLES_DIR}/{PREVIOUS}/{name}",
     )
     report.changes.append(f"swap {current} with {previous}")
     if not dry_run:
@@ -149,9 +158,11 @@ def rollback(
         os.rename(current, parked)
         os.rename(previous, current)
         os.rename(parked, previous)
-    _write_unit(report, manifest, root, executable or default_executable(), dry_run)
-    _write_config(report, _read_config(previous if dry_run else current), root, dry_run,
-                  installed_from=current if dry_run else previous)
+    config = _read_config(previous if dry_run else current)
+    etc_config = _write_config(report, config, root, dry_run,
+                               installed_from=current if dry_run else previous)
+    _write_unit(report, manifest, root, executable or default_executable(), dry_run,
+                drain_timeout_s(config, etc_config))
     _commands(report, root, enable)
     return report
 
@@ -227,7 +238,7 @@ def _place(
     current, previous = bundles / name, bundles / PREVIOUS / name
     report = InstallReport(
         name=name, root=str(root), dry_run=dry_run, bundle_dir=f"{BUNDLES_DIR}/{name}",
-        unit=unit_name(name),
+        unit=unit_name(name), socket=socket_path(name),
         previous=f"{BUNDLES_DIR}/{PREVIOUS}/{name}" if previous.is_dir() else None,
     )
     if current.is_dir() and _same_bundle(current, staged):
@@ -271,26 +282,47 @@ def _make_readable(bundle: Path) -> None:
             os.chmod(os.path.join(dirpath, file), 0o644)
 
 
+def drain_timeout_s(*configs: str) -> float | None:
+    """drain_timeout_s as the daemon will read it from these config.toml texts (last wins).
+
+    None when none sets a valid one: the unit then covers ServeConfig's default.
+    """
+    from edgerunner.runtime.config import ServeConfig
+
+    value = None
+    for text in configs:
+        try:
+            value = tomllib.loads(text).get("drain_timeout_s", value)
+        except tomllib.TOMLDecodeError:
+            continue  # the daemon names a broken config itself when it starts
+    if value is None:
+        return None
+    try:
+        return ServeConfig(drain_timeout_s=value).drain_timeout_s
+    except ValidationError:
+        return None
+
+
 def _write_unit(report: InstallReport, manifest: BundleManifest, root: Path, executable: str,
-                dry_run: bool) -> None:
-    text = render_unit(manifest, executable=executable)
+                dry_run: bool, drain_s: float | None) -> None:
+    text = render_unit(manifest, executable=executable, drain_timeout_s=drain_s)
     _write_file(report, _under(root, UNIT_DIR) / unit_name(manifest.name), text, dry_run,
                 mode=0o644)
 
 
 def _write_config(report: InstallReport, new_default: str, root: Path, dry_run: bool,
-                  installed_from: Path) -> None:
+                  installed_from: Path) -> str:
     """Install the bundle's config.toml as /etc/edgerunner/<name>.toml, keeping local edits.
 
     A file still equal to the default of the bundle it was installed from was never edited and
     follows the new bundle; an edited one stays, and the new default lands next to it as
-    <name>.toml.new.
+    <name>.toml.new. Returns what /etc/edgerunner/<name>.toml holds afterwards.
     """
     target = _under(root, CONFIG_DIR) / f"{report.name}.toml"
     if target.exists():
         current = target.read_text(encoding="utf-8")
         if current == new_default:
-            return
+            return current
         old_default = installed_from / "config.toml"
         pristine = old_default.is_file() and filecmp.cmp(old_default, target, shallow=False)
         if not pristine:
@@ -299,8 +331,9 @@ def _write_config(report: InstallReport, new_default: str, root: Path, dry_run: 
                         mode=0o640)
             if len(report.changes) > before:
                 report.changes.append(f"kept locally edited {target}; compare with {target}.new")
-            return
+            return current
     _write_file(report, target, new_default, dry_run, mode=0o640)
+    return new_default
 
 
 def _write_file(report: InstallReport, path: Path, text: str, dry_run: bool, mode: int) -> None:

@@ -55,6 +55,14 @@ WATCHDOG_MIN_S = 30
 WATCHDOG_MAX_S = 1800
 WATCHDOG_UNKNOWN_S = 600
 
+# TimeoutStopSec = the daemon's drain timeout + what its stop does after the drain, in order:
+# the cancelled generation ends when llama.cpp next checks, which on a slow board can be after a
+# whole prompt batch (10 s; the scheduler joins its worker for at least 5 s); MQTT publishes
+# `offline` and disconnects (<= 5 s, + 1 s for its info thread); uvicorn's graceful shutdown
+# (<= 5 s); the guard and watchdog threads and closing the model (4 s, normally instant).
+# Past TimeoutStopSec systemd sends SIGKILL mid-stop.
+STOP_MARGIN_S = 10 + 6 + 5 + 4
+
 
 class UnitSettings(BaseModel):
     """The per-bundle numbers a rendered unit carries."""
@@ -68,6 +76,8 @@ class UnitSettings(BaseModel):
     memory_max_mb: int = Field(..., ge=1, description="MemoryMax=, MiB")
     timeout_start_s: int = Field(..., ge=1, description="TimeoutStartSec=, seconds")
     watchdog_s: int = Field(..., ge=1, description="WatchdogSec=, seconds")
+    drain_timeout_s: float = Field(..., ge=0, description="The daemon's drain timeout, seconds")
+    timeout_stop_s: int = Field(..., ge=1, description="TimeoutStopSec=, seconds")
     cuda: bool = Field(False, description="Device nodes needed for GPU offload")
 
 
@@ -91,8 +101,18 @@ def socket_path(bundle_name: str) -> str:
     return f"{RUNTIME_DIR}/{check_bundle_name(bundle_name)}/api.sock"
 
 
-def unit_settings(manifest: BundleManifest) -> UnitSettings:
-    """Memory limits and timeouts for a bundle, from its plan and profile."""
+def default_drain_timeout_s() -> float:
+    """The drain timeout `edgerunner serve` uses unless its config says otherwise."""
+    from edgerunner.runtime.config import ServeConfig
+
+    return ServeConfig().drain_timeout_s
+
+
+def unit_settings(manifest: BundleManifest, drain_timeout_s: float | None = None) -> UnitSettings:
+    """Memory limits and timeouts for a bundle, from its plan and profile.
+
+    ``drain_timeout_s`` is the daemon's; None means ServeConfig's default.
+    """
     predicted = manifest.prediction.memory.total_mb
     rss = math.ceil(predicted + max(predicted * CEILING_MARGIN_FRACTION, CEILING_MARGIN_MIN_MB))
     high = math.ceil(rss + max(rss * HIGH_MARGIN_FRACTION, HIGH_MARGIN_MIN_MB))
@@ -112,6 +132,7 @@ def unit_settings(manifest: BundleManifest) -> UnitSettings:
     else:
         watchdog = WATCHDOG_UNKNOWN_S
 
+    drain = default_drain_timeout_s() if drain_timeout_s is None else drain_timeout_s
     return UnitSettings(
         name=check_bundle_name(manifest.name),
         predicted_mb=predicted,
@@ -120,19 +141,23 @@ def unit_settings(manifest: BundleManifest) -> UnitSettings:
         memory_max_mb=ceiling,
         timeout_start_s=timeout,
         watchdog_s=watchdog,
+        drain_timeout_s=drain,
+        timeout_stop_s=math.ceil(drain + STOP_MARGIN_S),
         cuda=manifest.profile.gpu.kind == "cuda",
     )
 
 
 def render_unit(
-    manifest: BundleManifest, executable: str = "edgerunner", template: Path | None = None
+    manifest: BundleManifest, executable: str = "edgerunner", template: Path | None = None,
+    drain_timeout_s: float | None = None,
 ) -> str:
     """The unit file text for this bundle (instance name = bundle name).
 
     ``executable`` is the command that starts edgerunner: a bare name is looked up by systemd in
     its fixed search path; ``"/usr/bin/python3 -m edgerunner"`` works too.
+    ``drain_timeout_s`` is the daemon's (None: ServeConfig's default); TimeoutStopSec covers it.
     """
-    settings = unit_settings(manifest)
+    settings = unit_settings(manifest, drain_timeout_s)
     path = template or systemd_dir() / TEMPLATE_NAME
     try:
         text = path.read_text(encoding="utf-8")
@@ -147,6 +172,7 @@ def render_unit(
         "MemoryMax": f"{settings.memory_max_mb}M\n"
         f"Environment=EDGERUNNER_RSS_CEILING_MB={settings.rss_ceiling_mb}",
         "TimeoutStartSec": str(settings.timeout_start_s),
+        "TimeoutStopSec": str(settings.timeout_stop_s),
         "WatchdogSec": str(settings.watchdog_s),
     }
     if manifest.plan.mlock:
@@ -181,6 +207,9 @@ def render_unit(
         f"{manifest.profile.storage.read_mbs:g} MB/s storage read. WatchdogSec: twice the "
         f"longest prompt ({manifest.plan.n_ctx} tokens) at {PROMPT_SPEEDUP:g}x the predicted "
         f"decode rate ({manifest.prediction.decode_tps:g} tok/s).\n"
+        f"# TimeoutStopSec: the daemon's drain timeout ({settings.drain_timeout_s:g} s) + "
+        f"{STOP_MARGIN_S} s for stopping MQTT, HTTP and the model after it; raise it with "
+        "drain_timeout_s.\n"
     )
     return header + text
 

@@ -112,6 +112,23 @@ def test_upgrade_keeps_a_locally_edited_config(rpi5_bundle: Path, tmp_path: Path
     assert any("locally edited" in change for change in report.changes)
 
 
+def test_unit_stop_timeout_follows_the_installed_config(rpi5_bundle: Path,
+                                                       tmp_path: Path) -> None:
+    from edgerunner.systemd_unit import STOP_MARGIN_S
+
+    root = tmp_path / "root"
+    name = name_of(rpi5_bundle)
+    unit = root / "etc/systemd/system" / unit_name(name)
+    install_bundle(rpi5_bundle, root=root, executable="/usr/bin/true")
+    assert "\nTimeoutStopSec=55\n" in unit.read_text()  # drain 30 s + margin
+    config = root / f"etc/edgerunner/{name}.toml"
+    config.write_text(config.read_text().replace("drain_timeout_s = 30.0",
+                                                 "drain_timeout_s = 300.0"))
+    report = install_bundle(rpi5_bundle, root=root, executable="/usr/bin/true")
+    assert f"write {unit}" in report.changes
+    assert f"\nTimeoutStopSec={300 + STOP_MARGIN_S}\n" in unit.read_text()
+
+
 def test_dry_run_writes_nothing(rpi5_bundle: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     report = install_bundle(rpi5_bundle, root=root, dry_run=True)

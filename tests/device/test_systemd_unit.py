@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import re
 import shutil
 import sys
@@ -19,7 +21,14 @@ from edgerunner.manifest import (
     SourceModel,
 )
 from edgerunner.profiles import resolve_profile
-from edgerunner.systemd_unit import render_unit, unit_name, unit_settings, verify_unit
+from edgerunner.runtime.config import ServeConfig
+from edgerunner.systemd_unit import (
+    STOP_MARGIN_S,
+    render_unit,
+    unit_name,
+    unit_settings,
+    verify_unit,
+)
 
 HAVE_ANALYZE = shutil.which("systemd-analyze") is not None
 
@@ -84,6 +93,32 @@ def test_watchdog_covers_the_longest_prompt() -> None:
     assert fast.watchdog_s == 30  # the floor
     assert slow.watchdog_s == 512  # 2 x 4096 tokens / (4 tok/s x 4)
     assert unknown.watchdog_s == 600
+
+
+def _default(func: object, parameter: str) -> float:
+    value = inspect.signature(func).parameters[parameter].default  # type: ignore[arg-type]
+    assert isinstance(value, (int, float)), (func, parameter)
+    return float(value)
+
+
+def test_stop_timeout_outlasts_the_daemons_whole_stop() -> None:
+    from edgerunner.runtime.http import HttpTransport
+    from edgerunner.runtime.mqtt import MqttTransport
+
+    drain = ServeConfig().drain_timeout_s
+    stop = int(values(render_unit(make_manifest()))["TimeoutStopSec"])
+    assert stop == math.ceil(drain + STOP_MARGIN_S)
+    # After the drain come the transports' own bounded stops; SIGKILL must not cut them short.
+    http_s = _default(HttpTransport.__init__, "graceful_s")
+    mqtt_s = _default(MqttTransport.stop, "timeout")
+    assert stop >= drain + http_s + mqtt_s + 5  # + the scheduler's 5 s worker join
+
+
+def test_stop_timeout_follows_a_configured_drain_timeout() -> None:
+    assert values(render_unit(make_manifest(), drain_timeout_s=120))["TimeoutStopSec"] == str(
+        120 + STOP_MARGIN_S)
+    assert unit_settings(make_manifest(), drain_timeout_s=0).timeout_stop_s == STOP_MARGIN_S
+    assert f"drain timeout ({ServeConfig().drain_timeout_s:g} s)" in render_unit(make_manifest())
 
 
 def test_rendered_unit_carries_the_service_contract() -> None:
