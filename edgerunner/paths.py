@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+# `edgerunner install`ed services listen on <this>/<bundle>/api.sock (systemd RuntimeDirectory=).
+SERVICE_RUNTIME_DIR = "/run/edgerunner"
+SERVICE_SOCKET_NAME = "api.sock"
 
 
 def cache_dir() -> Path:
@@ -12,12 +17,42 @@ def cache_dir() -> Path:
     return Path(base) / "edgerunner"
 
 
-def runtime_socket_path() -> Path:
-    """Default daemon socket: $XDG_RUNTIME_DIR/edgerunner.sock, else /run/edgerunner/."""
+def runtime_socket_path(root: Path = Path("/")) -> Path:
+    """Default daemon socket: the user's own if a daemon is on it, else the one installed service's.
+
+    The user's own is $XDG_RUNTIME_DIR/edgerunner.sock (without $XDG_RUNTIME_DIR,
+    /run/edgerunner/edgerunner.sock), and is also the answer when no single service is up.
+    ``root`` is where /run is looked up (tests pass a temp tree); $XDG_RUNTIME_DIR is used as is.
+    """
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "edgerunner.sock"
-    return Path("/run/edgerunner/edgerunner.sock")
+    own = (Path(runtime) if runtime else _under(root, SERVICE_RUNTIME_DIR)) / "edgerunner.sock"
+    if _is_socket(own):
+        return own
+    services = service_sockets(root)
+    # With several services installed no default can be right; the caller names one.
+    return services[0] if len(services) == 1 else own
+
+
+def service_sockets(root: Path = Path("/")) -> list[Path]:
+    """The sockets of installed services that are up: /run/edgerunner/*/api.sock, sorted."""
+    base = _under(root, SERVICE_RUNTIME_DIR)
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return []
+    return [path for entry in entries if _is_socket(path := entry / SERVICE_SOCKET_NAME)]
+
+
+def _under(root: Path, absolute: str) -> Path:
+    return Path(root) / absolute.lstrip("/")
+
+
+def _is_socket(path: Path) -> bool:
+    # A service's runtime directory is 0750: outside its group, stat fails with EACCES.
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def profiles_dir() -> Path:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgerunner.errors import InstallError
 from edgerunner.manifest import BundleManifest
-from edgerunner.paths import systemd_dir
+from edgerunner.paths import SERVICE_RUNTIME_DIR, SERVICE_SOCKET_NAME, systemd_dir
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ TEMPLATE_NAME = "edgerunner@.service"
 SERVICE_USER = "edgerunner"
 BUNDLES_DIR = "/var/lib/edgerunner/bundles"
 CONFIG_DIR = "/etc/edgerunner"
-RUNTIME_DIR = "/run/edgerunner"
+RUNTIME_DIR = SERVICE_RUNTIME_DIR
 
 # Unit names allow [A-Za-z0-9:_.\\-]; bundle names are a subset, so %i needs no escaping.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -98,7 +98,7 @@ def unit_name(bundle_name: str) -> str:
 
 def socket_path(bundle_name: str) -> str:
     """Where the installed service listens."""
-    return f"{RUNTIME_DIR}/{check_bundle_name(bundle_name)}/api.sock"
+    return f"{RUNTIME_DIR}/{check_bundle_name(bundle_name)}/{SERVICE_SOCKET_NAME}"
 
 
 def default_drain_timeout_s() -> float:

@@ -48,3 +48,8 @@ def install_cmd(bundle: Path | None, root: Path, dry_run: bool, enable: bool,
         out.print("then, on the device, run:")
         for command in report.commands:
             out.print(f"  {command}")
+    # `ask` finds a lone service's socket by itself; with several installed it needs the flag.
+    group = install.SERVICE_USER
+    out.print(f"the service listens on {report.socket} (group {group}: "
+              f"`usermod -aG {group} USER` to let USER in); ask it with:")
+    out.print(f"  edgerunner ask --socket {report.socket} 'Hello'")
