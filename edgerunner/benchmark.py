@@ -1,7 +1,9 @@
 """`bench`: load a bundle as the daemon would, measure it, and set it next to the plan's prediction.
 
-Measured: load time, time to first token, prompt and decode tokens/s, and peak RSS (sampled
-every few ms while the model runs). `calibrate` turns measured / predicted decode speed into the
+Measured: load time, time to first token, prompt and decode tokens/s, and peak RSS (the kernel's
+VmHWM, reset before loading). The memory prediction it is held against is edgerunner.memory's for
+the same settings and the tokens this run actually put in the context; the plan's full-context
+prediction is reported beside it. `calibrate` turns measured / predicted decode speed into the
 profile's decode_efficiency, so later plans for that profile predict what this device does.
 """
 
@@ -9,16 +11,16 @@ from __future__ import annotations
 
 import logging
 import platform
-import threading
+import re
 import time
 from pathlib import Path
 
-import psutil
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgerunner.bundle import Bundle
 from edgerunner.errors import EdgerunnerError, ModelError
+from edgerunner.manifest import RuntimePlan
 from edgerunner.paths import user_profiles_dir
 from edgerunner.profiles import DeviceProfile
 
@@ -29,7 +31,7 @@ PROMPT_TEXT = (
     "The weather station on the hill sends a reading every ten minutes: temperature, humidity, "
     "wind speed and the battery level of the solar cell that keeps it running through the winter. "
 )
-RSS_SAMPLE_S = 0.005
+PROC_SELF = Path("/proc/self")
 
 
 class BenchResult(BaseModel):
@@ -49,15 +51,29 @@ class BenchResult(BaseModel):
     prompt_tps: float = Field(..., ge=0, description="Prompt processing tokens/s")
     decode_tokens: int = Field(..., ge=1, description="Tokens timed after the first")
     decode_tps: float = Field(..., ge=0, description="Measured decode tokens/s")
+    filled_tokens: int = Field(..., ge=1, description="Tokens evaluated into the context")
     baseline_rss_mb: float = Field(..., ge=0, description="RSS before loading, MiB")
-    peak_rss_mb: float = Field(..., ge=0, description="Highest RSS while loaded, MiB")
-    predicted_memory_mb: float = Field(..., ge=0, description="The plan's predicted peak RSS")
+    peak_rss_mb: float = Field(
+        ..., ge=0, description="Peak RSS from loading to the end of the run (VmHWM), MiB"
+    )
+    peak_rss_source: str = Field(
+        "VmHWM", description="VmHWM, or 'VmHWM (process lifetime)' where it could not be reset"
+    )
+    predicted_for_this_run_mb: float = Field(
+        ..., ge=0, description="edgerunner.memory's peak RSS for this run: same settings, "
+        "filled_tokens in the context, this machine's CPU features"
+    )
+    predicted_full_context_mb: float = Field(
+        ..., ge=0, description="The plan's predicted peak RSS with the whole context filled"
+    )
     predicted_decode_tps: float = Field(..., ge=0, description="The plan's predicted tok/s")
 
     @property
     def rss_over_predicted(self) -> float | None:
-        """Measured peak RSS / predicted (None without a prediction)."""
-        return self.peak_rss_mb / self.predicted_memory_mb if self.predicted_memory_mb else None
+        """Measured peak RSS / predicted for this run (None without a prediction)."""
+        if not self.predicted_for_this_run_mb:
+            return None
+        return self.peak_rss_mb / self.predicted_for_this_run_mb
 
     @property
     def decode_over_predicted(self) -> float | None:
@@ -77,30 +93,28 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-class _PeakRss:
-    """Samples this process's RSS in a background thread; .peak_mb is the highest seen."""
+def proc_status_mb(field: str, proc: Path = PROC_SELF) -> float:
+    """A kB field of /proc/<pid>/status (VmRSS, VmHWM), in MiB."""
+    try:
+        text = (proc / "status").read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EdgerunnerError(f"cannot read {proc / 'status'}: {exc.strerror}",
+                              hint="bench measures memory through Linux /proc") from exc
+    found = re.search(rf"^{field}:\s+(\d+) kB$", text, re.MULTILINE)
+    if found is None:
+        raise EdgerunnerError(f"{proc / 'status'} has no {field} line",
+                              hint="bench measures memory through Linux /proc")
+    return int(found.group(1)) / 1024
 
-    def __init__(self) -> None:
-        self._proc = psutil.Process()
-        self.peak_mb = self._proc.memory_info().rss / 2**20
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
-    def __enter__(self) -> _PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _sample(self) -> None:
-        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
-
-    def _run(self) -> None:
-        while not self._stop.wait(RSS_SAMPLE_S):
-            self._sample()
+def reset_peak_rss(proc: Path = PROC_SELF) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        (proc / "clear_refs").write_text("5", encoding="ascii")
+    except OSError as exc:
+        logger.debug("cannot reset VmHWM: %s", exc)
+        return False
+    return True
 
 
 def run_bench(bundle: Bundle, prompt_tokens: int = 128, decode_tokens: int = 64,
@@ -115,41 +129,66 @@ def run_bench(bundle: Bundle, prompt_tokens: int = 128, decode_tokens: int = 64,
     # Leave room for the generated tokens inside the context window.
     prompt_tokens = max(1, min(prompt_tokens, plan.n_ctx - decode_tokens - 2))
     kwargs = llama_kwargs(plan, n_threads)
-    baseline = psutil.Process().memory_info().rss / 2**20
-    with _PeakRss() as rss:
+    # Whatever ran before (imports, hashing the bundle) must not count as the model's peak.
+    reset = reset_peak_rss()
+    baseline = proc_status_mb("VmRSS")
+    started = time.perf_counter()
+    try:
+        llm = llama_cpp.Llama(str(bundle.model_path), **kwargs)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"llama.cpp failed to load {bundle.model_path}: {exc}",
+                         hint="check free memory: `edgerunner verify --here`") from exc
+    load_s = time.perf_counter() - started
+    try:
+        tokens = _prompt(llm, prompt_tokens)
         started = time.perf_counter()
-        try:
-            llm = llama_cpp.Llama(str(bundle.model_path), **kwargs)
-        except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"llama.cpp failed to load {bundle.model_path}: {exc}",
-                             hint="check free memory: `edgerunner verify --here`") from exc
-        load_s = time.perf_counter() - started
-        try:
-            tokens = _prompt(llm, prompt_tokens)
-            started = time.perf_counter()
-            stream = llm.generate(tokens, top_k=1, temp=0.0, reset=True)
-            next(stream)  # generate() evaluates the whole prompt before the first token
-            first = time.perf_counter()
-            produced = 0
-            for _token in stream:  # greedy and past EOS: only the speed matters here
-                produced += 1
-                if produced >= decode_tokens:
-                    break
-            done = time.perf_counter()
-            stream.close()
-        finally:
-            llm.close()
+        stream = llm.generate(tokens, top_k=1, temp=0.0, reset=True)
+        next(stream)  # generate() evaluates the whole prompt before the first token
+        first = time.perf_counter()
+        produced = 0
+        for _token in stream:  # greedy and past EOS: only the speed matters here
+            produced += 1  # each step evaluated the token before it
+            if produced >= decode_tokens:
+                break
+        done = time.perf_counter()
+        stream.close()
+        # Read while the model is still loaded; the kernel kept the high-water mark meanwhile.
+        peak = proc_status_mb("VmHWM")
+    finally:
+        llm.close()
+    filled = len(tokens) + produced
+    # After the measurement: parsing the GGUF header costs RSS of its own.
+    predicted_run = predicted_for_run(bundle.model_path, plan, filled)
     ttft = first - started
     return BenchResult(
         bundle=manifest.name, profile=manifest.profile.name, machine=platform.machine(),
         quant=plan.quant, n_ctx=plan.n_ctx, n_threads=kwargs["n_threads"],
         load_s=round(load_s, 4), ttft_s=round(ttft, 4), prompt_tokens=len(tokens),
         prompt_tps=round(len(tokens) / ttft, 2), decode_tokens=produced,
-        decode_tps=round(produced / (done - first), 2),
-        baseline_rss_mb=round(baseline, 1), peak_rss_mb=round(rss.peak_mb, 1),
-        predicted_memory_mb=round(manifest.prediction.memory.total_mb, 1),
+        decode_tps=round(produced / (done - first), 2), filled_tokens=filled,
+        baseline_rss_mb=round(baseline, 1), peak_rss_mb=round(peak, 1),
+        peak_rss_source="VmHWM" if reset else "VmHWM (process lifetime)",
+        predicted_for_this_run_mb=round(predicted_run, 1),
+        predicted_full_context_mb=round(manifest.prediction.memory.total_mb, 1),
         predicted_decode_tps=round(manifest.prediction.decode_tps, 2),
     )
+
+
+def predicted_for_run(model_path: Path, plan: RuntimePlan, filled: int) -> float:
+    """edgerunner.memory's peak RSS, MiB, for the plan's settings with `filled` tokens evaluated.
+
+    The CPU features are this machine's: they decide which weights llama.cpp repacks here.
+    """
+    from edgerunner.gguf_info import read_model_info
+    from edgerunner.memory import estimate_memory, host_cpu_features
+
+    # The settings llama_kwargs hands llama.cpp, as estimate_memory spells them.
+    return estimate_memory(
+        read_model_info(model_path), plan.quant, plan.n_ctx, kv_type=plan.kv_type,
+        n_batch=plan.n_batch, n_ubatch=min(plan.n_ubatch, plan.n_batch),
+        flash_attn=plan.flash_attn or plan.kv_type != "f16", swa_full=plan.swa_full,
+        filled=filled, cpu_features=host_cpu_features(), mmap=plan.mmap,
+    ).total_mb
 
 
 def _prompt(llm: object, n_tokens: int) -> list[int]:

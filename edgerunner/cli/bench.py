@@ -23,7 +23,7 @@ from edgerunner.cli.output import console, json_option, print_json
 @json_option
 def bench_cmd(bundle: Path, prompt_tokens: int, decode_tokens: int, threads: int | None,
               calibrate: bool, as_json: bool) -> None:
-    """Run the bundle here: load time, TTFT, prompt and decode tok/s, peak RSS vs the plan."""
+    """Run the bundle here: load time, TTFT, prompt and decode tok/s, peak RSS vs the prediction."""
     from edgerunner.benchmark import calibrated_profile, run_bench, write_calibration
     from edgerunner.bundle import load_bundle
 
@@ -45,9 +45,11 @@ def bench_cmd(bundle: Path, prompt_tokens: int, decode_tokens: int, threads: int
         return
     table = Table("", "measured", "predicted", "ratio", title=f"{result.bundle} on this machine")
     ratio_rss, ratio_tps = result.rss_over_predicted, result.decode_over_predicted
-    table.add_row("peak RSS", f"{result.peak_rss_mb:.0f} MiB",
-                  f"{result.predicted_memory_mb:.0f} MiB",
+    table.add_row(f"peak RSS ({result.peak_rss_source}), {result.filled_tokens} tokens in context",
+                  f"{result.peak_rss_mb:.0f} MiB", f"{result.predicted_for_this_run_mb:.0f} MiB",
                   f"{ratio_rss:.2f}" if ratio_rss else "-")
+    table.add_row(f"peak RSS, full context ({result.n_ctx} tokens)", "",
+                  f"{result.predicted_full_context_mb:.0f} MiB", "")
     table.add_row("decode", f"{result.decode_tps:.1f} tok/s",
                   f"{result.predicted_decode_tps:.1f} tok/s",
                   f"{ratio_tps:.2f}" if ratio_tps else "-")

@@ -8,15 +8,24 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgerunner.benchmark import BenchResult, calibrated_profile, run_bench, write_calibration
+from edgerunner.benchmark import (
+    BenchResult,
+    calibrated_profile,
+    proc_status_mb,
+    reset_peak_rss,
+    run_bench,
+    write_calibration,
+)
 from edgerunner.bundle import load_bundle
 from edgerunner.cli import main
+from edgerunner.errors import EdgerunnerError
 from edgerunner.profiles import resolve_profile
 
 KEYS = {
     "bundle", "profile", "quant", "n_ctx", "n_threads", "load_s", "ttft_s", "prompt_tokens",
-    "prompt_tps", "decode_tokens", "decode_tps", "baseline_rss_mb", "peak_rss_mb",
-    "predicted_memory_mb", "predicted_decode_tps", "rss_over_predicted", "decode_over_predicted",
+    "prompt_tps", "decode_tokens", "decode_tps", "filled_tokens", "baseline_rss_mb",
+    "peak_rss_mb", "peak_rss_source", "predicted_for_this_run_mb", "predicted_full_context_mb",
+    "predicted_decode_tps", "rss_over_predicted", "decode_over_predicted",
 }
 
 
@@ -32,10 +41,51 @@ def test_bench_measures_the_real_model(measured: BenchResult, rpi5_bundle: Path)
     assert measured.decode_tokens == 16
     assert measured.load_s > 0 and measured.ttft_s > 0
     assert measured.prompt_tps > 0 and measured.decode_tps > 0
-    # Loading a ~100 MB model must show up in the sampled RSS.
-    assert measured.peak_rss_mb > measured.baseline_rss_mb
-    assert measured.predicted_memory_mb == round(manifest.prediction.memory.total_mb, 1)
+    assert measured.filled_tokens == 32 + 16  # the prompt, then each decoded token fed back
+    # The mapped weights (~100 MB, pre-faulted) are part of the kernel's peak.
+    weights_mb = (rpi5_bundle / "model.gguf").stat().st_size / 2**20
+    assert measured.peak_rss_mb - measured.baseline_rss_mb > 0.9 * weights_mb
+    assert measured.predicted_full_context_mb == round(manifest.prediction.memory.total_mb, 1)
     assert measured.n_threads == manifest.plan.n_threads
+
+
+def test_bench_holds_the_peak_against_a_prediction_for_the_same_run(
+    measured: BenchResult, rpi5_bundle: Path
+) -> None:
+    from edgerunner.gguf_info import read_model_info
+    from edgerunner.memory import estimate_memory, host_cpu_features
+
+    plan = load_bundle(rpi5_bundle).manifest.plan
+    same_run = estimate_memory(
+        read_model_info(rpi5_bundle / "model.gguf"), plan.quant, plan.n_ctx, plan.kv_type,
+        plan.n_batch, min(plan.n_ubatch, plan.n_batch), plan.flash_attn, plan.swa_full,
+        filled=48, cpu_features=host_cpu_features(), mmap=plan.mmap,
+    )
+    assert measured.predicted_for_this_run_mb == round(same_run.total_mb, 1)
+    # 48 tokens use far less compute than a full context: the two predictions differ.
+    assert measured.predicted_for_this_run_mb < measured.predicted_full_context_mb
+    assert measured.rss_over_predicted == pytest.approx(
+        measured.peak_rss_mb / measured.predicted_for_this_run_mb)
+
+
+def test_peak_rss_is_the_kernels_high_water_mark() -> None:
+    if not reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    before = proc_status_mb("VmHWM")
+    block = bytearray(64 * 2**20)  # touched (zeroed) pages: the high-water mark must rise
+    assert proc_status_mb("VmHWM") >= before + 60
+    del block
+    assert proc_status_mb("VmHWM") >= before + 60  # it stays after the memory is freed
+    assert reset_peak_rss()
+    assert proc_status_mb("VmHWM") < before + 30
+
+
+def test_peak_rss_without_proc_says_so(tmp_path: Path) -> None:
+    assert not reset_peak_rss(tmp_path / "missing")
+    (tmp_path / "status").write_text("Name:\tpython3\nVmRSS:\t   2048 kB\n")
+    assert proc_status_mb("VmRSS", tmp_path) == 2.0
+    with pytest.raises(EdgerunnerError, match="has no VmHWM line"):
+        proc_status_mb("VmHWM", tmp_path)
 
 
 def test_calibration_scales_efficiency_by_measured_over_predicted(
@@ -62,8 +112,10 @@ def test_cli_bench_json_and_calibrate(rpi5_bundle: Path, tmp_path: Path,
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
     assert set(data) >= KEYS
-    for key in ("load_s", "ttft_s", "prompt_tps", "decode_tps", "peak_rss_mb"):
+    for key in ("load_s", "ttft_s", "prompt_tps", "decode_tps", "peak_rss_mb",
+                "predicted_for_this_run_mb", "predicted_full_context_mb"):
         assert data[key] > 0, key
+    assert data["filled_tokens"] == 16 + 8
     written = Path(data["calibrated_profile"])
     assert written.is_file()
     if data["decode_over_predicted"] is not None:
@@ -97,7 +149,9 @@ def test_cli_bench_table(rpi5_bundle: Path) -> None:
     result = CliRunner().invoke(main, ["bench", str(rpi5_bundle), "--prompt-tokens", "8",
                                        "--decode-tokens", "4"])
     assert result.exit_code == 0, result.output
-    assert "decode" in result.output and "peak RSS" in result.output
+    assert "decode" in result.output
+    assert "peak RSS (VmHWM), 12 tokens in context" in result.output
+    assert "peak RSS, full context" in result.output
 
 
 def test_bench_refuses_a_missing_bundle(tmp_path: Path) -> None:
