@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -95,10 +97,9 @@ class BundleStage:
     ) -> BundleManifest:
         """Finalize, then rename the stage to its destination in one step."""
         final = self.finalize(manifest, known)
-        if self.dest.exists():
-            raise _exists_error(self.dest)
         try:
-            os.rename(self.path, self.dest)
+            # Never onto an existing path: os.rename would silently replace an empty directory.
+            rename_noreplace(self.path, self.dest)
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise _exists_error(self.dest) from exc
@@ -106,6 +107,41 @@ class BundleStage:
         _fsync(self.dest.parent)
         logger.info("wrote bundle %s", self.dest)
         return final
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1  # linux/fs.h
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_renameat2() -> Callable[..., int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.3
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename src to dst; FileExistsError if dst exists, even as an empty directory.
+
+    os.rename silently replaces an empty directory, so a directory created at dst after a check
+    would vanish. renameat2(RENAME_NOREPLACE) makes the check and the rename one step; where the
+    C library, kernel or filesystem lacks it, a check just before the rename narrows the window.
+    """
+    renameat2 = _libc_renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                     _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):  # EINVAL: this filesystem lacks the flag
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(src), None, str(dst))
+    os.rename(src, dst)
 
 
 @contextlib.contextmanager

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from edgerunner import bundle as bundle_module
 from edgerunner.bundle import (
     MANIFEST,
     load_bundle,
     read_manifest,
+    rename_noreplace,
     stage_bundle,
     verify_bundle,
 )
@@ -196,6 +198,39 @@ def test_commit_refuses_a_destination_that_appeared_meanwhile(
         stage.commit(manifest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     assert [p.name for p in dest.iterdir()] == ["someone-elses"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "no-renameat2"])
+def test_commit_never_replaces_an_empty_directory_that_appeared_meanwhile(
+    rpi5_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool
+) -> None:
+    if not renameat2:  # a C library without renameat2: the checked rename must hold too
+        monkeypatch.setattr(bundle_module, "_libc_renameat2", lambda: None)
+    elif bundle_module._libc_renameat2() is None:
+        pytest.skip("this C library has no renameat2")
+    manifest = read_manifest(rpi5_bundle)
+    dest = tmp_path / "b"
+    with stage_bundle(dest) as stage:
+        stage.write_text("config.toml", "x = 1\n")
+        dest.mkdir()  # plain os.rename would swap the stage in for this empty directory
+        with pytest.raises(BundleError, match=f"output directory {dest} already exists"):
+            stage.commit(manifest)
+        assert dest.is_dir() and list(dest.iterdir()) == []
+        assert sorted(p.name for p in stage.path.iterdir()) == ["config.toml", MANIFEST]
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_rename_noreplace_moves_onto_a_free_name(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_text("x")
+    rename_noreplace(src, dst)
+    assert not src.exists() and (dst / "f").read_text() == "x"
+    other = tmp_path / "other"
+    other.write_text("y")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(dst, other)
+    assert other.read_text() == "y" and (dst / "f").is_file()
 
 
 def test_existing_destination_is_refused_up_front(tmp_path: Path) -> None:
