@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -174,12 +175,46 @@ def _exists_error(dest: Path) -> BundleError:
 
 def disk_error(path: Path, exc: OSError) -> BundleError:
     """A BundleError for a failed write, saying plainly when the disk is full."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return BundleError(
             f"disk full while writing {path}: {exc.strerror}",
             hint="free disk space or pass a different -o; nothing was left behind",
         )
+    if exc.errno == errno.EFBIG:
+        return too_large_error(path)
     return BundleError(f"could not write {path}: {exc.strerror or exc}")
+
+
+# The largest file FAT32 holds; SD cards often come formatted with it.
+FAT32_MAX_FILE = 2**32 - 1
+
+
+def file_size_limit() -> int | None:
+    """The largest file this process may write (RLIMIT_FSIZE, `ulimit -f`); None = unlimited."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def reached_size_limit(written: int) -> bool:
+    """Whether a file that stopped growing at `written` bytes ran into a file size limit."""
+    limit = file_size_limit()
+    return (limit is not None and written >= limit) or written == FAT32_MAX_FILE
+
+
+def too_large_error(path: Path, cleanup: str = "nothing was left behind") -> BundleError:
+    """A BundleError for EFBIG: the process's file size limit, else the filesystem's."""
+    limit = file_size_limit()
+    if limit is not None:
+        return BundleError(
+            f"file too large: writing {path} reached this process's file size limit "
+            f"(`ulimit -f`: {limit} bytes)",
+            hint=f"raise it (`ulimit -f unlimited`) and pack again; {cleanup}",
+        )
+    return BundleError(
+        f"file too large: {path} is bigger than its filesystem allows in one file "
+        "(FAT32 stops at 4 GiB)",
+        hint=f"pass an -o on ext4, exFAT or another filesystem without that limit; {cleanup}",
+    )
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 import llama_cpp
 import llama_cpp._logger
 
+from edgerunner.bundle import reached_size_limit, too_large_error
 from edgerunner.errors import BundleError, QuantizeError
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,12 @@ def quantize(
     seconds = time.perf_counter() - start
     if rc != 0:
         full = _disk_full(dst.parent)
+        written = _size(dst)
         dst.unlink(missing_ok=True)
+        # llama.cpp only says "iostream error" for EFBIG too; a file that stopped exactly at a
+        # size limit hit it (the kernel writes up to the limit before it refuses).
+        if reached_size_limit(written):
+            raise too_large_error(dst, cleanup="the partial file was removed")
         if full:
             # A full disk is an output problem, reported like every other failed bundle write.
             raise BundleError(
@@ -158,6 +164,13 @@ def quantize(
         path=dst, quant=quant.upper(), size=size, seconds=seconds,
         n_tensors=log.total, requantized=requantize, warnings=warnings,
     )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _disk_full(directory: Path) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,72 @@ def test_malicious_archive(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar"]
 
 
+# ------------------------------------------------- a real file size limit (no root needed)
+
+# The child lowers its own RLIMIT_FSIZE, so writes past it fail with EFBIG at the OS boundary
+# (as on FAT32 at 4 GiB); SIGXFSZ, which would kill it instead, is ignored first.
+_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+"""
+
+
+def run_limited(limit: int, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter that may write files of at most `limit` bytes."""
+    return subprocess.run([sys.executable, "-c", _LIMITED + code, str(limit), *args],
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+_CLI = "from edgerunner.cli import main\nmain(sys.argv[1:], prog_name='edgerunner')\n"
+
+
+def test_file_size_limit_while_llama_cpp_writes(default_model: Path, out: Path) -> None:
+    limit = 20_000_000  # the model is ~100 MB: llama.cpp's own write hits EFBIG mid-file
+    done = run_limited(limit, _CLI, "pack", str(default_model), "--profile", "rpi5",
+                       "-o", str(out))
+    assert done.returncode == 1, done.stderr
+    assert "file too large: writing" in done.stderr and "model.gguf" in done.stderr
+    assert f"file size limit (`ulimit -f`: {limit} bytes)" in done.stderr
+    assert "hint: raise it (`ulimit -f unlimited`)" in done.stderr
+    assert "the partial file was removed" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert_empty(out)
+
+
+def test_file_size_limit_while_writing_the_archive(default_model: Path, rpi5_bundle: Path,
+                                                   out: Path) -> None:
+    # model.gguf fits; the .tar holding it and the side files does not.
+    limit = (rpi5_bundle / "model.gguf").stat().st_size + 2048
+    done = run_limited(limit, _CLI, "pack", str(default_model), "--profile", "rpi5",
+                       "-o", str(out), "--archive")
+    assert done.returncode == 1, done.stderr
+    assert f"file too large: writing {out / rpi5_bundle.name}.tar reached" in done.stderr
+    assert "nothing was left behind" in done.stderr and "Traceback" not in done.stderr
+    assert_empty(out)
+
+
+def test_file_size_limit_while_writing_bundle_files(tmp_path: Path) -> None:
+    code = (
+        "from pathlib import Path\n"
+        "from edgerunner.bundle import stage_bundle\n"
+        "from edgerunner.errors import BundleError\n"
+        "try:\n"
+        "    with stage_bundle(Path(sys.argv[1])) as stage:\n"
+        "        stage.write_text('config.toml', 'x = 1\\n' * 200_000)\n"
+        "except BundleError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = run_limited(2**20, code, str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr
+    assert f"file too large: writing {tmp_path}/.b.partial-" in done.stdout
+    assert "config.toml reached this process's file size limit (`ulimit -f`: 1048576 bytes)" in (
+        done.stdout)
+    assert "nothing was left behind" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- a real full disk (tmpfs)
 
 
@@ -147,8 +214,9 @@ def test_malicious_archive(tmp_path: Path) -> None:
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs: writes past it fail with ENOSPC, as on a full SD card.
 
-    Mounting needs CAP_SYS_ADMIN; where the test runner lacks it the test is skipped with the
-    reason, since a fake ENOSPC would not exercise llama.cpp's own write path.
+    Mounting needs CAP_SYS_ADMIN; where the test runner lacks it these tests are skipped with
+    the reason (a fake ENOSPC would not exercise llama.cpp's own write path), and the file size
+    limit tests above still hit a real limit at the same writes.
     """
     mount = tmp_path / "tiny"
     mount.mkdir()
