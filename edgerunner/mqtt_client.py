@@ -24,12 +24,20 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edgerunner.errors import ClientError
-from edgerunner.runtime.mqtt_session import Protocol, SessionOptions, connect_async, new_client
+from edgerunner.runtime.mqtt_session import (
+    Protocol,
+    SessionOptions,
+    connect_async,
+    new_client,
+    refuses_v5,
+)
 from edgerunner.runtime.mqtt_topics import (
     DEFAULT_REPLY_PREFIX,
     POOL_TOPIC,
+    BrokerAddress,
     DeviceTopics,
     check_device_id,
 )
@@ -71,30 +79,52 @@ class MqttChat:
         self.device_id = device_id
         self.reply_root = f"{DEFAULT_REPLY_PREFIX}{self.client_id}"
         self.timeout = timeout
+        self._url = url
+        self._credentials: dict[str, Any] = {
+            "username": username, "password": password, "ca_file": ca_file}
+        self._client, self._address = self._new_client(protocol)
+        self._published: dict[int, str] = {}  # mid → request id, until the broker acknowledges
+        self._subscribed = threading.Event()
+        self._answered = threading.Event()  # the broker accepted or refused a CONNECT
+        self._refused: ReasonCode | None = None
+        self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def _new_client(self, protocol: Protocol) -> tuple[paho.Client, BrokerAddress]:
         self.v5 = protocol == "5"
         # v5: a session (fresh client id, so nothing stale to resume) that the broker keeps for
         # 5 minutes, so replies sent while a restarted broker waits for us are kept; Mosquitto
         # only persists sessions whose CONNECT did not ask for a clean start
         self._options = SessionOptions(self.client_id, protocol, persistent=self.v5,
                                        session_expiry_s=300)
-        self._client, self._address = new_client(url, self._options, username=username,
-                                                 password=password, ca_file=ca_file)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._client.on_publish = self._on_publish
-        self._published: dict[int, str] = {}  # mid → request id, until the broker acknowledges
-        self._client.reconnect_delay_set(1, 5)
-        self._subscribed = threading.Event()
-        self._refused: str | None = None
-        self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
-        self._lock = threading.Lock()
+        client, address = new_client(self._url, self._options, **self._credentials)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.reconnect_delay_set(1, 5)
+        return client, address
 
     def connect(self) -> MqttChat:
-        """Connect and subscribe to this client's reply topics; ClientError if that fails."""
+        """Connect and subscribe to this client's reply topics; ClientError if that fails.
+
+        With protocol 5, a broker that does not support v5 is asked again with 3.1.1.
+        """
+        end = time.monotonic() + min(self.timeout, 30.0)
         connect_async(self._client, self._address, self._options)
         self._client.loop_start()
-        if not self._subscribed.wait(min(self.timeout, 30.0)):
+        while not self._subscribed.is_set() and (left := end - time.monotonic()) > 0:
+            self._answered.wait(left)
+            self._answered.clear()
+            if self.v5 and self._refused is not None and refuses_v5(self._refused):
+                logger.info("the broker %s does not support MQTT v5; using 3.1.1",
+                            self._address.host)
+                self._client.loop_stop()
+                self._refused = None
+                self._client, self._address = self._new_client("3.1.1")
+                connect_async(self._client, self._address, self._options)
+                self._client.loop_start()
+        if not self._subscribed.is_set():
             self._client.loop_stop()
             why = self._refused or "no answer"
             raise ClientError(
@@ -221,16 +251,20 @@ class MqttChat:
 
     # -- paho callbacks -----------------------------------------------------------------------
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
         if reason.is_failure:
-            self._refused = str(reason)
+            if self.v5 and refuses_v5(reason):
+                client.loop_stop()  # no v5 retries: connect() asks again with 3.1.1
+            self._refused = reason
+            self._answered.set()
             return
         client.subscribe(f"{self.reply_root}/#", qos=1)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
         self._subscribed.set()
+        self._answered.set()
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:

@@ -42,7 +42,8 @@ def build_request(prompt: str, system: str | None, json_schema: Path | None,
               help="Ask through an MQTT broker instead of the socket (needs --device-id).")
 @click.option("--device-id", help="The device to ask over MQTT (`pool`: any device of the fleet).")
 @click.option("--mqtt-protocol", type=click.Choice(["5", "3.1.1"]), default="5",
-              show_default=True, help="MQTT version.")
+              show_default=True,
+              help="MQTT version (5 falls back to 3.1.1 if the broker lacks v5).")
 @click.option("--system", help="System message.")
 @click.option("--json-schema", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Constrain the answer to this JSON Schema.")

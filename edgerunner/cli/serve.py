@@ -21,7 +21,8 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
 @click.option("--mqtt", "mqtt_url", metavar="URL", help="MQTT broker, e.g. mqtt://broker:1883.")
 @click.option("--device-id", help="This device's name in MQTT topics [default: hostname].")
 @click.option("--mqtt-protocol", type=click.Choice(["5", "3.1.1"]),
-              help="MQTT version [default: 5]; 3.1.1 for old brokers.")
+              help="MQTT version [default: 5, falling back to 3.1.1 if the broker lacks v5]; "
+              "3.1.1 skips the v5 attempt.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True,
                                                          dir_okay=False),
               help="A config.toml overriding the bundle's.")

@@ -48,7 +48,9 @@ class MqttConfig(_Settings):
         description="This device's name in topics edgerunner/<device>/...; default: hostname",
     )
     protocol: Literal["5", "3.1.1"] = Field(
-        "5", description="MQTT protocol version (5 falls back to 3.1.1 if the broker refuses)"
+        "5",
+        description="MQTT protocol version; with 5, a broker that answers CONNECT with "
+        "'unsupported protocol version' (3.1.1-only) is reconnected to once with 3.1.1",
     )
     username: str | None = Field(None, description="Broker user name")
     password: str | None = Field(None, description="Broker password")

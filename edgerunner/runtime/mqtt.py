@@ -76,19 +76,17 @@ class MqttTransport:
         device_options = SessionOptions(
             client_id=client_id, protocol=config.protocol, persistent=True,
             session_expiry_s=config.session_expiry_s, keepalive_s=config.keepalive_s)
-        self.device = Link.build(
+        self.device = Link(
             "device", config.url, device_options,
             subscriptions=[self.topics.request, self.topics.cancel], on_up=self._announce,
-            **common)
-        self.device.client.will_set(self.topics.status, "offline", qos=1, retain=True)
+            will=(self.topics.status, b"offline"), **common)
         self.pool: Link | None = None
         if config.pool:
             pool_options = SessionOptions(
                 client_id=f"{client_id}-pool", protocol=config.protocol, persistent=False,
                 session_expiry_s=config.pool_session_expiry_s, keepalive_s=config.keepalive_s)
-            self.pool = Link.build("pool", config.url, pool_options,
-                                   subscriptions=[POOL_SUBSCRIPTION], on_up=self._announce,
-                                   **common)
+            self.pool = Link("pool", config.url, pool_options,
+                             subscriptions=[POOL_SUBSCRIPTION], on_up=self._announce, **common)
 
     @property
     def connected(self) -> bool:
@@ -143,7 +141,8 @@ class MqttTransport:
         info.setdefault("model", self.scheduler.model_name)
         info.setdefault("queue_depth", self.scheduler.depth)
         info["device_id"] = self.device_id
-        info["mqtt"] = {"protocol": self.config.protocol, "pool": self.pool is not None}
+        # the protocol in use: a v5 configuration may have fallen back to 3.1.1
+        info["mqtt"] = {"protocol": self.device.options.protocol, "pool": self.pool is not None}
         self.device.publish(self.topics.info, encode(info), retain=True)
 
     def _info_loop(self) -> None:

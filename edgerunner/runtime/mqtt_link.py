@@ -4,14 +4,19 @@ and publish replies with a bounded backlog while the broker is away.
 paho keeps unacknowledged QoS 1 messages and sends them again after it reconnects, so a reply
 produced during a broker restart is delivered afterwards; the backlog bound keeps a long outage
 from growing memory without limit (the transport then answers with an explicit error).
+
+A v5 link whose broker answers CONNECT with "unsupported protocol version" (a 3.1.1-only
+broker) replaces its client with a 3.1.1 one, once, and stays on 3.1.1 from then on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -26,6 +31,7 @@ from edgerunner.runtime.mqtt_session import (
     announced_max_packet,
     connect_async,
     new_client,
+    refuses_v5,
 )
 from edgerunner.runtime.mqtt_topics import BrokerAddress
 
@@ -40,19 +46,25 @@ class Link:
     def __init__(
         self,
         name: str,
-        client: paho.Client,
-        address: BrokerAddress,
+        url: str,
         options: SessionOptions,
         *,
         subscriptions: list[str],
         on_message: OnMessage,
         on_up: Callable[[Link], None] = lambda link: None,  # connected and subscribed
+        will: tuple[str, bytes] | None = None,  # retained QoS 1 Last Will (topic, payload)
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: Path | None = None,
         backlog_limit: int = 1000,
         reconnect_delay: tuple[int, int] = (1, 30),
     ) -> None:
         self.name = name
-        self.client = client
-        self.address = address
+        self.url = url
+        self._credentials: dict[str, Any] = {
+            "username": username, "password": password, "ca_file": ca_file}
+        self._will = will
+        self._reconnect_delay = reconnect_delay
         self.options = options
         self.v5 = options.protocol == "5"
         self.max_packet = PROTOCOL_MAX_PACKET
@@ -67,19 +79,19 @@ class Link:
         self._subscribed = threading.Event()
         self._sub_mid: int | None = None
         self._stopping = False
+        self.client, self.address = self._new_client()
+
+    def _new_client(self) -> tuple[paho.Client, BrokerAddress]:
+        client, address = new_client(self.url, self.options, **self._credentials)
+        if self._will is not None:
+            client.will_set(self._will[0], self._will[1], qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
-        client.reconnect_delay_set(*reconnect_delay)
-
-    @classmethod
-    def build(cls, name: str, url: str, options: SessionOptions, **kwargs: Any) -> Link:
-        """Construct the client for `url` with credentials/TLS from kwargs, then the Link."""
-        creds = {k: kwargs.pop(k) for k in ("username", "password", "ca_file") if k in kwargs}
-        client, address = new_client(url, options, **creds)
-        return cls(name, client, address, options, **kwargs)
+        client.reconnect_delay_set(*self._reconnect_delay)
+        return client, address
 
     @property
     def connected(self) -> bool:
@@ -137,20 +149,41 @@ class Link:
 
     def stop(self, end_session: bool = False) -> None:
         """Disconnect cleanly (no Last Will); `end_session` drops a v5 session at once."""
-        self._stopping = True
+        with self._lock:  # no protocol fallback swaps the client from here on
+            self._stopping = True
+            client, v5 = self.client, self.v5
         props = None
-        if end_session and self.v5:
+        if end_session and v5:
             props = Properties(PacketTypes.DISCONNECT)
             props.SessionExpiryInterval = 0
-        self.client.disconnect(properties=props)
-        self.client.loop_stop()
+        client.disconnect(properties=props)
+        client.loop_stop()
         self._connected.clear()
+
+    def _fall_back_to_311(self, refused: paho.Client) -> None:
+        # runs on the refused client's network thread: that loop closes its socket and ends
+        # once this callback returns, so only flag it; the new client gets its own thread
+        refused.loop_stop()
+        with self._lock:
+            if self._stopping:
+                return
+            self.options = dataclasses.replace(self.options, protocol="3.1.1")
+            self.v5 = False
+            self.client, self.address = self._new_client()
+            connect_async(self.client, self.address, self.options)
+            self.client.loop_start()
+        logger.warning("mqtt %s: broker %s does not support MQTT v5; reconnecting with MQTT "
+                       "3.1.1 (set mqtt.protocol = \"3.1.1\" to skip the v5 attempt)",
+                       self.name, self.address.host)
 
     # -- paho callbacks (network thread) ----------------------------------------------------
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any,
                     reason: ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
+            if refuses_v5(reason) and client is self.client and self.v5:
+                self._fall_back_to_311(client)
+                return
             logger.error("mqtt %s: broker %s refused the connection: %s", self.name,
                          self.address.host, reason)
             return
@@ -179,6 +212,8 @@ class Link:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason: ReasonCode, properties: Properties | None) -> None:
+        if client is not self.client:
+            return  # the client a protocol fallback replaced, closing its socket
         was = self._connected.is_set()
         self._connected.clear()
         self._subscribed.clear()

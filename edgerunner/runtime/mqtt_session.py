@@ -15,6 +15,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edgerunner.errors import ConfigError
 from edgerunner.runtime.mqtt_topics import BrokerAddress, parse_broker_url
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 # MQTT's own ceiling for a packet, used when the broker announces none (always so in 3.1.1)
 PROTOCOL_MAX_PACKET = 268_435_455
+# CONNACK "Unsupported Protocol Version": v5 reason 0x84; paho 2.x also reports a 3.1.1 broker's
+# return code 1 to a v5 CONNECT as this reason (paho.mqtt._packet.decode_connack)
+UNSUPPORTED_PROTOCOL_VERSION = 0x84
 
 Protocol = Literal["5", "3.1.1"]
 
@@ -87,6 +91,11 @@ def connect_async(client: paho.Client, address: BrokerAddress, options: SessionO
                              clean_start=clean, properties=props)
     else:
         client.connect_async(address.host, address.port, options.keepalive_s)
+
+
+def refuses_v5(reason: ReasonCode) -> bool:
+    """True when a CONNACK says the broker does not speak MQTT v5 (retry with 3.1.1)."""
+    return reason.is_failure and reason.value == UNSUPPORTED_PROTOCOL_VERSION
 
 
 def announced_max_packet(properties: Properties | None) -> int:

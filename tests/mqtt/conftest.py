@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -243,3 +244,128 @@ def probe() -> Iterator[Callable[..., Probe]]:
     yield make
     for p in made:
         p.close()
+
+
+# -- a broker that does not speak v5, at the TCP boundary ---------------------------------------
+
+# what a broker answers a v5 CONNECT it cannot serve with
+REFUSALS = {
+    "3.1.1 broker": b"\x20\x02\x00\x01",  # CONNACK, return code 1: unacceptable protocol version
+    "v5 broker": b"\x20\x03\x00\x84\x00",  # CONNACK, reason 0x84, no properties
+}
+
+
+def _read_packet(sock: socket.socket) -> bytes:
+    """One whole MQTT packet (fixed header, variable remaining length, body)."""
+    head = sock.recv(1)
+    if not head:
+        return b""
+    length, shift, raw = 0, 0, b""
+    while True:
+        byte = sock.recv(1)
+        raw += byte
+        length += (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            break
+    body = b""
+    while len(body) < length:
+        more = sock.recv(length - len(body))
+        if not more:
+            break
+        body += more
+    return head + raw + body
+
+
+class V311Gate:
+    """A TCP listener in front of Mosquitto that refuses MQTT v5 CONNECTs the way a 3.1.1-only
+    broker (or a v5 broker refusing v5) does, and passes every other connection through."""
+
+    def __init__(self, upstream_port: int, refusal: bytes) -> None:
+        self.refusal = refusal
+        self.upstream_port = upstream_port
+        self.levels: list[int] = []  # protocol level of every CONNECT seen, in order
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _keep(self, sock: socket.socket) -> bool:
+        """Track a socket for close(); False (and closed) if the gate is already closed."""
+        with self._lock:
+            if not self._closed:
+                self._sockets.append(sock)
+                return True
+        sock.close()
+        return False
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._keep(conn):
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            connect = _read_packet(conn)
+            if not connect:
+                return
+            # after the fixed header: protocol name (2-byte length + "MQTT"), then the level
+            body = connect[1:]
+            while body[0] & 0x80:
+                body = body[1:]
+            level = body[1 + 2 + 4]
+            self.levels.append(level)
+            if level == 5:
+                conn.sendall(self.refusal)
+                conn.close()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            if not self._keep(upstream):
+                return
+            upstream.sendall(connect)
+            threading.Thread(target=self._pipe, args=(upstream, conn), daemon=True).start()
+            self._pipe(conn, upstream)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        # shutdown wakes the thread blocked in accept(); close alone would not
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for s in self._sockets:
+            s.close()
+
+
+@pytest.fixture
+def v311_gate(broker: Broker) -> Iterator[Callable[[bytes], V311Gate]]:
+    """Make gates in front of the running broker; closed at teardown."""
+    made: list[V311Gate] = []
+
+    def make(refusal: bytes) -> V311Gate:
+        made.append(V311Gate(broker.port, refusal))
+        return made[-1]
+
+    yield make
+    for gate in made:
+        gate.close()

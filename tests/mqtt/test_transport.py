@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -10,14 +11,18 @@ import time
 import pytest
 
 from edgerunner.mqtt_client import MqttChat, RemoteError, wait_for_status
+from tests.mqtt.conftest import REFUSALS
 
 pytestmark = pytest.mark.mqtt
 
 HELLO = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
          "temperature": 0}
-# a prompt the small model keeps answering for hundreds of tokens
+# a prompt the small model keeps answering for hundreds of tokens: the grammar (an array of at
+# least 400 integers) cannot end early, so only max_tokens or a cancel stops it
 COUNT = {"messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
-         "max_tokens": 600, "temperature": 0, "stream": True}
+         "max_tokens": 600, "temperature": 0, "stream": True,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "nums", "schema": {
+             "type": "array", "items": {"type": "integer"}, "minItems": 400}}}}
 
 
 def test_v5_round_trip_echoes_correlation_data(broker, serve, probe) -> None:
@@ -42,6 +47,38 @@ def test_311_round_trip_with_reply_to_and_id_in_body(broker, serve) -> None:
     assert reply["id"] == "req-311"
     assert reply["object"] == "chat.completion"
     assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS.values()), ids=list(REFUSALS))
+def test_v5_falls_back_to_311_when_the_broker_refuses_v5(
+    broker, serve, probe, v311_gate, refusal: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = v311_gate(refusal)
+    caplog.set_level(logging.WARNING, logger="edgerunner.runtime.mqtt_link")
+    p = probe(broker.url, "edgerunner/dev1/info")
+    transport = serve(gate.url)  # protocol "5", the default
+    assert not transport.device.v5 and transport.pool is not None and not transport.pool.v5
+    # each session tried v5 once, then connected with 3.1.1 (protocol level 4)
+    assert sorted(gate.levels) == [4, 4, 5, 5]
+    assert gate.levels.index(4) > gate.levels.index(5)
+    fallbacks = [r for r in caplog.records if "does not support MQTT v5" in r.getMessage()]
+    assert len(fallbacks) == 2  # device and pool, once each
+    assert json.loads(p.next().payload)["mqtt"]["protocol"] == "3.1.1"
+    # the daemon now reads 3.1.1 envelopes (reply_to and id in the body)
+    with MqttChat(broker.url, "dev1", protocol="3.1.1", timeout=60) as chat:
+        (reply,) = list(chat.replies(chat.send(HELLO, request_id="after-fallback")))
+    assert reply["id"] == "after-fallback"
+    assert reply["object"] == "chat.completion"
+
+
+def test_ask_client_falls_back_to_311_too(broker, serve, v311_gate) -> None:
+    serve(broker.url, protocol="3.1.1")
+    gate = v311_gate(REFUSALS["3.1.1 broker"])
+    with MqttChat(gate.url, "dev1", timeout=60) as chat:
+        assert not chat.v5
+        reply = chat.complete(HELLO)
+    assert reply["object"] == "chat.completion"
+    assert gate.levels == [5, 4]
 
 
 def test_stream_seq_increases_and_final_chunk_has_usage(broker, serve, probe) -> None:
