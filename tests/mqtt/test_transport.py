@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 
 import pytest
 
 from edgerunner.mqtt_client import MqttChat, RemoteError, wait_for_status
+from edgerunner.runtime.mqtt_session import SessionOptions, connect_async, new_client
 from tests.mqtt.conftest import REFUSALS
 
 pytestmark = pytest.mark.mqtt
@@ -297,3 +299,20 @@ def test_request_nobody_subscribes_to_fails_fast_instead_of_timing_out(broker) -
         with pytest.raises(RemoteError) as err:
             list(chat.replies(request_id, timeout=10))
     assert err.value.code == "no_subscribers"
+
+
+def test_clients_turn_nagle_off(broker) -> None:
+    # with Nagle on, a request sent right after the PUBACK of a reply waits for a delayed ACK
+    client, address = new_client(broker.url, SessionOptions("nodelay-check"))
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    connect_async(client, address, SessionOptions("nodelay-check"))
+    client.loop_start()
+    try:
+        assert connected.wait(10)
+        sock = client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        client.disconnect()
+        client.loop_stop()
