@@ -114,16 +114,14 @@ def test_health_rss_matches_the_prediction_at_a_full_context(spawn: Any, bundle:
     assert serve.wait() == 0
 
 
-@pytest.mark.slow
-def test_sigterm_drains_in_flight_work_and_cleans_up(spawn: Any) -> None:
-    serve = spawn()
-    serve.wait_ready()
+def sigterm_mid_stream(serve: Any, max_tokens: int) -> list[str]:
+    """Start a long stream, SIGTERM the daemon at its first chunk; the SSE lines it got."""
     lines: list[str] = []
     first_chunk = threading.Event()
 
     def stream() -> None:
         with serve.client() as http, http.stream("POST", "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "numbers"}], "max_tokens": 150,
+            "messages": [{"role": "user", "content": "numbers"}], "max_tokens": max_tokens,
             "stream": True, "response_format": LONG,
         }) as r:
             for line in r.iter_lines():
@@ -135,6 +133,14 @@ def test_sigterm_drains_in_flight_work_and_cleans_up(spawn: Any) -> None:
     assert first_chunk.wait(60)
     serve.proc.send_signal(signal.SIGTERM)
     reader.join(120)
+    return lines
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_work_and_cleans_up(spawn: Any) -> None:
+    serve = spawn()
+    serve.wait_ready()
+    lines = sigterm_mid_stream(serve, max_tokens=150)
     assert serve.wait() == 0
     assert not serve.socket.exists()
     # the in-flight stream was finished, not cut
@@ -149,23 +155,7 @@ def test_sigterm_drains_in_flight_work_and_cleans_up(spawn: Any) -> None:
 def test_drain_timeout_cancels_what_is_left(spawn: Any) -> None:
     serve = spawn("--drain-timeout", "0.3")
     serve.wait_ready()
-    lines: list[str] = []
-    first_chunk = threading.Event()
-
-    def stream() -> None:
-        with serve.client() as http, http.stream("POST", "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "numbers"}], "max_tokens": 1800,
-            "stream": True, "response_format": LONG,
-        }) as r:
-            for line in r.iter_lines():
-                lines.append(line)
-                first_chunk.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert first_chunk.wait(60)
-    serve.proc.send_signal(signal.SIGTERM)
-    reader.join(120)
+    lines = sigterm_mid_stream(serve, max_tokens=1800)
     assert serve.wait() == 0
     assert not serve.socket.exists()
     error = json.loads([ln for ln in lines if ln.startswith('data: {"error"')][-1][6:])
