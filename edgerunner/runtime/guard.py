@@ -42,7 +42,10 @@ class MemorySnapshot:
 
     @property
     def headroom_mb(self) -> float:
-        """What this process could still allocate: min(MemAvailable, cgroup limit − usage)."""
+        """What this process could still allocate: min(MemAvailable, cgroup limit − usage).
+
+        The cgroup's usage leaves out clean, unmapped page cache (see _reclaimable_file_bytes).
+        """
         if self.cgroup_free_mb is None:
             return self.available_mb
         return min(self.available_mb, self.cgroup_free_mb)
@@ -127,13 +130,39 @@ def _cgroup_free_mb(group: Path, top: Path) -> float | None:
             limit = (node / "memory.max").read_text().strip()
             current = int((node / "memory.current").read_text().strip())
             if limit != "max":
-                here = (int(limit) - current) / MIB
+                used = max(current - _reclaimable_file_bytes(node), 0)
+                here = (int(limit) - used) / MIB
                 free = here if free is None else min(free, here)
         except (OSError, ValueError):
             pass
         if node == top or top not in node.parents:
             return None if free is None else max(free, 0.0)
         node = node.parent
+
+
+def _reclaimable_file_bytes(node: Path) -> int:
+    # memory.current counts the page cache of every file the group read: the model file the
+    # daemon just hashed, the .so files it imported. At memory.max the kernel drops clean
+    # file pages before it OOM-kills, so counting them as used would shrink n_ctx (or exit 3)
+    # for memory that is in fact there.
+    # Subtracted: active_file + inactive_file — reclaim at the limit takes active pages too
+    # once the inactive list runs dry, and shmem/tmpfs is on the anon lists, in neither.
+    # Kept as used: file_mapped (mapped pages are a working set — the mmapped weights, the
+    # code of loaded libraries; dropping them only thrashes) and file_dirty/file_writeback
+    # (they must be written back before they can go). What is subtracted is unmapped clean
+    # cache, the kind of memory MemAvailable also counts as available.
+    stat: dict[str, int] = {}
+    try:
+        for line in (node / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if value.strip().isdigit():
+                stat[key] = int(value)
+    except OSError:
+        return 0
+    cache = stat.get("active_file", 0) + stat.get("inactive_file", 0)
+    pinned = stat.get("file_mapped", 0) + stat.get("file_dirty", 0) + stat.get(
+        "file_writeback", 0)
+    return max(cache - pinned, 0)
 
 
 # ------------------------------------------------------------------------------ start-up fit

@@ -72,6 +72,47 @@ def test_a_parent_cgroup_limit_binds_too(tree: FakeTree) -> None:
     assert MemoryProbe(tree.root).read().headroom_mb == pytest.approx(100)
 
 
+def write_stat(group: Path, **mib: float) -> None:
+    """A cgroup v2 memory.stat (values in bytes, as the kernel writes them)."""
+    lines = [f"anon {300 * MIB}", "file_thp 0", "shmem 0"]
+    lines += [f"{key} {int(value * MIB)}" for key, value in mib.items()]
+    (group / "memory.stat").write_text("\n".join(lines) + "\n")
+
+
+def test_clean_unmapped_page_cache_counts_as_free(tree: FakeTree) -> None:
+    # the daemon just hashed a 300 MiB model: memory.current holds its page cache
+    tree.set(available_mb=4000, limit_mb=1000, current_mb=800, full_avg10=0.0)
+    probe = MemoryProbe(tree.root)
+    assert probe.read().headroom_mb == pytest.approx(200)  # no memory.stat: all of it used
+    write_stat(tree.group, active_file=100, inactive_file=350, file_mapped=40, file_dirty=8,
+               file_writeback=2)
+    # reclaimable: 100 + 350 - 40 mapped - 10 dirty/writeback = 400 MiB
+    assert probe.read().headroom_mb == pytest.approx(600)
+    # mapped (the mmapped weights) and dirty pages stay counted, whatever list they are on
+    write_stat(tree.group, active_file=100, inactive_file=50, file_mapped=400)
+    assert probe.read().headroom_mb == pytest.approx(200)
+
+
+def test_page_cache_does_not_shrink_the_start_up_fit(tree: FakeTree) -> None:
+    plan = RuntimePlan(n_ctx=4096)
+    estimate = scaled_estimate(MEMORY, 4096)  # 261 MiB
+    tree.set(available_mb=4000, limit_mb=500, current_mb=420, full_avg10=0.0)
+    write_stat(tree.group, active_file=30, inactive_file=300, file_mapped=20)
+    headroom = MemoryProbe(tree.root).read().headroom_mb
+    assert headroom == pytest.approx(390)  # 500 - (420 - 310)
+    fit = fit_plan(plan, estimate, headroom_mb=headroom, reserve_mb=100, strict=True)
+    assert fit.plan.n_ctx == 4096 and not fit.shrunk
+
+
+def test_parent_page_cache_is_subtracted_from_the_parent_only(tree: FakeTree) -> None:
+    parent = tree.group.parent
+    (parent / "memory.max").write_text(f"{1000 * MIB}\n")
+    (parent / "memory.current").write_text(f"{900 * MIB}\n")
+    write_stat(parent, inactive_file=500)
+    tree.set(available_mb=4000, limit_mb=None, current_mb=100, full_avg10=0.0)
+    assert MemoryProbe(tree.root).read().headroom_mb == pytest.approx(600)
+
+
 def test_missing_cgroup_and_psi_fall_back(tmp_path: Path) -> None:
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/meminfo").write_text("MemAvailable:  2048000 kB\n")
