@@ -207,6 +207,11 @@ class Scheduler:
         job = Job(request=request, prepared=prepared, sink=sink, deadline=timeout_at,
                   expires=deadline if deadline is not None and deadline < timeout_at else None)
         with self._cond:
+            # checked again under the lock: shutdown() may have emptied the queue since the
+            # check above, and a job appended after that would never get its final event
+            if self._stopping or not self._accepting:
+                raise RequestError("cancelled",
+                                   "the daemon is shutting down; retry on another device")
             if len(self._queue) >= self.queue_depth:
                 raise BusyError(
                     f"queue full ({self.queue_depth} waiting); retry later",
@@ -241,6 +246,11 @@ class Scheduler:
                     return False
                 self._cond.wait(min(left, 0.1))
         return True
+
+    @property
+    def stopped(self) -> bool:
+        """True once the worker thread has ended (or never started): the engine is free."""
+        return self._thread is None or not self._thread.is_alive()
 
     def shutdown(self, drain_timeout: float = 0.0) -> bool:
         """Drain, cancel whatever is left, stop the worker; True if nothing had to be cancelled."""

@@ -266,3 +266,90 @@ def test_keep_alive_unloads_when_idle_and_reloads_on_demand(default_model: Path)
     finally:
         scheduler.shutdown(5)
         engine.close()
+
+
+def test_submit_racing_shutdown_is_refused_not_dropped(engine: Engine) -> None:
+    # admission runs after submit's first accepting check and before it queues: hold the
+    # submit there while shutdown empties the queue, then let it go on
+    entered, release = threading.Event(), threading.Event()
+
+    def admission() -> None:
+        entered.set()
+        assert release.wait(30)
+
+    scheduler = Scheduler(engine, admission=admission)
+    scheduler.start()
+    outcome: dict[str, Any] = {}
+    sink = Collector()
+
+    def submit() -> None:
+        try:
+            outcome["job"] = scheduler.submit(chat("late", max_tokens=3), sink=sink)
+        except RequestError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    assert entered.wait(30)
+    assert scheduler.shutdown(0) and scheduler.stopped
+    release.set()
+    thread.join(30)
+    assert "job" not in outcome, "queued after shutdown: it would never get a final event"
+    assert outcome["error"].code == "cancelled" and "shutting down" in outcome["error"].message
+    assert scheduler.stats.refused["cancelled"] == 1 and sink.seen == []
+
+    # and a plain submit from another thread after shutdown
+    late: list[BaseException] = []
+    after = threading.Thread(target=lambda: late.extend(
+        _raised(lambda: scheduler.submit(chat("later"), sink=Collector()))))
+    after.start()
+    after.join(30)
+    assert isinstance(late[0], RequestError) and late[0].code == "cancelled"
+
+
+def _raised(call: Any) -> list[BaseException]:
+    try:
+        call()
+    except BaseException as exc:
+        return [exc]
+    return []
+
+
+def test_every_job_submitted_around_shutdown_gets_a_final_event(engine: Engine) -> None:
+    # round k: shutdown starts once k jobs are in, while the submitter keeps going
+    for head in range(8):
+        jobs = _race_shutdown(engine, head)
+        assert len(jobs) >= head
+        for job, sink in jobs:
+            assert job.wait(30), f"head start {head}: {job.id} never got a final event"
+            assert sum(isinstance(e, (DoneEvent, ErrorEvent)) for e in sink.seen) == 1
+
+
+def _race_shutdown(engine: Engine, head: int) -> list[tuple[Any, Collector]]:
+    scheduler = Scheduler(engine, queue_depth=256)  # more than the 200 it may submit
+    scheduler.start()
+    jobs: list[tuple[Any, Collector]] = []
+    refusals: list[RequestError] = []
+    head_start = threading.Event()
+
+    def submitter() -> None:
+        for i in range(200):
+            if i == head:
+                head_start.set()
+            sink = Collector()
+            try:
+                jobs.append((scheduler.submit(chat(f"{head} {i}", max_tokens=1), sink=sink),
+                             sink))
+            except RequestError as exc:
+                refusals.append(exc)
+                break
+        head_start.set()
+
+    thread = threading.Thread(target=submitter)
+    thread.start()
+    assert head_start.wait(30)
+    scheduler.shutdown(0)
+    thread.join(30)
+    assert scheduler.stopped
+    assert [r.code for r in refusals] == ["cancelled"]
+    return jobs
