@@ -3,15 +3,83 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpcore
 import httpx
 
 from edgerunner.errors import ClientError
 from edgerunner.paths import runtime_socket_path
+
+
+class _UnixStream(httpcore.NetworkStream):
+    """A connected unix socket as httpcore reads and writes it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._sock.settimeout(timeout)
+        try:
+            return self._sock.recv(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(str(exc)) from exc
+        except OSError as exc:
+            raise httpcore.ReadError(str(exc)) from exc
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.sendall(buffer)
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout(str(exc)) from exc
+        except OSError as exc:
+            raise httpcore.WriteError(str(exc)) from exc
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._sock if info == "socket" else None
+
+
+class _ClosingBackend(httpcore.SyncBackend):
+    """httpcore's backend, except that a failed unix connect closes its socket (httpcore's own
+    leaves it open: a ResourceWarning, and a file descriptor per attempt)."""
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except TimeoutError as exc:
+            sock.close()
+            raise httpcore.ConnectTimeout(str(exc)) from exc
+        except OSError as exc:
+            sock.close()
+            raise httpcore.ConnectError(str(exc)) from exc
+        return _UnixStream(sock)
+
+
+class _UnixTransport(httpx.HTTPTransport):
+    """httpx's transport over a unix socket, with the closing backend."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(uds=path)
+        # httpx builds its pool without a way to pass a backend; same defaults as httpx's
+        limits = httpx.Limits()
+        self._pool = httpcore.ConnectionPool(
+            uds=path, network_backend=_ClosingBackend(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry)
 
 
 class Client:
@@ -20,7 +88,7 @@ class Client:
     def __init__(self, socket_path: Path | None = None, *, base_url: str | None = None,
                  timeout: float = 600.0) -> None:
         self.socket_path = None if base_url else Path(socket_path or runtime_socket_path())
-        transport = (httpx.HTTPTransport(uds=str(self.socket_path))
+        transport = (_UnixTransport(str(self.socket_path))
                      if self.socket_path is not None else None)
         self.where = f"unix:{self.socket_path}" if self.socket_path else str(base_url)
         self._http = httpx.Client(transport=transport, base_url=base_url or "http://edgerunner",
@@ -39,7 +107,7 @@ class Client:
         self._http.close()
 
     def _check_socket(self) -> None:
-        # httpcore leaks its socket when a unix connect fails, so rule out the common case first
+        # a missing socket file is the common mistake: say so plainly
         if self.socket_path is not None and not self.socket_path.exists():
             raise self._unreachable(FileNotFoundError(f"{self.socket_path} does not exist"))
 

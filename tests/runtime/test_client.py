@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import socket
+import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -34,6 +39,27 @@ def test_client_names_an_unreachable_socket(short_tmp: Path) -> None:
     with Client(short_tmp / "nobody.sock") as client, pytest.raises(ClientError) as info:
         client.chat([{"role": "user", "content": "x"}])
     assert "nobody.sock" in str(info.value) and "edgerunner serve" in str(info.value)
+
+
+def test_client_closes_its_socket_when_the_daemon_is_gone(short_tmp: Path) -> None:
+    # a socket file left by a daemon that died: the connect is refused; the failed connect's
+    # socket must be closed (an unclosed one is a ResourceWarning, an error under this suite)
+    stale = short_tmp / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(stale))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        for _ in range(3):
+            with Client(stale) as client, pytest.raises(ClientError) as info:
+                client.chat([{"role": "user", "content": "x"}])
+            assert "Connection refused" in str(info.value) and "stale.sock" in str(info.value)
+        unraisable: list[Any] = []
+        hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+        try:
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+    assert [u.exc_value for u in unraisable] == []
 
 
 def test_ask_streams_the_answer(served: RunningDaemon) -> None:

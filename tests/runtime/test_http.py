@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import time
 from typing import Any
@@ -216,6 +217,32 @@ def test_client_disconnect_mid_stream_cancels_the_job(
         time.sleep(0.05)
     assert stats.failed["cancelled"] == cancelled_before + 1
     assert stats.completion_tokens - tokens_before < 1500
+    assert_serving(http)
+
+
+def test_client_disconnect_while_waiting_for_a_whole_answer_cancels_the_job(
+    http: httpx.Client, served: RunningDaemon
+) -> None:
+    scheduler = served.daemon.scheduler
+    assert scheduler is not None
+    cancelled_before = scheduler.stats.failed["cancelled"]
+    tokens_before = scheduler.stats.completion_tokens
+    body = json.dumps({"messages": MSG, "max_tokens": 1500, "response_format": LONG}).encode()
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(served.socket))
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: edgerunner\r\n"
+                    b"Content-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while not scheduler.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.busy, "the request never started"
+    # the client hung up before any byte of the answer: the worker notices and stops
+    deadline = time.monotonic() + 30
+    while scheduler.stats.failed["cancelled"] == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler.stats.failed["cancelled"] == cancelled_before + 1
+    assert scheduler.stats.completion_tokens - tokens_before < 1500
     assert_serving(http)
 
 
