@@ -38,7 +38,7 @@ from edgerunner.runtime.guard import (
 from edgerunner.runtime.http import HttpTransport, create_app
 from edgerunner.runtime.metrics import render_metrics
 from edgerunner.runtime.predict import predict_totals
-from edgerunner.runtime.scheduler import Scheduler
+from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class Daemon:
         self._read_thermal = getattr(thermal, "read_thermal", None)
         self.governor: Any = None
         self.temperature_c: float | None = None
+        self.worker_stop_s = WORKER_STOP_S  # how long a cancelled job may take to let go
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -235,7 +236,8 @@ class Daemon:
         scheduler = self.scheduler
         if scheduler is not None:
             scheduler.stop_accepting()
-            clean = await asyncio.to_thread(scheduler.shutdown, self.config.drain_timeout_s)
+            clean = await asyncio.to_thread(scheduler.shutdown, self.config.drain_timeout_s,
+                                            self.worker_stop_s)
             if not clean:
                 logger.warning("drain timeout (%.0f s) passed; cancelled the remaining work",
                                self.config.drain_timeout_s)
@@ -251,7 +253,15 @@ class Daemon:
         if self.guard is not None:
             self.guard.stop()
         if self.engine is not None:
-            self.engine.close()
+            if scheduler is None or scheduler.stopped:
+                self.engine.close()
+            else:
+                # freeing the model under a worker still inside llama.cpp would crash it; the
+                # process exit frees the memory instead
+                logger.error("the inference worker is still running; leaving the model loaded "
+                             "and exiting with an error")
+                if self.exit_code == EXIT_OK:
+                    self.exit_code = EXIT_ERROR
         self.state = "stopped"
         logger.info("stopped with exit code %d", self.exit_code)
 

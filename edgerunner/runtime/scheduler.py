@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 Sink = Callable[[Event], None]
 IDLE_WAKEUP_S = 1.0  # an idle worker still beats this often
+WORKER_STOP_S = 5.0  # a cancelled job ends within a token or a ubatch; longer means stuck
 AdmissionCheck = Callable[[], None]
 
 
@@ -252,8 +253,12 @@ class Scheduler:
         """True once the worker thread has ended (or never started): the engine is free."""
         return self._thread is None or not self._thread.is_alive()
 
-    def shutdown(self, drain_timeout: float = 0.0) -> bool:
-        """Drain, cancel whatever is left, stop the worker; True if nothing had to be cancelled."""
+    def shutdown(self, drain_timeout: float = 0.0, join_timeout: float = WORKER_STOP_S) -> bool:
+        """Drain, cancel whatever is left, stop the worker; True if nothing had to be cancelled.
+
+        A cancelled job stops within one token (or one ubatch of its prompt); a worker still
+        running `join_timeout` seconds later is stuck, and `stopped` stays False.
+        """
         clean = self.drain(drain_timeout)
         with self._cond:
             leftovers = list(self._queue)
@@ -266,7 +271,10 @@ class Scheduler:
             self._finish(job, ErrorEvent(RequestError(
                 "cancelled", "the daemon shut down before this request ran; retry")))
         if self._thread is not None:
-            self._thread.join(timeout=max(5.0, drain_timeout))
+            self._thread.join(timeout=join_timeout)
+            if self._thread.is_alive():
+                logger.error("the inference worker did not stop within %g s of its cancel",
+                             join_timeout)
         return clean and not leftovers
 
     # -- worker ---------------------------------------------------------------------------

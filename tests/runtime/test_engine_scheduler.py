@@ -353,3 +353,26 @@ def _race_shutdown(engine: Engine, head: int) -> list[tuple[Any, Collector]]:
     assert scheduler.stopped
     assert [r.code for r in refusals] == ["cancelled"]
     return jobs
+
+
+def test_a_worker_that_does_not_stop_is_reported(engine: Engine) -> None:
+    scheduler = Scheduler(engine)
+    scheduler.start()
+    gate, generating = threading.Event(), threading.Event()
+    # a sink stuck on the worker thread stands in for a worker stuck inside llama.cpp
+    sink = Collector(on_text=lambda e: (generating.set(), gate.wait(60)))
+    job = scheduler.submit(chat("n", max_tokens=20, stream=True), sink=sink)
+    assert generating.wait(30)
+    try:
+        scheduler.shutdown(drain_timeout=0, join_timeout=0.2)
+        assert not scheduler.stopped  # the engine must not be freed yet
+    finally:
+        gate.set()
+    final = sink.final()
+    assert isinstance(final, ErrorEvent) and final.error.code == "cancelled"
+    assert job.finished
+    for _ in range(600):
+        if scheduler.stopped:
+            break
+        gate.wait(0.05)
+    assert scheduler.stopped
