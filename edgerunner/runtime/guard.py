@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import psutil
 from edgerunner.errors import PlanError
 from edgerunner.manifest import MemoryEstimate, RuntimePlan
 from edgerunner.runtime.protocol import RequestError
+from edgerunner.runtime.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
@@ -260,8 +260,7 @@ class MemoryGuard:
         self.peak_rss_mb = 0.0
         self.rss_exceeded = False
         self.refusals = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("memory-guard", poll_s, self.check)
 
     def check(self) -> MemorySnapshot:
         """Read once and update the state (the poll thread calls this)."""
@@ -304,21 +303,10 @@ class MemoryGuard:
             )
 
     def start(self) -> None:
-        """Poll from a background thread until stop()."""
+        """Check now, then poll from a background thread until stop()."""
         self.check()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="memory-guard", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self.check()
-            except Exception:  # a broken /proc read must not kill the guard thread
-                logger.exception("memory guard poll failed")
+        """Stop polling."""
+        self._ticker.stop()

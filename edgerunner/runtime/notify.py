@@ -11,9 +11,10 @@ import asyncio
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
+
+from edgerunner.runtime.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +136,7 @@ class Watchdog:
         self.notifier = notifier
         self.is_alive = is_alive
         self.interval = interval if interval is not None else watchdog_interval()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("sd-watchdog", self.interval or 1.0, self.tick)
         self.pings = 0
         self.missed = 0
 
@@ -166,19 +166,15 @@ class Watchdog:
         return False
 
     def start(self) -> None:
-        """Ping from a background thread until stop(); no-op without a watchdog."""
-        if not self.enabled or self._thread is not None:
+        """Ping now, then from a background thread until stop(); no-op without a watchdog."""
+        if not self.enabled or self._ticker.running:
             return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="sd-watchdog", daemon=True)
-        self._thread.start()
+        self.tick()
+        self._ticker.start()
 
     def stop(self) -> None:
         """Stop the background thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._ticker.stop()
 
     async def run(self) -> None:
         """Ping from the event loop until cancelled: a blocked loop also stops the pings."""
@@ -188,13 +184,6 @@ class Watchdog:
         while True:
             self.tick()
             await asyncio.sleep(self.interval)
-
-    def _loop(self) -> None:
-        assert self.interval is not None
-        while True:
-            self.tick()
-            if self._stop.wait(self.interval):
-                return
 
 
 def format_status(
