@@ -22,7 +22,7 @@ from edgerunner.runtime.protocol import (
     TextEvent,
     parse_request,
 )
-from edgerunner.runtime.scheduler import Scheduler
+from edgerunner.runtime.scheduler import Job, Scheduler
 
 PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
                    n_batch=256, n_ubatch=256)
@@ -65,6 +65,16 @@ class Collector:
 
     def texts(self) -> list[str]:
         return [e.text for e in self.seen if isinstance(e, TextEvent)]
+
+
+def hold_worker(scheduler: Scheduler, max_tokens: int = 3) -> tuple[threading.Event, Collector,
+                                                                   Job]:
+    """Submit a streaming job whose sink holds the worker until the returned gate is set."""
+    gate, generating = threading.Event(), threading.Event()
+    blocker = Collector(on_text=lambda e: (generating.set(), gate.wait(30)))
+    job = scheduler.submit(chat("n", max_tokens=max_tokens, stream=True), sink=blocker)
+    assert generating.wait(30)
+    return gate, blocker, job
 
 
 def test_chat_template_and_greedy_generation(engine: Engine) -> None:
@@ -143,10 +153,7 @@ def test_scheduler_admission_queue_and_events(engine: Engine) -> None:
             scheduler.submit(chat("x", model="gpt-4"), sink=Collector())
         assert info.value.code == "model_not_found" and "smol" in info.value.message
 
-        gate, generating = threading.Event(), threading.Event()
-        blocker = Collector(on_text=lambda e: (generating.set(), gate.wait(30)))
-        running = scheduler.submit(chat("n", max_tokens=5, stream=True), sink=blocker)
-        assert generating.wait(30)  # the worker holds this job; the queue is empty
+        gate, blocker, running = hold_worker(scheduler, max_tokens=5)  # the queue is empty
         sinks = [Collector(), Collector()]
         queued = [scheduler.submit(chat(f"q{i}", max_tokens=3), sink=s)
                   for i, s in enumerate(sinks)]
@@ -172,10 +179,7 @@ def test_queued_request_past_its_deadline_times_out(engine: Engine) -> None:
     scheduler = Scheduler(engine, queue_depth=4, request_timeout_s=0.2)
     scheduler.start()
     try:
-        gate, generating = threading.Event(), threading.Event()
-        blocker = Collector(on_text=lambda e: (generating.set(), gate.wait(30)))
-        scheduler.submit(chat("n", max_tokens=3, stream=True), sink=blocker)
-        assert generating.wait(30)
+        gate, blocker, _ = hold_worker(scheduler)
         waiting = Collector()
         scheduler.submit(chat("late", max_tokens=3), sink=waiting)
         threading.Timer(0.5, gate.set).start()
@@ -192,10 +196,7 @@ def test_explicit_deadline_expires_a_queued_job_with_its_own_message(engine: Eng
     scheduler = Scheduler(engine, queue_depth=4, request_timeout_s=300)
     scheduler.start()
     try:
-        gate, generating = threading.Event(), threading.Event()
-        blocker = Collector(on_text=lambda e: (generating.set(), gate.wait(30)))
-        scheduler.submit(chat("n", max_tokens=3, stream=True), sink=blocker)
-        assert generating.wait(30)
+        gate, blocker, _ = hold_worker(scheduler)
         expiring, patient = Collector(), Collector()
         scheduler.submit(chat("late", max_tokens=3), sink=expiring,
                          deadline=time.monotonic() + 0.2)
