@@ -57,6 +57,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     text: str
+    prompt_evaluated: int = 0  # prompt tokens in the context; fewer when stopped mid-prompt
 
 
 def llama_kwargs(plan: RuntimePlan, n_threads: int | None = None) -> dict[str, Any]:
@@ -293,6 +294,7 @@ class Engine:
         llm = self._llm
         assert llm is not None
         llm.tracked = []
+        llm.aborted_at = None
         llm.should_stop = should_stop
         pieces: list[str] = []
         finish: FinishReason | None = None
@@ -318,23 +320,61 @@ class Engine:
                         finish = choice["finish_reason"]
                     if llm.interrupted:
                         break
+        except RuntimeError:
+            # llama_cpp raises "llama_decode returned 2" when our abort callback stopped it
+            if llm.aborted_at is None:
+                raise
+            llm.forget_context()
         finally:
             llm.should_stop = None
+        n_prompt = len(prepared.prompt_tokens)
         eog = sum(1 for t in llm.tracked if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
         return Outcome(
             finish_reason=None if llm.interrupted else (finish or "length"),
-            prompt_tokens=len(prepared.prompt_tokens),
+            prompt_tokens=n_prompt,
             completion_tokens=len(llm.tracked) - eog,
             text="".join(pieces),
+            # a sampled token means the whole prompt was in; else the abort cut its evaluation
+            prompt_evaluated=(n_prompt if llm.tracked or llm.aborted_at is None
+                              else min(llm.aborted_at, n_prompt)),
         )
 
 
 class _TrackedLlama(llama_cpp.Llama):
-    """Llama that records each sampled token and can be stopped between any two tokens."""
+    """Llama that records each sampled token and can be stopped between any two tokens, and
+    inside a decode (the prompt's too) through llama.cpp's abort callback."""
 
     tracked: list[int]
     should_stop: Callable[[], bool] | None = None
     interrupted = False
+    aborted_at: int | None = None  # n_tokens when the abort callback stopped a decode
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # llama.cpp polls this between graph nodes, so a long prompt stops within one ubatch;
+        # the ctypes object must outlive the context, hence the attribute
+        self._abort_callback = llama_cpp.ggml_abort_callback(self._abort_requested)
+        llama_cpp.llama_set_abort_callback(self.ctx, self._abort_callback, None)
+
+    def _abort_requested(self, _data: Any) -> bool:
+        should_stop = self.should_stop
+        if should_stop is None:
+            return False
+        try:
+            stop = should_stop()
+        except Exception:  # an exception cannot cross into C; keep decoding
+            logger.exception("should_stop failed inside llama_decode")
+            return False
+        if stop:
+            self.interrupted = True
+            self.aborted_at = self.n_tokens
+        return stop
+
+    def forget_context(self) -> None:
+        """After an aborted decode: drop the KV cache and the token history, so the next request
+        evaluates its prompt from scratch on a clean context."""
+        self.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def generate(self, *args: Any, **kwargs: Any) -> Iterator[int]:  # type: ignore[override]
         self.interrupted = False

@@ -345,7 +345,7 @@ class Scheduler:
         outcome = self.engine.run(job.prepared, on_text if stream else None, should_stop)
         elapsed = time.monotonic() - started
         self.stats.avg_job_seconds = 0.8 * self.stats.avg_job_seconds + 0.2 * elapsed
-        self.stats.prompt_tokens += outcome.prompt_tokens
+        self.stats.prompt_tokens += outcome.prompt_evaluated
         self.stats.completion_tokens += outcome.completion_tokens
         self.stats.generation_seconds += elapsed
         if outcome.finish_reason is None:

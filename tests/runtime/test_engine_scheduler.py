@@ -72,7 +72,10 @@ def hold_worker(scheduler: Scheduler, max_tokens: int = 3) -> tuple[threading.Ev
     """Submit a streaming job whose sink holds the worker until the returned gate is set."""
     gate, generating = threading.Event(), threading.Event()
     blocker = Collector(on_text=lambda e: (generating.set(), gate.wait(30)))
-    job = scheduler.submit(chat("n", max_tokens=max_tokens, stream=True), sink=blocker)
+    # greedy digits under a grammar: the first piece streams at once (free text may be held
+    # back to the end as a partial UTF-8 character, and then nothing runs after the gate)
+    job = scheduler.submit(chat("n", max_tokens=max_tokens, stream=True, temperature=0,
+                                response_format=LONG), sink=blocker)
     assert generating.wait(30)
     return gate, blocker, job
 
@@ -126,16 +129,75 @@ def test_invalid_json_schema_is_a_request_error(engine: Engine, schema: dict) ->
 
 def test_cancel_stops_within_one_token(engine: Engine) -> None:
     request = chat("numbers", temperature=0, max_tokens=300, response_format=LONG)
-    calls = 0
-
-    def stop_after_five() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 5
-
-    out = engine.run(engine.prepare(request, 100), None, stop_after_five)
+    pieces: list[str] = []
+    # should_stop is polled inside llama.cpp too: it turns true once five pieces are out
+    out = engine.run(engine.prepare(request, 100), pieces.append, lambda: len(pieces) >= 5)
     assert out.finish_reason is None  # interrupted
-    assert out.completion_tokens == 5  # the token sampled when the flag was seen is dropped
+    assert len(pieces) == 5 and out.text == "".join(pieces)
+    assert out.completion_tokens == 5  # the decode of the sixth token was aborted
+    assert out.prompt_evaluated == out.prompt_tokens
+
+
+def test_cancel_during_a_long_prompt_stops_within_a_ubatch(default_model: Path) -> None:
+    plan = PLAN.model_copy(update={"n_ctx": 2048})
+    eng = Engine(default_model, plan, name="smol")
+    eng.load()
+    try:
+        short = eng.prepare(chat("Say hi.", temperature=0, max_tokens=8), 8)
+        before = eng.run(short, None, lambda: False)
+        long = eng.prepare(parse_request("completion", {"prompt": "word " * 1500,
+                                                        "max_tokens": 8}), 8)
+        assert 1400 < len(long.prompt_tokens) < plan.n_ctx - 8
+        calls = 0
+
+        def stop_soon() -> bool:  # true from the fourth poll on: inside the first ubatch
+            nonlocal calls
+            calls += 1
+            return calls > 3
+
+        out = eng.run(long, None, stop_soon)
+        assert out.finish_reason is None and out.completion_tokens == 0 and out.text == ""
+        # without the abort callback the whole prompt would be evaluated before the first poll
+        assert out.prompt_evaluated < plan.n_ubatch
+        # the aborted decode left a usable context: the next request answers as before
+        after = eng.run(short, None, lambda: False)
+        assert after.finish_reason is not None and after.completion_tokens >= 1
+        assert after.text == before.text
+    finally:
+        eng.close()
+
+
+def test_job_cancelled_during_its_prompt_ends_cancelled_and_the_next_one_runs(
+    engine: Engine,
+) -> None:
+    beats_while_busy = 0
+    in_decode = threading.Event()
+
+    def heartbeat() -> None:
+        # the worker beats once as it takes the job, then on every poll from inside llama.cpp
+        nonlocal beats_while_busy
+        if scheduler.busy:
+            beats_while_busy += 1
+            if beats_while_busy >= 3:
+                in_decode.set()
+
+    scheduler = Scheduler(engine, heartbeat=heartbeat)
+    scheduler.start()
+    try:
+        sink = Collector()
+        job = scheduler.submit(parse_request("completion", {"prompt": "word " * 900,
+                                                            "max_tokens": 8}), sink=sink)
+        assert in_decode.wait(60)
+        job.cancel()
+        final = sink.final()
+        assert isinstance(final, ErrorEvent) and final.error.code == "cancelled"
+        assert scheduler.stats.completion_tokens == 0
+        assert scheduler.stats.prompt_tokens < len(job.prepared.prompt_tokens)  # cut short
+        after = Collector()
+        scheduler.submit(chat("hi", max_tokens=3), sink=after)
+        assert isinstance(after.final(), DoneEvent)
+    finally:
+        scheduler.shutdown(5)
 
 
 def test_scheduler_admission_queue_and_events(engine: Engine) -> None:
