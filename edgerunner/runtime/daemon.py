@@ -204,7 +204,7 @@ class Daemon:
             default_max_tokens=config.default_max_tokens, keep_alive_s=config.keep_alive_s,
             admission=self.guard.admit, log_prompts=config.log_prompts,
             heartbeat=self.heartbeat.beat if self.heartbeat is not None else None,
-            before_job=self._before_job,
+            before_job=self._before_job, reload_budget_s=self._expected_load_s() + 30,
         )
         self.guard.start()
         self.scheduler.start()

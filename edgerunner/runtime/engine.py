@@ -3,7 +3,7 @@ time with the model's own chat template, stop sequences, grammars and cancellati
 
 Only the scheduler's worker thread calls `load`, `unload` and `run`. `prepare` (template, tokenize,
 grammar check) uses a separate vocab-only model and may be called from any thread, so admission
-works even while the weights are unloaded by keep_alive.
+works even while the weights are unloaded by keep_alive, and while they load again.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class Engine:
         self._vocab_only: LlamaModel | None = None
         self._formatter: Callable[..., llama_chat_format.ChatFormatterResponse] | None = None
         self._lock = threading.RLock()  # guards swapping the model under the tokenizer
+        self._load_lock = threading.Lock()  # one load or unload at a time; admission never waits
         self.load_seconds = 0.0
 
     @property
@@ -131,24 +132,31 @@ class Engine:
 
     def load(self) -> None:
         """Load the weights and create the context as the plan says."""
-        with self._lock:
+        with self._load_lock:
             if self._llm is not None:
                 return
             started = time.perf_counter()
             kwargs = llama_kwargs(self.plan, self.n_threads)
+            # outside self._lock: admission tokenizes with the vocab-only copy meanwhile,
+            # however long the weights take to map
             try:
-                self._llm = _TrackedLlama(str(self.model_path), **kwargs)
+                llm = self._open_model(kwargs)
             except (ValueError, RuntimeError) as exc:
                 raise ModelError(f"llama.cpp failed to load {self.model_path}: {exc}",
                                  "check free memory and the bundle's plan (n_ctx, kv_type)"
                                  ) from exc
             self.load_seconds = time.perf_counter() - started
-            # the full model carries its own vocabulary; a second copy would only cost RSS
-            vocab_only, self._vocab_only = self._vocab_only, None
+            with self._lock:
+                self._llm = llm
+                # the full model carries its own vocabulary; a second copy would only cost RSS
+                vocab_only, self._vocab_only = self._vocab_only, None
             if vocab_only is not None:
-                vocab_only.close()
+                vocab_only.close()  # swapped out under the lock: nobody is using it
         logger.info("model loaded", extra={"event": "model_loaded", "seconds": self.load_seconds,
                                            "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
+
+    def _open_model(self, kwargs: dict[str, Any]) -> _TrackedLlama:
+        return _TrackedLlama(str(self.model_path), **kwargs)
 
     def set_threads(self, n_threads: int) -> None:
         """Change decode threads between requests (the thermal governor's lever)."""
@@ -159,10 +167,11 @@ class Engine:
 
     def unload(self) -> None:
         """Free the weights and the KV cache (admission then uses a vocab-only copy)."""
-        with self._lock:
-            llm, self._llm = self._llm, None
+        with self._load_lock:
+            with self._lock:
+                llm, self._llm = self._llm, None
             if llm is not None:
-                llm.close()
+                llm.close()  # swapped out under the lock: nobody is using it
         if llm is not None:
             logger.info("model unloaded", extra={"event": "model_unloaded"})
 

@@ -15,8 +15,8 @@ Contract for transports (HTTP, MQTT, anything else):
   one final event — a job is never dropped silently. The sink must be quick and thread-safe
   (e.g. `loop.call_soon_threadsafe(queue.put_nowait, event)` for asyncio, or a paho publish). If
   the sink raises, the job is cancelled.
-* `job.cancel()` (any thread) stops generation within one token; the final event is then
-  `ErrorEvent(code="cancelled")`.
+* `job.cancel()` (any thread) stops generation within one token (within one ubatch while the
+  prompt is evaluated); the final event is then `ErrorEvent(code="cancelled")`.
 * Every job has the daemon's `request_timeout_s`; `deadline=` (absolute `time.monotonic()`,
   e.g. from MQTT Message Expiry) can only make it earlier. A job whose deadline passes while
   queued is answered with `ErrorEvent(code="timeout")` without generating (the message says
@@ -129,6 +129,7 @@ class Scheduler:
         log_prompts: bool = False,
         heartbeat: Callable[[], None] | None = None,
         before_job: Callable[[Engine], None] | None = None,
+        reload_budget_s: float = 60.0,
     ) -> None:
         self.engine = engine
         self.queue_depth = queue_depth
@@ -141,6 +142,8 @@ class Scheduler:
         self.heartbeat = heartbeat or (lambda: None)
         # before_job: runs on the worker thread before each job (thermal thread changes)
         self.before_job = before_job
+        # a keep_alive reload beats the heartbeat for up to this long (then a hung load shows)
+        self.reload_budget_s = reload_budget_s
         self.stats = Stats()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -326,6 +329,8 @@ class Scheduler:
         if job.overdue(time.monotonic()):
             self._finish(job, ErrorEvent(self._timeout(job, queued=True)))
             return
+        if not self.engine.loaded:
+            self._reload()
         if self.before_job is not None:
             self.before_job(self.engine)
         started = time.monotonic()
@@ -362,6 +367,25 @@ class Scheduler:
         if self.log_prompts:
             logger.info("output %s: %r", job.id, outcome.text)
         self._finish(job, DoneEvent(outcome.text, outcome.finish_reason, usage))
+
+    def _reload(self) -> None:
+        # mapping the weights again can outlast the watchdog's silence limit: beat meanwhile,
+        # but only for the time a load may take, so a load that hangs still stops the pings
+        done = threading.Event()
+
+        def beat() -> None:
+            end = time.monotonic() + self.reload_budget_s
+            while not done.wait(IDLE_WAKEUP_S) and time.monotonic() < end:
+                self.heartbeat()
+
+        beater = threading.Thread(target=beat, name="edgerunner-reload-beat", daemon=True)
+        beater.start()
+        try:
+            self.engine.load()
+        finally:
+            done.set()
+            beater.join()
+        self.heartbeat()
 
     def _timeout(self, job: Job, *, queued: bool) -> RequestError:
         # the caller's deadline binds when it was set (it is never later than the timeout)

@@ -439,3 +439,54 @@ def test_a_worker_that_does_not_stop_is_reported(engine: Engine) -> None:
             break
         gate.wait(0.05)
     assert scheduler.stopped
+
+
+class SlowLoadEngine(Engine):
+    """An Engine whose weights take until `release` is set to map (a slow SD card)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loading, self.release = threading.Event(), threading.Event()
+
+    def _open_model(self, kwargs: dict[str, Any]) -> Any:
+        self.loading.set()
+        assert self.release.wait(60)
+        return super()._open_model(kwargs)
+
+
+def test_admission_answers_while_the_model_reloads(default_model: Path) -> None:
+    engine = SlowLoadEngine(default_model, PLAN, name="smol")  # unloaded, as after keep_alive
+    beats: list[float] = []
+    scheduler = Scheduler(engine, heartbeat=lambda: beats.append(time.monotonic()))
+    scheduler.start()
+    try:
+        first = Collector()
+        scheduler.submit(chat("hi", max_tokens=3), sink=first)
+        assert engine.loading.wait(30)  # the worker is inside the reload
+        answered: list[Any] = []
+
+        def admit() -> None:
+            answered.append(scheduler.submit(chat("second", max_tokens=3), sink=second))
+            answered.extend(_raised(lambda: scheduler.submit(chat("word " * 1500), sink=second)))
+
+        second = Collector()
+        thread = threading.Thread(target=admit)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "admission waited for the reload"
+        assert not engine.release.is_set() and not engine.loaded
+        assert isinstance(answered[1], RequestError)
+        assert answered[1].code == "context_length_exceeded"
+        # the watchdog's heartbeat keeps coming while the worker is inside the load
+        during = len(beats)
+        for _ in range(3000):
+            if len(beats) > during:
+                break
+            time.sleep(0.01)
+        assert len(beats) > during and not engine.loaded
+        engine.release.set()
+        assert isinstance(first.final(), DoneEvent) and isinstance(second.final(), DoneEvent)
+    finally:
+        engine.release.set()
+        scheduler.shutdown(5)
+        engine.close()
