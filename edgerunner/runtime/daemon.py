@@ -12,7 +12,6 @@ Exit codes (systemd's Restart=on-failure restarts on any non-zero one):
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import signal
@@ -37,8 +36,16 @@ from edgerunner.runtime.guard import (
 )
 from edgerunner.runtime.http import HttpTransport, create_app
 from edgerunner.runtime.metrics import render_metrics
+from edgerunner.runtime.notify import (
+    Heartbeat,
+    Notifier,
+    Watchdog,
+    format_status,
+    watchdog_interval,
+)
 from edgerunner.runtime.predict import predict_totals
 from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
+from edgerunner.thermal import ThermalGovernor, read_thermal
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +98,6 @@ def memory_estimator(bundle: Bundle) -> Callable[[int], float]:
     return estimate
 
 
-def _optional(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 class Daemon:
     """One bundle served under one config. `run()` returns the process exit code."""
 
@@ -118,13 +118,10 @@ class Daemon:
         self._estimate = memory_estimator(bundle)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        notify = _optional("edgerunner.runtime.notify")
-        self.notifier = notify.Notifier() if notify else None
-        self.heartbeat: Any = None
-        self.watchdog: Any = None
-        thermal = _optional("edgerunner.thermal")
-        self._read_thermal = getattr(thermal, "read_thermal", None)
-        self.governor: Any = None
+        self.notifier = Notifier()
+        self.heartbeat: Heartbeat | None = None
+        self.watchdog: Watchdog | None = None
+        self.governor: ThermalGovernor | None = None
         self.temperature_c: float | None = None
         self.worker_stop_s = WORKER_STOP_S  # how long a cancelled job may take to let go
 
@@ -268,31 +265,24 @@ class Daemon:
     # -- hooks --------------------------------------------------------------------------------
 
     def _notify(self, method: str, *args: Any) -> None:
-        if self.notifier is not None:
-            getattr(self.notifier, method)(*args)
+        getattr(self.notifier, method)(*args)
 
     def _expected_load_s(self) -> float:
         size_mb = self.bundle.model_path.stat().st_size / 2**20
         return size_mb / self.manifest.profile.storage.read_mbs
 
     def _setup_watchdog(self) -> None:
-        notify = _optional("edgerunner.runtime.notify")
-        if notify is None or self.notifier is None:
-            return
-        interval = notify.watchdog_interval()
+        interval = watchdog_interval()
         if interval is None:
             return
         # silent for longer than the ping interval → stop pinging → systemd restarts us
-        self.heartbeat = notify.Heartbeat(max_silence=max(interval, 5.0))
-        self.watchdog = notify.Watchdog(self.notifier, self.heartbeat.is_alive, interval)
+        self.heartbeat = Heartbeat(max_silence=max(interval, 5.0))
+        self.watchdog = Watchdog(self.notifier, self.heartbeat.is_alive, interval)
 
     def _setup_thermal(self) -> None:
-        thermal = _optional("edgerunner.thermal")
-        if thermal is None or not hasattr(thermal, "ThermalGovernor"):
-            return
         assert self.fit is not None
         base = self.config.n_threads or self.fit.plan.n_threads
-        self.governor = thermal.ThermalGovernor(self.manifest.profile.thermal, base)
+        self.governor = ThermalGovernor(self.manifest.profile.thermal, base)
 
     def _before_job(self, engine: Engine) -> None:
         if self.governor is None:
@@ -304,14 +294,14 @@ class Daemon:
 
     def _on_poll(self, snap: MemorySnapshot) -> None:
         # the guard thread polls; piggyback temperature and the systemd STATUS line on it
-        if self._read_thermal is not None:
-            try:
-                reading = self._read_thermal(self.config.guard_root)
-                self.temperature_c = reading.max_c
-                if self.governor is not None:
-                    self.governor.update(reading)
-            except Exception:
-                logger.debug("thermal read failed", exc_info=True)
+        try:
+            reading = read_thermal(self.config.guard_root)
+        except Exception:  # a sysfs tree stranger than read_thermal expects: no reading
+            logger.debug("thermal read failed", exc_info=True)
+        else:
+            self.temperature_c = reading.max_c
+            if self.governor is not None:
+                self.governor.update(reading)
         if self.state == "ready":
             self._notify("status", self._status_line())
 
@@ -382,14 +372,10 @@ class Daemon:
     def _status_line(self) -> str:
         info = self.info()
         mem, queue = info["memory"], info["queue"]
-        notify = _optional("edgerunner.runtime.notify")
-        if notify is not None and hasattr(notify, "format_status"):
-            text: str = notify.format_status(
-                self.manifest.name, info["plan"]["quant"], info["plan"]["n_ctx"],
-                queue["depth"], queue["max"], mem["rss_mb"], mem["predicted_mb"] or 0.0,
-                self.temperature_c, info["state"])
-            return text
-        return f"{info['state']}: {self.manifest.name}"
+        return format_status(
+            self.manifest.name, info["plan"]["quant"], info["plan"]["n_ctx"], queue["depth"],
+            queue["max"], mem["rss_mb"], mem["predicted_mb"] or 0.0, self.temperature_c,
+            info["state"])
 
 
 def serve(bundle: Bundle, config: ServeConfig) -> int:
