@@ -45,7 +45,7 @@ from edgerunner.runtime.notify import (
 )
 from edgerunner.runtime.predict import predict_totals
 from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
-from edgerunner.thermal import ThermalGovernor, read_thermal
+from edgerunner.thermal import ThermalGovernor, ThrottleFlags, read_thermal
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class Daemon:
         self.watchdog: Watchdog | None = None
         self.governor: ThermalGovernor | None = None
         self.temperature_c: float | None = None
+        self.throttle: ThrottleFlags | None = None
         self.worker_stop_s = WORKER_STOP_S  # how long a cancelled job may take to let go
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -300,6 +301,7 @@ class Daemon:
             logger.debug("thermal read failed", exc_info=True)
         else:
             self.temperature_c = reading.max_c
+            self.throttle = reading.throttled
             if self.governor is not None:
                 self.governor.update(reading)
         if self.state == "ready":
@@ -361,6 +363,8 @@ class Daemon:
                 "running": scheduler.busy if scheduler else False,
             },
             "temperature_c": self.temperature_c,
+            # the Pi firmware's get_throttled word and its bits (None where there is none)
+            "throttled": self.throttle.model_dump() if self.throttle is not None else None,
             "thermal": (self.governor.state.model_dump() if self.governor is not None else None),
         }
 

@@ -71,7 +71,8 @@ def render_metrics(stats: Stats, health: dict[str, Any]) -> str:
              [({}, mib("predicted_mb"))])
     w.metric("rss_ceiling_bytes", "gauge", "RSS that makes the daemon drain and exit",
              [({}, mib("rss_ceiling_mb"))])
-    w.metric("memory_headroom_bytes", "gauge", "min(MemAvailable, cgroup limit - usage)",
+    w.metric("memory_headroom_bytes", "gauge",
+             "min(MemAvailable, cgroup limit - usage without clean unmapped page cache)",
              [({}, mib("headroom_mb"))])
     w.metric("memory_pressure", "gauge", "1 while new work is refused for memory",
              [({}, float(memory.get("guard") == "pressure"))])
@@ -79,6 +80,18 @@ def render_metrics(stats: Stats, health: dict[str, Any]) -> str:
              [({}, memory.get("psi_full_avg10"))])
     w.metric("temperature_celsius", "gauge", "Hottest thermal zone",
              [({}, health.get("temperature_c"))])
+    flags = health.get("throttled")
+    if flags is not None:
+        w.metric("throttled", "gauge",
+                 "1 while the firmware slows the CPU (throttled, frequency capped or soft "
+                 "temperature limit)",
+                 [({}, float(any(flags.get(k) for k in
+                                 ("throttled", "freq_capped", "soft_temp_limit"))))])
+        w.metric("under_voltage", "gauge", "1 while the supply is below 4.63 V",
+                 [({}, float(bool(flags.get("under_voltage"))))])
+        w.metric("throttle_flag", "gauge",
+                 "Each bit of the firmware's get_throttled word (*_occurred: since boot)",
+                 [({"flag": k}, float(v)) for k, v in flags.items() if isinstance(v, bool)])
     w.metric("model_loaded", "gauge", "1 while the weights are in memory",
              [({}, float(bool(health.get("loaded"))))])
     return "\n".join(w.lines) + "\n"

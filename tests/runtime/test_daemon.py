@@ -12,7 +12,9 @@ import pytest
 
 from edgerunner.bundle import Bundle
 from edgerunner.runtime.daemon import EXIT_ERROR
+from edgerunner.runtime.metrics import render_metrics
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent, parse_request
+from edgerunner.runtime.scheduler import Stats
 from tests.runtime.conftest import RunningDaemon, make_config
 
 
@@ -68,3 +70,60 @@ def test_a_worker_that_does_not_stop_keeps_the_model_and_exits_1(
         gate.wait(0.05)
     assert scheduler.stopped
     engine.close()
+
+
+def fake_sys(root: Path, *, temp_mc: int, throttled_hex: str) -> Path:
+    """A /proc + /sys tree: plenty of memory, one thermal zone, the Pi firmware's word."""
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/meminfo").write_text("MemAvailable:   4096000 kB\n")
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text(f"{temp_mc}\n")
+    firmware = root / "sys/devices/platform/soc/soc:firmware"
+    firmware.mkdir(parents=True, exist_ok=True)
+    (firmware / "get_throttled").write_text(f"{throttled_hex}\n")
+    return root
+
+
+def test_health_and_metrics_report_temperature_and_throttling(
+    bundle: Bundle, short_tmp: Path
+) -> None:
+    # 0x50005: under-voltage and throttled now, and both since boot
+    root = fake_sys(short_tmp / "root", temp_mc=71500, throttled_hex="50005")
+    config = make_config(short_tmp / "d.sock", guard_root=root, rss_ceiling_mb=1_000_000)
+    running = RunningDaemon(bundle, config).start()
+    try:
+        with running.client(timeout=30) as client:
+            health = client.get("/health").json()
+            metrics = client.get("/metrics").text
+        assert health["temperature_c"] == 71.5
+        flags = health["throttled"]
+        assert flags["raw"] == 0x50005
+        assert flags["under_voltage"] and flags["throttled"] and flags["throttled_occurred"]
+        assert not flags["freq_capped"] and not flags["soft_temp_limit_occurred"]
+        assert running.daemon.info()["throttled"] == flags  # what MQTT info publishes
+        lines = set(metrics.splitlines())
+        assert "edgerunner_temperature_celsius 71.5" in lines
+        assert "edgerunner_throttled 1" in lines and "edgerunner_under_voltage 1" in lines
+        assert 'edgerunner_throttle_flag{flag="throttled_occurred"} 1' in lines
+        assert 'edgerunner_throttle_flag{flag="freq_capped"} 0' in lines
+
+        # the supply recovers; only the since-boot bits stay
+        fake_sys(root, temp_mc=50000, throttled_hex="50000")
+        guard = running.daemon.guard
+        assert guard is not None
+        guard.check()
+        with running.client(timeout=30) as client:
+            metrics = client.get("/metrics").text
+        lines = set(metrics.splitlines())
+        assert "edgerunner_throttled 0" in lines and "edgerunner_under_voltage 0" in lines
+        assert 'edgerunner_throttle_flag{flag="under_voltage_occurred"} 1' in lines
+    finally:
+        running.stop()
+
+
+def test_without_firmware_flags_there_are_no_throttle_metrics() -> None:
+    text = render_metrics(Stats(), {"temperature_c": 40.0, "throttled": None})
+    assert "edgerunner_temperature_celsius 40" in text
+    assert "throttle" not in text and "under_voltage" not in text
