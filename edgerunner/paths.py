@@ -17,15 +17,22 @@ def cache_dir() -> Path:
     return Path(base) / "edgerunner"
 
 
-def runtime_socket_path(root: Path = Path("/")) -> Path:
-    """Default daemon socket: the user's own if a daemon is on it, else the one installed service's.
-
-    The user's own is $XDG_RUNTIME_DIR/edgerunner.sock (without $XDG_RUNTIME_DIR,
-    /run/edgerunner/edgerunner.sock), and is also the answer when no single service is up.
-    ``root`` is where /run is looked up (tests pass a temp tree); $XDG_RUNTIME_DIR is used as is.
-    """
+def default_socket_path(root: Path = Path("/")) -> Path:
+    """Where `serve` listens by default: $XDG_RUNTIME_DIR/edgerunner.sock, else under /run."""
+    # no discovery here, unlike runtime_socket_path: a daemon must never take over the path
+    # of an installed service's socket (/run/edgerunner/<bundle>/api.sock)
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    own = (Path(runtime) if runtime else _under(root, SERVICE_RUNTIME_DIR)) / "edgerunner.sock"
+    return (Path(runtime) if runtime else _under(root, SERVICE_RUNTIME_DIR)) / "edgerunner.sock"
+
+
+def runtime_socket_path(root: Path = Path("/")) -> Path:
+    """Default socket to connect to: the user's own daemon's, else the one installed service's.
+
+    The user's own is default_socket_path(), and is also the answer when no single service is
+    up. ``root`` is where /run is looked up (tests pass a temp tree); $XDG_RUNTIME_DIR is used
+    as is.
+    """
+    own = default_socket_path(root)
     if _is_socket(own):
         return own
     services = service_sockets(root)

@@ -37,7 +37,8 @@ def build_request(prompt: str, system: str | None, json_schema: Path | None,
 @click.command("ask")
 @click.argument("prompt")
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path),
-              help="Daemon socket [default: $XDG_RUNTIME_DIR/edgerunner.sock].")
+              help="Daemon socket [default: your own daemon's socket, else the one installed "
+              "service's /run/edgerunner/<bundle>/api.sock].")
 @click.option("--mqtt", "mqtt_url", metavar="URL",
               help="Ask through an MQTT broker instead of the socket (needs --device-id).")
 @click.option("--device-id", help="The device to ask over MQTT (`pool`: any device of the fleet).")

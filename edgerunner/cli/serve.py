@@ -15,7 +15,8 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
 @click.command("serve", epilog=EPILOG)
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True))
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path),
-              help="Unix socket path [default: $XDG_RUNTIME_DIR/edgerunner.sock].")
+              help="Unix socket path [default: $XDG_RUNTIME_DIR/edgerunner.sock, else "
+              "/run/edgerunner/edgerunner.sock].")
 @click.option("--http", "http", metavar="HOST:PORT",
               help="Also listen on TCP, e.g. 127.0.0.1:8080.")
 @click.option("--mqtt", "mqtt_url", metavar="URL", help="MQTT broker, e.g. mqtt://broker:1883.")

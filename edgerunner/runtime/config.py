@@ -15,7 +15,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgerunner.errors import ConfigError
-from edgerunner.paths import runtime_socket_path
+from edgerunner.paths import default_socket_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,8 +180,8 @@ class ServeConfig(_Settings):
         return value
 
     def socket_path(self) -> Path:
-        """The socket to listen on, with the default filled in."""
-        return self.socket if self.socket is not None else runtime_socket_path()
+        """The socket to listen on, with the default filled in (never a discovered one)."""
+        return self.socket if self.socket is not None else default_socket_path()
 
     def http_host_port(self) -> tuple[str, int] | None:
         """(host, port) for the TCP listener, or None."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from edgerunner.errors import ConfigError
+from edgerunner.paths import default_socket_path, runtime_socket_path
 from edgerunner.runtime.config import ServeConfig, load_config
 from edgerunner.runtime.protocol import (
     BusyError,
@@ -108,3 +110,21 @@ def test_error_body_and_status() -> None:
                                      "message": "queue full"}}
     assert RequestError("context_length_exceeded", "x").http_status == 400
     assert RequestError("model_not_found", "x").http_status == 404
+
+
+def test_serve_never_defaults_to_an_installed_services_socket(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = short_tmp / "run/edgerunner/smol/api.sock"
+    service.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(str(service))
+        listening.listen(1)
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+        own = short_tmp / "run/edgerunner/edgerunner.sock"
+        assert runtime_socket_path(short_tmp) == service  # `ask` finds the service
+        assert default_socket_path(short_tmp) == own  # `serve` keeps to its own
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_tmp / "xdg"))
+        assert default_socket_path(short_tmp) == short_tmp / "xdg/edgerunner.sock"
+        assert ServeConfig().socket_path() == short_tmp / "xdg/edgerunner.sock"
+        assert ServeConfig(socket=short_tmp / "mine.sock").socket_path() == short_tmp / "mine.sock"
