@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from edgerunner.bundle import Bundle
 from edgerunner.runtime.daemon import EXIT_ERROR
+from edgerunner.runtime.logfmt import LogfmtFormatter
 from edgerunner.runtime.metrics import render_metrics
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent, parse_request
 from edgerunner.runtime.scheduler import Stats
@@ -127,3 +129,43 @@ def test_without_firmware_flags_there_are_no_throttle_metrics() -> None:
     text = render_metrics(Stats(), {"temperature_c": 40.0, "throttled": None})
     assert "edgerunner_temperature_celsius 40" in text
     assert "throttle" not in text and "under_voltage" not in text
+
+
+def _logged_lines(caplog: pytest.LogCaptureFixture) -> str:
+    # as the daemon writes them: message plus every extra field (logfmt)
+    formatter = LogfmtFormatter("%(levelname)s %(name)s: %(message)s")
+    return "\n".join(formatter.format(record) for record in caplog.records)
+
+
+def _ask(running: RunningDaemon, prompt: str) -> None:
+    with running.client(timeout=60) as client:
+        reply = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": prompt}], "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+
+
+def test_prompts_are_not_logged_by_default(
+    served: RunningDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = f"plover-{uuid.uuid4().hex}"
+    with caplog.at_level(logging.DEBUG):
+        _ask(served, f"Tell nobody {secret}.")
+    logged = _logged_lines(caplog)
+    assert "queued" in logged and "done" in logged  # the request itself was logged
+    assert secret not in logged
+
+
+def test_log_prompts_logs_prompt_and_output(
+    bundle: Bundle, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(short_tmp / "d.sock", log_prompts=True, rss_ceiling_mb=1_000_000)
+    running = RunningDaemon(bundle, config).start()
+    try:
+        secret = f"plover-{uuid.uuid4().hex}"
+        with caplog.at_level(logging.INFO):
+            _ask(running, f"Tell nobody {secret}.")
+        logged = _logged_lines(caplog)
+        assert secret in logged
+        assert "output chatcmpl-" in logged
+    finally:
+        running.stop()
