@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,7 +363,19 @@ class _TrackedLlama(llama_cpp.Llama):
         # llama.cpp polls this between graph nodes, so a long prompt stops within one ubatch;
         # the ctypes object must outlive the context, hence the attribute
         self._abort_callback = llama_cpp.ggml_abort_callback(self._abort_requested)
-        llama_cpp.llama_set_abort_callback(self.ctx, self._abort_callback, None)
+        self._no_abort_callback = llama_cpp.ggml_abort_callback()  # NULL: nothing to call
+        self._abort_armed = False
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        # Arm the abort callback only for prompt batches: llama.cpp calls it after every graph
+        # node, each call taking the GIL, which cost ~5% of decode speed in the daemon while
+        # the event loop held the GIL. Single-token decodes are stopped between tokens instead.
+        batch = len(tokens) > 1
+        if batch != self._abort_armed:
+            callback = self._abort_callback if batch else self._no_abort_callback
+            llama_cpp.llama_set_abort_callback(self.ctx, callback, None)
+            self._abort_armed = batch
+        super().eval(tokens)
 
     def _abort_requested(self, _data: Any) -> bool:
         should_stop = self.should_stop
