@@ -26,11 +26,11 @@ _UNSUPPORTED = {"clip", "bert", "nomic-bert", "jina-bert-v2", "t5encoder", "wavt
 class TensorInfo(BaseModel):
     """One tensor's name, shape (ggml order: row length first) and stored type."""
 
-    model_config = ConfigDict(frozen=True)
-    name: str
-    shape: tuple[int, ...]
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(..., min_length=1, description="GGUF tensor name, e.g. blk.0.attn_q.weight")
+    shape: tuple[int, ...] = Field(..., description="Dimensions, row length first (ggml order)")
     type: str = Field(..., description="ggml type name, e.g. Q4_K")
-    n_bytes: int
+    n_bytes: int = Field(..., ge=0, description="Bytes of tensor data in the file")
 
     @property
     def n_elements(self) -> int:
