@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import shutil
 import tempfile
 import threading
@@ -18,6 +19,7 @@ from edgerunner.bundle import Bundle, load_bundle
 from edgerunner.manifest import BundleManifest
 from edgerunner.runtime.config import ServeConfig
 from edgerunner.runtime.daemon import Daemon
+from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent
 
 
 @pytest.fixture
@@ -103,3 +105,27 @@ def http(served: RunningDaemon) -> Iterator[httpx.Client]:
     """An httpx client on the shared daemon's socket."""
     with served.client(timeout=120) as client:
         yield client
+
+
+class Collector:
+    """A scheduler sink that records events; `on_text` runs on the worker thread per piece."""
+
+    def __init__(self, on_text: Any = None) -> None:
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.seen: list[Event] = []
+        self.on_text = on_text
+
+    def __call__(self, event: Event) -> None:
+        self.seen.append(event)
+        self.events.put(event)
+        if isinstance(event, TextEvent) and self.on_text is not None:
+            self.on_text(event)
+
+    def final(self, timeout: float = 60) -> DoneEvent | ErrorEvent:
+        while True:
+            event = self.events.get(timeout=timeout)
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                return event
+
+    def texts(self) -> list[str]:
+        return [e.text for e in self.seen if isinstance(e, TextEvent)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import uuid
 from pathlib import Path
@@ -15,28 +14,9 @@ from edgerunner.bundle import Bundle
 from edgerunner.runtime.daemon import EXIT_ERROR
 from edgerunner.runtime.logfmt import LogfmtFormatter
 from edgerunner.runtime.metrics import render_metrics
-from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent, parse_request
+from edgerunner.runtime.protocol import ErrorEvent, parse_request
 from edgerunner.runtime.scheduler import Stats
-from tests.runtime.conftest import RunningDaemon, make_config
-
-
-class Sink:
-    """Records events; `on_text` runs on the worker thread for each streamed piece."""
-
-    def __init__(self, on_text: Any = None) -> None:
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.on_text = on_text
-
-    def __call__(self, event: Event) -> None:
-        self.events.put(event)
-        if isinstance(event, TextEvent) and self.on_text is not None:
-            self.on_text(event)
-
-    def final(self, timeout: float = 60) -> DoneEvent | ErrorEvent:
-        while True:
-            event = self.events.get(timeout=timeout)
-            if isinstance(event, (DoneEvent, ErrorEvent)):
-                return event
+from tests.runtime.conftest import Collector, RunningDaemon, make_config
 
 
 def chat(content: str, **extra: Any) -> Any:
@@ -54,7 +34,7 @@ def test_a_worker_that_does_not_stop_keeps_the_model_and_exits_1(
     assert scheduler is not None and engine is not None
     gate, generating = threading.Event(), threading.Event()
     # a sink stuck on the worker thread stands in for a worker stuck inside llama.cpp
-    sink = Sink(on_text=lambda e: (generating.set(), gate.wait(60)))
+    sink = Collector(on_text=lambda e: (generating.set(), gate.wait(60)))
     scheduler.submit(chat("n", max_tokens=20, stream=True), sink=sink)
     assert generating.wait(30)
     try:

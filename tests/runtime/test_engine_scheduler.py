@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -17,12 +16,11 @@ from edgerunner.runtime.engine import Engine
 from edgerunner.runtime.protocol import (
     DoneEvent,
     ErrorEvent,
-    Event,
     RequestError,
-    TextEvent,
     parse_request,
 )
 from edgerunner.runtime.scheduler import Job, Scheduler
+from tests.runtime.conftest import Collector
 
 PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
                    n_batch=256, n_ubatch=256)
@@ -41,30 +39,6 @@ def engine(default_model: Path) -> Iterator[Engine]:
 
 def chat(content: str, **extra: Any) -> Any:
     return parse_request("chat", {"messages": [{"role": "user", "content": content}], **extra})
-
-
-class Collector:
-    """A sink that records events and wakes a waiting test on the final one."""
-
-    def __init__(self, on_text: Any = None) -> None:
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.seen: list[Event] = []
-        self.on_text = on_text
-
-    def __call__(self, event: Event) -> None:
-        self.seen.append(event)
-        self.events.put(event)
-        if isinstance(event, TextEvent) and self.on_text is not None:
-            self.on_text(event)
-
-    def final(self, timeout: float = 60) -> DoneEvent | ErrorEvent:
-        while True:
-            event = self.events.get(timeout=timeout)
-            if isinstance(event, (DoneEvent, ErrorEvent)):
-                return event
-
-    def texts(self) -> list[str]:
-        return [e.text for e in self.seen if isinstance(e, TextEvent)]
 
 
 def hold_worker(scheduler: Scheduler, max_tokens: int = 3) -> tuple[threading.Event, Collector,
