@@ -124,6 +124,11 @@ class ServeConfig(_Settings):
     max_body_bytes: int = Field(
         1_048_576, ge=1024, le=268_435_456, description="Largest accepted request body, bytes"
     )
+    stream_flush_s: float = Field(
+        0.02, ge=0, le=1,
+        description="SSE: after the first token, tokens gather this long (s) per write; the "
+        "final one is never held back. Fewer writes leave the cores to llama.cpp",
+    )
     memory_reserve_mb: float = Field(
         128.0, ge=0, le=1_048_576,
         description="Headroom (MiB) that must stay free; below it new work is refused",

@@ -207,7 +207,8 @@ class Daemon:
         self.guard.start()
         self.scheduler.start()
         app = create_app(self.scheduler, self.info, self.metrics,
-                         max_body_bytes=config.max_body_bytes)
+                         max_body_bytes=config.max_body_bytes,
+                         stream_flush_s=config.stream_flush_s)
         self.http = HttpTransport(app, config.socket_path(), config.socket_mode,
                                   config.http_host_port())
         await self.http.start()

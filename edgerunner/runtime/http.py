@@ -66,11 +66,12 @@ class _App:
     """The request handlers, bound to one scheduler."""
 
     def __init__(self, scheduler: Scheduler, info: InfoProvider, metrics: MetricsProvider,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, stream_flush_s: float) -> None:
         self.scheduler = scheduler
         self.info = info
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.stream_flush_s = stream_flush_s
 
     async def read_json(self, request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -116,7 +117,7 @@ class _App:
             return JSONResponse(protocol.text_completion(
                 job.id, model, job.created, done.text, done.finish_reason, done.usage))
         return StreamingResponse(
-            _sse(first, events, job, parsed, model),
+            _sse(first, events, job, parsed, model, self.stream_flush_s),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -142,14 +143,15 @@ async def _disconnected(receive: Receive) -> None:
 class Inbox:
     """Events from the worker thread to one request's coroutine.
 
-    The worker appends under a lock and wakes the loop only if no wake-up is pending, so a
-    busy loop takes several tokens per wake-up instead of one cross-thread call per token.
+    The worker wakes the event loop only when the coroutine is waiting for events (or for the
+    job's final event), so a stream that lingers between writes costs the loop nothing per token.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._items: collections.deque[Event] = collections.deque()
         self._lock = threading.Lock()
+        self._waiting = False
         self._wake_pending = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -157,7 +159,8 @@ class Inbox:
         """Called from the worker thread (the scheduler's sink)."""
         with self._lock:
             self._items.append(event)
-            if self._wake_pending:
+            urgent = self._waiting or not isinstance(event, TextEvent)
+            if not urgent or self._wake_pending:
                 return
             self._wake_pending = True
         self._loop.call_soon_threadsafe(self._wake)
@@ -168,14 +171,21 @@ class Inbox:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def get(self) -> list[Event]:
-        """Every event that has arrived, waiting for at least one."""
+    async def get(self, linger: float = 0.0) -> list[Event]:
+        """Every event that has arrived, waiting for at least one; with `linger`, first let
+        tokens gather for that long (the job's final event cuts it short)."""
+        if linger > 0:
+            self._waiter = self._loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._waiter), linger)
         while True:
             with self._lock:
                 if self._items:
                     items = list(self._items)
                     self._items.clear()
+                    self._waiting = False
                     return items
+                self._waiting = True
             self._waiter = self._loop.create_future()
             await self._waiter
 
@@ -197,7 +207,8 @@ async def _first_event(events: Inbox, receive: Receive, job: Job) -> list[Event]
 
 
 async def _sse(
-    first: list[Event], events: Inbox, job: Job, request: AnyRequest, model: str
+    first: list[Event], events: Inbox, job: Job, request: AnyRequest, model: str,
+    flush_s: float,
 ) -> AsyncIterator[str]:
     chat = isinstance(request, ChatCompletionRequest)
     include_usage = request.stream_options is not None and request.stream_options.include_usage
@@ -237,7 +248,9 @@ async def _sse(
             yield "".join(render(event) for event in batch)
             if final:
                 return
-            batch = await events.get()
+            # the first token went out at once; later ones gather for flush_s so that a 2-4
+            # core board spends its cores on llama.cpp, not on one write per token
+            batch = await events.get(linger=flush_s)
     finally:
         if not final:
             job.cancel()
@@ -250,9 +263,10 @@ def create_app(
     metrics: MetricsProvider,
     *,
     max_body_bytes: int = 1_048_576,
+    stream_flush_s: float = 0.0,
 ) -> Starlette:
     """The ASGI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
-    app = _App(scheduler, info, metrics, max_body_bytes)
+    app = _App(scheduler, info, metrics, max_body_bytes, stream_flush_s)
 
     async def on_request_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestError)
