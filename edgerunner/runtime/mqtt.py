@@ -8,16 +8,23 @@
 
 Requests go through `protocol.parse_request` and `Scheduler.submit`, like HTTP; replies are
 built by `mqtt_reply`. Transports never touch llama.cpp.
+
+`Scheduler.submit` renders the chat template, tokenizes and compiles json_schema grammars, which
+can take a while; paho's network thread only reads and enqueues, and one admission thread
+submits in arrival order, so keep-alives, PUBACKs and cancels keep flowing meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -34,12 +41,30 @@ from edgerunner.runtime.mqtt_topics import (
     SeenIds,
     check_device_id,
 )
-from edgerunner.runtime.protocol import RequestError
+from edgerunner.runtime.protocol import BusyError, ChatCompletionRequest, RequestError
 from edgerunner.runtime.scheduler import Job, Scheduler
 
 logger = logging.getLogger(__name__)
 
 InfoProvider = Callable[[], dict[str, Any]]
+ADMISSION_STOP_S = 5.0  # how long stop() waits for a submit already in progress
+_SHUTTING_DOWN = "the daemon is shutting down; retry on another device"
+
+
+@dataclass
+class _Ticket:
+    """One request from arrival until its final reply: waiting for admission, then a job."""
+
+    replier: Replier
+    route: ReplyRoute
+    request: ChatCompletionRequest
+    sink: ReplyStream
+    deadline: float | None  # from Message Expiry, counted from arrival, not from admission
+    keys: list[str] = field(default_factory=list)  # names a cancel may use
+    claimed: bool = False  # the admission thread has taken it
+    cancelled: bool = False
+    finished: bool = False  # its final reply was handed to the broker session
+    job: Job | None = None
 
 
 def default_device_id() -> str:
@@ -62,8 +87,16 @@ class MqttTransport:
         self.device_id = check_device_id(config.device_id or default_device_id())
         self.topics = DeviceTopics(self.device_id)
         self._seen = SeenIds()
-        self._jobs: dict[str, Job] = {}
+        # every unanswered request by each name a cancel may use; the lock also orders
+        # enqueueing against stop() closing the admission queue
+        self._tickets: dict[str, _Ticket] = {}
         self._jobs_lock = threading.Lock()
+        self._admission: queue.Queue[_Ticket | None] = queue.Queue()
+        # bounded by hand (queue.Queue(maxsize) would block stop()'s end marker); waiting
+        # beyond the scheduler's own queue depth would only end in `busy` there
+        self.admission_limit = scheduler.queue_depth
+        self._closed = False
+        self._admission_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._info_thread: threading.Thread | None = None
 
@@ -96,6 +129,9 @@ class MqttTransport:
     def start(self) -> None:
         """Connect in the background (the broker may still be down) and return at once."""
         logger.info("mqtt: serving device %s via %s", self.device_id, self.config.url)
+        self._admission_thread = threading.Thread(
+            target=self._admit_loop, name="edgerunner-mqtt-admission", daemon=True)
+        self._admission_thread.start()
         self.device.start()
         if self.pool is not None:
             self.pool.start()
@@ -107,6 +143,14 @@ class MqttTransport:
         """Publish `offline`, let queued replies reach the broker, disconnect without the Will."""
         self._stop.set()
         end = time.monotonic() + timeout
+        # requests still waiting for admission are answered `cancelled` before the links drain
+        with self._jobs_lock:
+            self._closed = True
+            self._admission.put(None)
+        if self._admission_thread is not None:
+            self._admission_thread.join(min(ADMISSION_STOP_S, max(0.1, end - time.monotonic())))
+            if self._admission_thread.is_alive():
+                logger.warning("mqtt: a request was still being admitted when stopping")
         if self.pool is not None:
             self.pool.drain(max(0.0, end - time.monotonic()))
             self.pool.stop(end_session=True)
@@ -174,38 +218,85 @@ class MqttTransport:
             replier.send_error(route, incoming.error)
             return
         assert incoming.request is not None
-        self._submit(replier, route, incoming.request, incoming.expiry_s)
+        self._enqueue(replier, route, incoming.request, incoming.expiry_s)
 
-    def _submit(self, replier: Replier, route: ReplyRoute, request: Any,
-                expiry_s: float | None) -> None:
-        keys: list[str] = []
-        done = threading.Event()
-
-        def forget() -> None:
-            done.set()
-            with self._jobs_lock:
-                for k in keys:
-                    self._jobs.pop(k, None)
-
-        sink = ReplyStream(replier, route, model=self.scheduler.model_name, stream=request.stream,
-                           interval=self.config.stream_interval_s, on_final=forget)
-        # Message Expiry: a request that expires while queued is answered, not generated
+    def _enqueue(self, replier: Replier, route: ReplyRoute, request: ChatCompletionRequest,
+                 expiry_s: float | None) -> None:
+        # Message Expiry: a request that expires while waiting is answered, not generated
         deadline = time.monotonic() + expiry_s if expiry_s is not None else None
+        ticket: _Ticket
+        sink = ReplyStream(replier, route, model=self.scheduler.model_name, stream=request.stream,
+                           interval=self.config.stream_interval_s,
+                           on_final=lambda: self._forget(ticket))
+        ticket = _Ticket(replier, route, request, sink, deadline,
+                         keys=[k for k in (route.client_ref, sink.id) if k])
+        refusal: RequestError | None = None
+        with self._jobs_lock:
+            waiting = self._admission.qsize()
+            if self._closed:
+                refusal = RequestError("cancelled", _SHUTTING_DOWN)
+            elif waiting >= self.admission_limit:
+                refusal = BusyError(
+                    f"admission queue full ({waiting} waiting); retry later",
+                    retry_after=self._retry_after(waiting))
+            else:
+                for k in ticket.keys:
+                    self._tickets[k] = ticket
+                self._admission.put(ticket)
+        if refusal is not None:
+            replier.send_error(route, refusal)
+
+    def _retry_after(self, waiting: int) -> float:
+        # like the scheduler's hint: everything ahead of this request at the recent job length
+        ahead = waiting + self.scheduler.depth + 1
+        return float(max(1, min(120, math.ceil(self.scheduler.stats.avg_job_seconds * ahead))))
+
+    def _admit_loop(self) -> None:
+        while (ticket := self._admission.get()) is not None:
+            with self._jobs_lock:
+                if ticket.cancelled:  # already answered by _cancel
+                    continue
+                ticket.claimed = True
+                closed = self._closed
+            if closed:
+                self._forget(ticket)
+                ticket.replier.send_error(ticket.route, RequestError("cancelled", _SHUTTING_DOWN))
+                continue
+            try:
+                self._admit(ticket)
+            except Exception:  # the admission thread must outlive any one request
+                logger.exception("mqtt: admitting a request failed")
+
+    def _admit(self, ticket: _Ticket) -> None:
+        replier, route = ticket.replier, ticket.route
         try:
-            job = self.scheduler.submit(request, sink=sink, deadline=deadline)
+            job = self.scheduler.submit(ticket.request, sink=ticket.sink,
+                                        deadline=ticket.deadline)
         except RequestError as exc:
+            self._forget(ticket)
             replier.send_error(route, exc)
             return
         except Exception as exc:  # never leave a request unanswered
             logger.exception("mqtt: submitting a request failed")
+            self._forget(ticket)
             replier.send_error(route, RequestError(
                 "internal_error", f"the daemon could not queue the request: {exc}"))
             return
         with self._jobs_lock:
-            if not done.is_set():
-                keys.extend(k for k in (route.client_ref, sink.id, job.id) if k)
-                for k in keys:
-                    self._jobs[k] = job
+            cancel_now = ticket.cancelled
+            if not ticket.finished:
+                ticket.job = job
+                ticket.keys.append(job.id)
+                self._tickets[job.id] = ticket
+        if cancel_now:  # the cancel came while the request was being admitted
+            job.cancel()
+
+    def _forget(self, ticket: _Ticket) -> None:
+        with self._jobs_lock:
+            ticket.finished = True
+            for k in ticket.keys:
+                if self._tickets.get(k) is ticket:
+                    del self._tickets[k]
 
     def _cancel(self, payload: bytes) -> None:
         try:
@@ -215,9 +306,21 @@ class MqttTransport:
             logger.warning("mqtt: cancel payload must be {\"id\": ...}; got %r", payload[:200])
             return
         with self._jobs_lock:
-            job = self._jobs.get(target)
-        if job is None:
+            ticket = self._tickets.get(target)
+            if ticket is None or ticket.cancelled:
+                ticket = None
+            else:
+                ticket.cancelled = True
+                job = ticket.job
+                unadmitted = not ticket.claimed
+        if ticket is None:
             logger.info("mqtt: cancel for unknown or finished request %s", target)
             return
         logger.info("mqtt: cancelling %s", target)
-        job.cancel()
+        if job is not None:
+            job.cancel()
+        elif unadmitted:  # still waiting for admission: answered here, never submitted
+            self._forget(ticket)
+            ticket.replier.send_error(ticket.route, RequestError(
+                "cancelled", "the request was cancelled before it started"))
+        # otherwise it is being admitted right now; _admit cancels the job it gets

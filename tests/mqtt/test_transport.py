@@ -316,3 +316,99 @@ def test_clients_turn_nagle_off(broker) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _hold_admission(transport) -> tuple[threading.Event, threading.Event]:  # type: ignore[no-untyped-def]
+    """Make every scheduler admission wait for `release` (set `entered` on the way in)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(30)
+
+    transport.scheduler.admission = hold
+    return entered, release
+
+
+def test_slow_admission_leaves_the_network_loop_serving_cancels(broker, serve, probe) -> None:
+    transport = serve(broker.url, pool=False)
+    entered, release = _hold_admission(transport)
+    p = probe(broker.url, "edgerunner/reply/slow")
+    try:
+        p.publish("edgerunner/dev1/request", json.dumps(HELLO),
+                  response_topic="edgerunner/reply/slow", correlation=b"held")
+        assert entered.wait(10), "the first request never reached admission"
+        p.publish("edgerunner/dev1/request", json.dumps(HELLO),
+                  response_topic="edgerunner/reply/slow", correlation=b"waiting")
+        p.publish("edgerunner/dev1/cancel", json.dumps({"id": "waiting"}))
+        # answered while the first request is still stuck in admission: paho's thread is free
+        cancelled = p.next(10)
+        assert not release.is_set()
+        assert cancelled.properties.CorrelationData == b"waiting"
+        assert json.loads(cancelled.payload)["error"]["code"] == "cancelled"
+        assert transport.connected
+    finally:
+        release.set()
+    held = p.next(60)
+    assert held.properties.CorrelationData == b"held"
+    assert json.loads(held.payload)["object"] == "chat.completion"
+    assert p.quiet(1.0) == []
+    # the cancelled request never reached the scheduler
+    assert transport.scheduler.stats.submitted == 1
+
+
+def test_admission_keeps_order_refuses_overflow_and_cancels_mid_admission(
+    broker, serve, probe
+) -> None:
+    transport = serve(broker.url, pool=False)
+    transport.admission_limit = 2
+    entered, release = _hold_admission(transport)
+    p = probe(broker.url, "edgerunner/reply/order")
+    short = {**HELLO, "max_tokens": 2}
+    try:
+        p.publish("edgerunner/dev1/request", json.dumps(short),
+                  response_topic="edgerunner/reply/order", correlation=b"a")
+        assert entered.wait(10)
+        for name in (b"b", b"c", b"d"):
+            p.publish("edgerunner/dev1/request", json.dumps(short),
+                      response_topic="edgerunner/reply/order", correlation=name)
+        # b and c wait for admission; d finds the admission queue full
+        busy = p.next(10)
+        assert busy.properties.CorrelationData == b"d"
+        assert json.loads(busy.payload)["error"]["code"] == "busy"
+        # a is inside Scheduler.submit: the cancel lands on the job it becomes
+        p.publish("edgerunner/dev1/cancel", json.dumps({"id": "a"}))
+        time.sleep(0.5)  # let the cancel reach the transport before admission resumes
+    finally:
+        release.set()
+    replies = [p.next(60) for _ in range(3)]
+    assert [m.properties.CorrelationData for m in replies] == [b"a", b"b", b"c"]
+    bodies = [json.loads(m.payload) for m in replies]
+    assert bodies[0]["error"]["code"] == "cancelled"
+    assert [b["object"] for b in bodies[1:]] == ["chat.completion"] * 2
+    assert p.quiet(1.0) == []
+
+
+def test_requests_waiting_for_admission_are_answered_on_stop(broker, serve, probe) -> None:
+    transport = serve(broker.url, pool=False)
+    entered, release = _hold_admission(transport)
+    p = probe(broker.url, "edgerunner/reply/stop")
+    try:
+        for name in (b"first", b"second"):
+            p.publish("edgerunner/dev1/request", json.dumps(HELLO),
+                      response_topic="edgerunner/reply/stop", correlation=name)
+        assert entered.wait(10)
+        time.sleep(0.5)  # let the second one reach the admission queue
+        transport.scheduler.stop_accepting()
+        stopping = threading.Thread(target=transport.stop, args=(10.0,))
+        stopping.start()
+    finally:
+        release.set()
+    stopping.join(15)
+    got = {m.properties.CorrelationData: json.loads(m.payload) for m in (p.next(10), p.next(10))}
+    # the first was inside Scheduler.submit (which refuses it now), the second still waiting
+    for body in got.values():
+        assert body["error"]["code"] == "cancelled"
+        assert "shutting down" in body["error"]["message"]
+    assert not stopping.is_alive()
+    assert transport.scheduler.stats.submitted == 0
