@@ -7,17 +7,16 @@ import difflib
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
-import llama_cpp._logger
 
 from edgerunner.bundle import reached_size_limit, too_large_error
 from edgerunner.errors import BundleError, QuantizeError
+from edgerunner.llama_log import llama_log_hook
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +33,6 @@ _GGML_LOG_WARN, _GGML_LOG_ERROR = 3, 4
 
 # Below this much free space after a failed write, the failure was the disk filling up.
 _FULL_BELOW_BYTES = 1 << 20
-
-# The log callback is process-wide; one quantization at a time keeps the hook unambiguous.
-_LOCK = threading.Lock()
-
 
 @dataclass
 class QuantizeResult:
@@ -128,15 +123,10 @@ def quantize(
 
     log = _LogHook(progress)
     start = time.perf_counter()
-    with _LOCK:
-        llama_cpp.llama_log_set(log.callback, ctypes.c_void_p(0))
-        try:
-            rc = llama_cpp.llama_model_quantize(
-                str(src).encode(), str(dst).encode(), ctypes.byref(params)
-            )
-        finally:
-            # Hand the log back to llama-cpp-python's own handler (the one it installs on import).
-            llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    with llama_log_hook(log.on_log):
+        rc = llama_cpp.llama_model_quantize(
+            str(src).encode(), str(dst).encode(), ctypes.byref(params)
+        )
     seconds = time.perf_counter() - start
     if rc != 0:
         full = _disk_full(dst.parent)
@@ -197,10 +187,8 @@ class _LogHook:
         self.done = 0
         self.total = 0
         self.errors: list[str] = []
-        # Keep a reference: ctypes frees the trampoline if the Python object dies.
-        self.callback = llama_cpp.llama_log_callback(self._on_log)
 
-    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    def on_log(self, level: int, text: bytes) -> None:
         match = _TENSOR_LINE.match(text)
         if match:
             self.done, self.total = int(match.group(1)), int(match.group(2))
