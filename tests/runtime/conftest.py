@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from edgerunner.manifest import BundleManifest
 from edgerunner.runtime.config import ServeConfig
 from edgerunner.runtime.daemon import Daemon
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent
+from edgerunner.runtime.scheduler import Scheduler
 
 
 @pytest.fixture
@@ -129,3 +131,13 @@ class Collector:
 
     def texts(self) -> list[str]:
         return [e.text for e in self.seen if isinstance(e, TextEvent)]
+
+
+@contextmanager
+def started(scheduler: Scheduler) -> Iterator[Scheduler]:
+    """A started scheduler, shut down (5 s drain) when the block ends."""
+    scheduler.start()
+    try:
+        yield scheduler
+    finally:
+        scheduler.shutdown(5)

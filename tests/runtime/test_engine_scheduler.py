@@ -20,7 +20,7 @@ from edgerunner.runtime.protocol import (
     parse_request,
 )
 from edgerunner.runtime.scheduler import Job, Scheduler
-from tests.runtime.conftest import Collector
+from tests.runtime.conftest import Collector, started
 
 PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
                    n_batch=256, n_ubatch=256)
@@ -155,9 +155,7 @@ def test_job_cancelled_during_its_prompt_ends_cancelled_and_the_next_one_runs(
             if beats_while_busy >= 3:
                 in_decode.set()
 
-    scheduler = Scheduler(engine, heartbeat=heartbeat)
-    scheduler.start()
-    try:
+    with started(Scheduler(engine, heartbeat=heartbeat)) as scheduler:
         sink = Collector()
         job = scheduler.submit(parse_request("completion", {"prompt": "word " * 900,
                                                             "max_tokens": 8}), sink=sink)
@@ -170,8 +168,6 @@ def test_job_cancelled_during_its_prompt_ends_cancelled_and_the_next_one_runs(
         after = Collector()
         scheduler.submit(chat("hi", max_tokens=3), sink=after)
         assert isinstance(after.final(), DoneEvent)
-    finally:
-        scheduler.shutdown(5)
 
 
 def test_scheduler_admission_queue_and_events(engine: Engine) -> None:
@@ -212,9 +208,7 @@ def test_scheduler_admission_queue_and_events(engine: Engine) -> None:
 
 
 def test_queued_request_past_its_deadline_times_out(engine: Engine) -> None:
-    scheduler = Scheduler(engine, queue_depth=4, request_timeout_s=0.2)
-    scheduler.start()
-    try:
+    with started(Scheduler(engine, queue_depth=4, request_timeout_s=0.2)) as scheduler:
         gate, blocker, _ = hold_worker(scheduler)
         waiting = Collector()
         scheduler.submit(chat("late", max_tokens=3), sink=waiting)
@@ -224,14 +218,10 @@ def test_queued_request_past_its_deadline_times_out(engine: Engine) -> None:
         assert isinstance(first, ErrorEvent) and first.error.code == "timeout"
         assert isinstance(late, ErrorEvent) and late.error.code == "timeout"
         assert "in the queue" in late.error.message
-    finally:
-        scheduler.shutdown(5)
 
 
 def test_explicit_deadline_expires_a_queued_job_with_its_own_message(engine: Engine) -> None:
-    scheduler = Scheduler(engine, queue_depth=4, request_timeout_s=300)
-    scheduler.start()
-    try:
+    with started(Scheduler(engine, queue_depth=4, request_timeout_s=300)) as scheduler:
         gate, blocker, _ = hold_worker(scheduler)
         expiring, patient = Collector(), Collector()
         scheduler.submit(chat("late", max_tokens=3), sink=expiring,
@@ -248,14 +238,10 @@ def test_explicit_deadline_expires_a_queued_job_with_its_own_message(engine: Eng
         assert "message expiry" in late.error.message
         assert isinstance(patient.final(), DoneEvent)
         assert expiring.texts() == []  # answered, never generated
-    finally:
-        scheduler.shutdown(5)
 
 
 def test_explicit_deadline_stops_a_running_job(engine: Engine) -> None:
-    scheduler = Scheduler(engine, queue_depth=4, request_timeout_s=300)
-    scheduler.start()
-    try:
+    with started(Scheduler(engine, queue_depth=4, request_timeout_s=300)) as scheduler:
         sink = Collector(on_text=lambda e: time.sleep(0.05))
         scheduler.submit(chat("numbers", max_tokens=400, response_format=LONG, stream=True),
                          sink=sink, deadline=time.monotonic() + 1.0)
@@ -264,8 +250,6 @@ def test_explicit_deadline_stops_a_running_job(engine: Engine) -> None:
         assert "while generating" in final.error.message
         assert sink.texts(), "it ran before its deadline passed"
         assert scheduler.stats.failed["timeout"] == 1
-    finally:
-        scheduler.shutdown(5)
 
 
 def test_shutdown_cancels_what_the_drain_did_not_finish(engine: Engine) -> None:
@@ -285,9 +269,7 @@ def test_shutdown_cancels_what_the_drain_did_not_finish(engine: Engine) -> None:
 def test_keep_alive_unloads_when_idle_and_reloads_on_demand(default_model: Path) -> None:
     engine = Engine(default_model, PLAN, name="smol")
     engine.load()
-    scheduler = Scheduler(engine, keep_alive_s=0.2)
-    scheduler.start()
-    try:
+    with started(Scheduler(engine, keep_alive_s=0.2)) as scheduler:
         deadline = threading.Event()
         for _ in range(100):
             if not engine.loaded:
@@ -300,8 +282,6 @@ def test_keep_alive_unloads_when_idle_and_reloads_on_demand(default_model: Path)
         sink = Collector()
         scheduler.submit(chat("hi", max_tokens=3), sink=sink)
         assert isinstance(sink.final(), DoneEvent)
-    finally:
-        scheduler.shutdown(5)
         engine.close()
 
 
