@@ -36,6 +36,7 @@ from edgerunner.runtime.protocol import (
     DoneEvent,
     ErrorEvent,
     Event,
+    InfoProvider,
     RequestError,
     TextEvent,
 )
@@ -43,7 +44,6 @@ from edgerunner.runtime.scheduler import Job, Scheduler
 
 logger = logging.getLogger(__name__)
 
-InfoProvider = Callable[[], dict[str, Any]]
 MetricsProvider = Callable[[], str]
 
 # /health answers 503 in these states so a load balancer stops sending work here

@@ -23,7 +23,6 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +40,16 @@ from edgerunner.runtime.mqtt_topics import (
     SeenIds,
     check_device_id,
 )
-from edgerunner.runtime.protocol import BusyError, ChatCompletionRequest, RequestError
+from edgerunner.runtime.protocol import (
+    BusyError,
+    ChatCompletionRequest,
+    InfoProvider,
+    RequestError,
+)
 from edgerunner.runtime.scheduler import Job, Scheduler
 
 logger = logging.getLogger(__name__)
 
-InfoProvider = Callable[[], dict[str, Any]]
 ADMISSION_STOP_S = 5.0  # how long stop() waits for a submit already in progress
 _SHUTTING_DOWN = "the daemon is shutting down; retry on another device"
 

@@ -8,6 +8,7 @@ HTTP and MQTT send byte-for-byte the same objects.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +47,10 @@ ERROR_TYPE: dict[str, str] = {
     "timeout": "timeout",
     "internal_error": "server_error",
 }
+
+
+# The daemon's state as /health and the MQTT info topic show it (model, plan, memory, queue).
+InfoProvider = Callable[[], dict[str, Any]]
 
 
 class RequestError(Exception):
