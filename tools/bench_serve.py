@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerunner.bundle import load_bundle
+from edgerunner.runtime.client import Client
 from edgerunner.runtime.engine import llama_kwargs
 
 PROMPTS = [
@@ -105,18 +106,9 @@ def start_daemon(bundle: Path, sock: Path, threads: int) -> tuple[subprocess.Pop
         [sys.executable, "-m", "edgerunner", "serve", str(bundle), "--socket", str(sock),
          "--threads", str(threads)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    transport = httpx.HTTPTransport(uds=str(sock))
-    with httpx.Client(transport=transport, base_url="http://edgerunner", timeout=5) as http:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve exited with {proc.returncode}")
-            if sock.exists():
-                try:
-                    if http.get("/health").json()["state"] == "ready":
-                        return proc, time.perf_counter() - started
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.005)
+    with Client(sock, timeout=5) as client:
+        client.wait_ready(process=proc, poll_s=0.005)
+    return proc, time.perf_counter() - started
 
 
 def default_bundle(tmp: Path) -> Path:

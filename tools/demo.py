@@ -14,10 +14,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from edgerunner import Client
 
 PROMPT = "In one sentence: why run a language model on the device itself?"
 
@@ -27,22 +26,6 @@ def edgerunner(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]
     cmd = [sys.executable, "-m", "edgerunner", *args]
     print(f"\n$ edgerunner {' '.join(args)}", flush=True)
     return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload]
-
-
-def wait_until_ready(sock: Path, daemon: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    """Poll /health over the socket until the daemon answers."""
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=2.0)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise SystemExit(f"the daemon exited early with code {daemon.returncode}")
-        try:
-            if client.get("http://edgerunner/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"the daemon did not answer on {sock} within {timeout:.0f}s")
 
 
 def main() -> int:
@@ -67,7 +50,8 @@ def main() -> int:
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=log.open("wb"),
         )
         try:
-            wait_until_ready(sock, daemon)
+            with Client(sock) as client:
+                client.wait_ready(process=daemon)
             edgerunner("ask", PROMPT, "--socket", str(sock), "--max-tokens", "64")
         finally:
             daemon.send_signal(signal.SIGTERM)

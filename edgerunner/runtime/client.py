@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -142,6 +144,26 @@ class Client:
     def health(self) -> dict[str, Any]:
         """GET /health (returned even when the daemon reports itself unhealthy)."""
         return self._get("/health")
+
+    def wait_ready(self, timeout: float = 120.0, *, process: subprocess.Popen[Any] | None = None,
+                   poll_s: float = 0.05) -> dict[str, Any]:
+        """Poll /health until the daemon says "ready"; ClientError if `process` (the daemon
+        started by the caller) exits first or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if process is not None and process.poll() is not None:
+                raise ClientError(
+                    f"the daemon exited with code {process.returncode} before it was ready",
+                    "see its log; `edgerunner serve --help` lists the exit codes")
+            try:
+                health = self.health()
+                if health.get("state") == "ready":
+                    return health
+            except ClientError:
+                pass  # not listening yet
+            if time.monotonic() >= deadline:
+                raise ClientError(f"the daemon at {self.where} was not ready within {timeout:g} s")
+            time.sleep(poll_s)
 
     def models(self) -> list[str]:
         """Names of the served models."""

@@ -85,3 +85,24 @@ def test_ask_without_a_daemon_fails_with_a_hint(short_tmp: Path) -> None:
     result = CliRunner().invoke(main, ["ask", "hi", "--socket", str(short_tmp / "none.sock")])
     assert result.exit_code == 1
     assert "cannot reach the daemon" in result.output and "hint" in result.output
+
+
+def test_wait_ready_returns_the_health_of_a_ready_daemon(served: RunningDaemon) -> None:
+    with Client(served.socket) as client:
+        assert client.wait_ready(timeout=60)["state"] == "ready"
+
+
+def test_wait_ready_names_a_daemon_that_exited_first(short_tmp: Path) -> None:
+    import subprocess
+
+    exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    exited.wait()
+    with Client(short_tmp / "never.sock") as client, pytest.raises(ClientError) as err:
+        client.wait_ready(timeout=60, process=exited)
+    assert "exited with code 3 before it was ready" in str(err.value)
+
+
+def test_wait_ready_gives_up_after_its_timeout(short_tmp: Path) -> None:
+    with Client(short_tmp / "never.sock") as client, pytest.raises(ClientError) as err:
+        client.wait_ready(timeout=0.2, poll_s=0.05)
+    assert "was not ready within 0.2 s" in str(err.value)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import httpx
 import pytest
 
 from edgerunner.bundle import Bundle
+from edgerunner.errors import ClientError
+from edgerunner.runtime.client import Client
 
 LONG = {"type": "json_schema", "json_schema": {"name": "nums", "schema": {
     "type": "array", "items": {"type": "integer"}, "minItems": 1000}}}
@@ -35,19 +36,11 @@ class ServeProcess:
         )
 
     def wait_ready(self, timeout: float = 120) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}: {self.stderr()}")
-            if self.socket.exists():
-                try:
-                    with self.client() as c:
-                        if c.get("/health").json()["state"] == "ready":
-                            return
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.05)
-        raise AssertionError("serve did not become ready")
+        try:
+            with Client(self.socket) as client:
+                client.wait_ready(timeout, process=self.proc)
+        except ClientError as exc:
+            raise AssertionError(f"{exc}: {self.stderr()}") from exc
 
     def client(self, timeout: float = 120) -> httpx.Client:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
