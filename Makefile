@@ -9,8 +9,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# llama-cpp-python first, from edgerunner's own wheel cache, built with explicit portable flags
+# (tools/llama_build.py says why); pip then finds its pin satisfied and builds nothing itself.
+$(STAMP): pyproject.toml tools/llama_build.py
 	python3 -m venv $(VENV)
+	python3 tools/llama_build.py --install $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
