@@ -180,7 +180,8 @@ def predicted_for_run(model_path: Path, plan: RuntimePlan, filled: int) -> float
     The CPU features are this machine's: they decide which weights llama.cpp repacks here.
     """
     from edgerunner.gguf_info import read_model_info
-    from edgerunner.memory import estimate_memory, host_cpu_features
+    from edgerunner.host.cpu import host_cpu_features
+    from edgerunner.memory import estimate_memory
 
     # The settings llama_kwargs hands llama.cpp, as estimate_memory spells them.
     return estimate_memory(

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from edgerunner.host.cpu import cpu_features
+from edgerunner.host.memory import cgroup_limits, meminfo_kb
 from edgerunner.profiles import DeviceProfile
 
 logger = logging.getLogger(__name__)
@@ -27,14 +29,6 @@ ARM_PARTS = {
     0xD42: "Cortex-A78AE", 0xD44: "Cortex-X1", 0xD46: "Cortex-A510", 0xD47: "Cortex-A710",
     0xD48: "Cortex-X2", 0xD49: "Neoverse-N2", 0xD4D: "Cortex-A715", 0xD4E: "Cortex-X3",
     0xD4F: "Neoverse-V2", 0xD80: "Cortex-A520", 0xD81: "Cortex-A720", 0xD82: "Cortex-X4",
-}
-
-# cpuinfo flag → profile ISA feature. Arm: "Features" (asimd = NEON on aarch64, asimddp =
-# dot product, asimdhp = FP16 arithmetic); armv7 prints "neon"; x86 prints "flags".
-FEATURE_FLAGS = {
-    "asimd": "neon", "neon": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "sve": "sve",
-    "asimdhp": "fp16", "avx": "avx", "avx2": "avx2", "avx512f": "avx512", "f16c": "f16c",
-    "fma": "fma",
 }
 
 # 128 MiB is far past any of these boards' caches (a few MiB of L2/L3) while keeping the page
@@ -68,7 +62,7 @@ def detect_profile(root: str | Path = "/", measure: bool = True) -> DeviceProfil
         "memory": {"total_mb": total, "os_reserved_mb": reserved,
                    "bandwidth_gbs": round(bandwidth, 2)},
         "cpu": {"big_cores": big, "little_cores": little, "core": core, "max_mhz": max_mhz,
-                "features": _features(cpuinfo)},
+                "features": cpu_features(cpuinfo)},
         "gpu": _gpu(base, total),
         "thermal": _thermal(base),
     }
@@ -118,13 +112,6 @@ def _arch(cpuinfo: str) -> str:
     return {"arm64": "aarch64", "amd64": "x86_64", "AMD64": "x86_64"}.get(machine, machine)
 
 
-def _features(cpuinfo: str) -> list[str]:
-    flags = set((_field(cpuinfo, "Features") + " " + _field(cpuinfo, "flags")).split())
-    found = {FEATURE_FLAGS[f] for f in flags if f in FEATURE_FLAGS}
-    order = ["neon", "fp16", "dotprod", "i8mm", "sve", "avx", "avx2", "avx512", "f16c", "fma"]
-    return [f for f in order if f in found]
-
-
 def _cores(base: Path, processors: list[dict[str, str]], cpuinfo: str) -> tuple[int, int, str, int]:
     """(big, little, core name, max MHz): the slowest cluster counts as little when clusters
     differ, since llama.cpp decodes no faster than its slowest thread."""
@@ -165,39 +152,18 @@ def _cores(base: Path, processors: list[dict[str, str]], cpuinfo: str) -> tuple[
 
 def _meminfo(base: Path) -> tuple[int, int]:
     """(MemTotal, MemAvailable) in MiB."""
-    text = _read(base / "proc/meminfo") or ""
-    values = {k: int(v) // 1024 for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.MULTILINE)}
+    values = meminfo_kb(base)
     if "MemTotal" not in values:
         import psutil
 
         vm = psutil.virtual_memory()
         return vm.total // 2**20, vm.available // 2**20
-    return values["MemTotal"], values.get("MemAvailable", values.get("MemFree", 0))
+    return values["MemTotal"] // 1024, values.get("MemAvailable", values.get("MemFree", 0)) // 1024
 
 
 def _cgroup_limit_mb(base: Path) -> int | None:
     """The tightest memory limit on this process's cgroup and its ancestors (v2, else v1)."""
-    limits = []
-    for line in (_read(base / "proc/self/cgroup") or "").splitlines():
-        hier, controllers, path = [*line.split(":", 2), "", ""][:3]
-        if hier == "0" and controllers == "":
-            group = base / "sys/fs/cgroup" / path.lstrip("/")
-            names = ["memory.max"]
-        elif "memory" in controllers.split(","):
-            group = base / "sys/fs/cgroup/memory" / path.lstrip("/")
-            names = ["memory.limit_in_bytes"]
-        else:
-            continue
-        top = base / "sys/fs/cgroup"
-        while True:
-            for name in names:
-                text = (_read(group / name) or "").strip()
-                # v1 prints a huge page-rounded number for "no limit"
-                if text.isdigit() and int(text) < 2**60:
-                    limits.append(int(text) // 2**20)
-            if group == top or top not in group.parents:
-                break
-            group = group.parent
+    limits = [int(group.limit_mb) for group in cgroup_limits(base)]
     return min(limits) if limits else None
 
 

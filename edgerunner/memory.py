@@ -187,19 +187,6 @@ def resident_weight_bytes(
     return quant_facts(info, quant, cpu_features).resident(mmap)
 
 
-def host_cpu_features() -> list[str]:
-    """ISA features of this machine, in the profile's vocabulary (repack rules need them)."""
-    names = {"avx2": "avx2", "avx512f": "avx512", "asimd": "neon", "neon": "neon",
-             "asimddp": "dotprod", "i8mm": "i8mm"}
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    found = {names[w] for line in text.splitlines()
-             if line.lower().startswith(("flags", "features")) for w in line.split() if w in names}
-    return sorted(found)
-
-
 # --- context shapes ------------------------------------------------------------------------
 
 

@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerunner.gguf_info import ModelInfo, read_model_info
-from edgerunner.memory import MIB, estimate_memory, host_cpu_features, prefer_mmap
+from edgerunner.host.cpu import host_cpu_features
+from edgerunner.memory import MIB, estimate_memory, prefer_mmap
 from edgerunner.models import ensure_default_model
 from edgerunner.quant_rules import PRESETS
 

@@ -1,13 +1,12 @@
-"""Memory guards: how much memory is left (MemAvailable, cgroup v2, PSI), whether the plan fits
-at start, whether new work may be admitted, and whether our own RSS broke its ceiling.
+"""Memory guards: how much memory is left (MemAvailable, cgroup v2 or v1, PSI), whether the plan
+fits at start, whether new work may be admitted, and whether our own RSS broke its ceiling.
 
-Every path is read under a configurable root, so tests point it at a fake /proc + /sys tree;
-anything absent (no cgroup v2, no PSI, a container without /proc/pressure) is simply skipped.
+Every path is read under a configurable root (edgerunner.host.memory), so tests point it at a fake
+/proc + /sys tree; anything absent (no cgroup limit, no PSI) is simply skipped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ from typing import Literal
 import psutil
 
 from edgerunner.errors import PlanError
+from edgerunner.host.memory import cgroup_memory, meminfo_kb, psi_memory
 from edgerunner.manifest import MemoryEstimate, RuntimePlan
 from edgerunner.runtime.protocol import RequestError
 from edgerunner.runtime.ticker import Ticker
@@ -58,7 +58,7 @@ class MemorySnapshot:
 
 
 class MemoryProbe:
-    """Reads memory state under `root` ("/" on a real machine)."""
+    """Reads memory state under `root` ("/" on a real machine) through edgerunner.host.memory."""
 
     def __init__(self, root: Path = Path("/"), pid: int | None = None) -> None:
         self.root = Path(root)
@@ -66,13 +66,12 @@ class MemoryProbe:
 
     def read(self) -> MemorySnapshot:
         """Take one snapshot."""
-        group = self.cgroup_dir()
-        cg_free = _cgroup_free_mb(group, self.root / "sys/fs/cgroup") if group else None
-        some, full = self.psi()
+        group = cgroup_memory(self.root)
+        some, full = psi_memory(self.root)
         return MemorySnapshot(
             available_mb=self.mem_available_mb(),
-            cgroup_free_mb=cg_free,
-            cgroup_path=str(group) if group is not None else None,
+            cgroup_free_mb=group.free_mb if group is not None else None,
+            cgroup_path=group.path if group is not None else None,
             psi_some_avg10=some,
             psi_full_avg10=full,
             rss_mb=self.rss_mb(),
@@ -84,85 +83,10 @@ class MemoryProbe:
 
     def mem_available_mb(self) -> float:
         """MemAvailable from <root>/proc/meminfo (psutil's view when the file is absent)."""
-        try:
-            for line in (self.root / "proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024  # kB
-        except (OSError, ValueError, IndexError):
-            pass
-        return float(psutil.virtual_memory().available) / MIB
-
-    def cgroup_dir(self) -> Path | None:
-        """Our cgroup v2 directory, from the "0::/path" line of /proc/self/cgroup."""
-        try:
-            lines = (self.root / "proc/self/cgroup").read_text().splitlines()
-        except OSError:
-            return None
-        for line in lines:
-            if line.startswith("0::"):
-                group = self.root / "sys/fs/cgroup" / line[3:].strip().lstrip("/")
-                return group if group.is_dir() else None
-        return None
-
-    def psi(self) -> tuple[float | None, float | None]:
-        """(some avg10, full avg10) from <root>/proc/pressure/memory, in percent."""
-        try:
-            text = (self.root / "proc/pressure/memory").read_text()
-        except OSError:
-            return None, None
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            kind, _, rest = line.partition(" ")
-            for field in rest.split():
-                key, _, value = field.partition("=")
-                if key == "avg10":
-                    with contextlib.suppress(ValueError):
-                        values[kind] = float(value)
-        return values.get("some"), values.get("full")
-
-
-def _cgroup_free_mb(group: Path, top: Path) -> float | None:
-    # a parent's memory.max binds too: take the tightest limit from our group up to the root
-    free: float | None = None
-    node = group
-    while True:
-        try:
-            limit = (node / "memory.max").read_text().strip()
-            current = int((node / "memory.current").read_text().strip())
-            if limit != "max":
-                used = max(current - _reclaimable_file_bytes(node), 0)
-                here = (int(limit) - used) / MIB
-                free = here if free is None else min(free, here)
-        except (OSError, ValueError):
-            pass
-        if node == top or top not in node.parents:
-            return None if free is None else max(free, 0.0)
-        node = node.parent
-
-
-def _reclaimable_file_bytes(node: Path) -> int:
-    # memory.current counts the page cache of every file the group read: the model file the
-    # daemon just hashed, the .so files it imported. At memory.max the kernel drops clean
-    # file pages before it OOM-kills, so counting them as used would shrink n_ctx (or exit 3)
-    # for memory that is in fact there.
-    # Subtracted: active_file + inactive_file — reclaim at the limit takes active pages too
-    # once the inactive list runs dry, and shmem/tmpfs is on the anon lists, in neither.
-    # Kept as used: file_mapped (mapped pages are a working set — the mmapped weights, the
-    # code of loaded libraries; dropping them only thrashes) and file_dirty/file_writeback
-    # (they must be written back before they can go). What is subtracted is unmapped clean
-    # cache, the kind of memory MemAvailable also counts as available.
-    stat: dict[str, int] = {}
-    try:
-        for line in (node / "memory.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if value.strip().isdigit():
-                stat[key] = int(value)
-    except OSError:
-        return 0
-    cache = stat.get("active_file", 0) + stat.get("inactive_file", 0)
-    pinned = stat.get("file_mapped", 0) + stat.get("file_dirty", 0) + stat.get(
-        "file_writeback", 0)
-    return max(cache - pinned, 0)
+        available = meminfo_kb(self.root).get("MemAvailable")
+        if available is None:
+            return float(psutil.virtual_memory().available) / MIB
+        return available / 1024
 
 
 # ------------------------------------------------------------------------------ start-up fit

@@ -53,7 +53,8 @@ def test_bench_holds_the_peak_against_a_prediction_for_the_same_run(
     measured: BenchResult, rpi5_bundle: Path
 ) -> None:
     from edgerunner.gguf_info import read_model_info
-    from edgerunner.memory import estimate_memory, host_cpu_features
+    from edgerunner.host.cpu import host_cpu_features
+    from edgerunner.memory import estimate_memory
 
     plan = load_bundle(rpi5_bundle).manifest.plan
     same_run = estimate_memory(
