@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from edgerunner.cli.output import console, json_option, print_json
+
+if TYPE_CHECKING:
+    from edgerunner.bundle import VerifyReport
 
 
 @click.command("verify")
@@ -16,7 +20,11 @@ from edgerunner.cli.output import console, json_option, print_json
               help="Also check that the plan fits this machine's memory now.")
 @json_option
 def verify_cmd(bundle: Path, here: bool, as_json: bool) -> None:
-    """Check a bundle (directory or .tar): every file's hash, the schema and the runtime version."""
+    """Check a bundle (directory or .tar): every file's hash, the schema and the runtime version.
+
+    With --here, also whether it fits this machine's memory now, and which llama.cpp path
+    decodes on this CPU (the daemon's preflight, cached).
+    """
     from edgerunner.archive import extract_archive
     from edgerunner.bundle import verify_bundle
     from edgerunner.errors import BundleError
@@ -25,10 +33,15 @@ def verify_cmd(bundle: Path, here: bool, as_json: bool) -> None:
         raise BundleError(f"bundle {bundle} does not exist", hint="check the path")
     if bundle.is_file():
         with tempfile.TemporaryDirectory(prefix="edgerunner-verify-") as tmp:
-            report = verify_bundle(extract_archive(bundle, Path(tmp)), here=here)
+            unpacked = extract_archive(bundle, Path(tmp))
+            report = verify_bundle(unpacked, here=here)
+            if here and report.ok:
+                _check_decode_here(unpacked, report)
             report.bundle = str(bundle)
     else:
         report = verify_bundle(bundle, here=here)
+        if here and report.ok:
+            _check_decode_here(bundle, report)
     if as_json:
         print_json({"ok": report.ok, "bundle": report.bundle, "checks": report.checks})
     else:
@@ -40,3 +53,28 @@ def verify_cmd(bundle: Path, here: bool, as_json: bool) -> None:
         report.raise_for_problems()
     elif not as_json:
         console().print(f"bundle {bundle} verified")
+
+
+def _check_decode_here(path: Path, report: VerifyReport) -> None:
+    from edgerunner.bundle import MODEL_FILE
+    from edgerunner.errors import EdgerunnerError
+    from edgerunner.host.cpu import cpu_budget, decode_threads
+    from edgerunner.runtime.preflight import preflight
+
+    manifest = report.manifest
+    assert manifest is not None
+    budget = cpu_budget()
+    threads = decode_threads(manifest.plan.n_threads, budget)
+    report.add("threads here", True,
+               f"{threads} (plan {manifest.plan.n_threads}; {budget.describe()})")
+    try:
+        verdict = preflight(path / MODEL_FILE, manifest.files[MODEL_FILE].sha256,
+                            manifest.plan, threads)
+    except EdgerunnerError as exc:
+        report.add("decode here", False, str(exc))
+        return
+    how = "cached verdict" if verdict.cached else f"decoded in {verdict.seconds:.2f} s"
+    path_text = ("llama.cpp's extra buffer types on (weight repacking, AMX where built)"
+                 if verdict.extra_bufts else
+                 f"extra buffer types off, as the default died ({', '.join(verdict.failures)})")
+    report.add("decode here", True, f"{path_text}; {how}; {verdict.system_info}")

@@ -7,6 +7,7 @@ Exit codes (systemd's Restart=on-failure restarts on any non-zero one):
     2  usage: bad flags or config (click's own code)
     3  start-up: the plan does not fit this machine's memory (nothing fits, or --strict)
     4  RSS exceeded its ceiling: drained in-flight work and exited so systemd restarts it clean
+    5  llama.cpp cannot decode on this CPU, with or without extra buffer types (see preflight.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 from edgerunner import __version__
 from edgerunner.bundle import Bundle
 from edgerunner.errors import ConfigError
+from edgerunner.host.cpu import CpuBudget, cpu_budget, decode_threads
 from edgerunner.manifest import BundleManifest
 from edgerunner.runtime.config import ServeConfig
 from edgerunner.runtime.engine import Engine
@@ -43,7 +45,8 @@ from edgerunner.runtime.notify import (
     format_status,
     watchdog_interval,
 )
-from edgerunner.runtime.predict import predict_totals
+from edgerunner.runtime.predict import predict_repacked_mb, predict_totals
+from edgerunner.runtime.preflight import PreflightError, Verdict, preflight
 from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
 from edgerunner.thermal import ThermalGovernor, ThrottleFlags, read_thermal
 
@@ -54,6 +57,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NO_FIT = 3
 EXIT_RSS_CEILING = 4
+EXIT_PREFLIGHT = 5
 
 RSS_CEILING_FACTOR = 1.5  # default ceiling over the predicted peak when config leaves it unset
 
@@ -125,6 +129,10 @@ class Daemon:
         self.temperature_c: float | None = None
         self.throttle: ThrottleFlags | None = None
         self.worker_stop_s = WORKER_STOP_S  # how long a cancelled job may take to let go
+        self.cpus: CpuBudget = cpu_budget(config.guard_root)
+        self.n_threads = self._choose_threads()
+        self.verdict: Verdict | None = None
+        self._repack_saving_mb = 0.0  # the repack buffer a no-extra-bufts load does not make
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -140,12 +148,46 @@ class Daemon:
                     f"n_ctx {wanted} is larger than the {plan.n_ctx} this bundle was planned for",
                     "re-pack with a larger --max-ctx, or leave n_ctx unset")
             plan = plan.model_copy(update={"n_ctx": wanted})
-        fit = fit_plan(plan, self._estimate, snap.headroom_mb,
+        fit = fit_plan(plan, self._estimate_here, snap.headroom_mb,
                        self.config.memory_reserve_mb, strict=self.config.strict,
                        already_resident_mb=min(snap.rss_mb, memory.overhead_mb))
         log = logger.warning if fit.shrunk else logger.info
         log("memory fit: %s (%s)", fit.reason, snap.source)
         return fit
+
+    def _estimate_here(self, n_ctx: int) -> float:
+        return self._estimate(n_ctx) - self._repack_saving_mb
+
+    def _choose_threads(self) -> int:
+        planned = self.manifest.plan.n_threads
+        if self.config.n_threads is not None:
+            if self.config.n_threads > self.cpus.cpus:
+                logger.warning("threads: %d asked for, but this process may use %d CPUs (%s)",
+                               self.config.n_threads, self.cpus.cpus, self.cpus.describe())
+            return self.config.n_threads
+        threads = decode_threads(planned, self.cpus)
+        logger.info("threads: %d (plan %d; %s)", threads, planned, self.cpus.describe())
+        return threads
+
+    def run_preflight(self) -> Verdict:
+        """Prove llama.cpp decodes here (cached); PreflightError if no path does."""
+        verdict = preflight(self.bundle.model_path, self.manifest.files["model.gguf"].sha256,
+                            self.manifest.plan, self.n_threads,
+                            timeout_s=self._expected_load_s() + 120)
+        how = "cached" if verdict.cached else f"{verdict.seconds:.2f} s"
+        if verdict.extra_bufts:
+            logger.info("preflight: llama.cpp decodes here with extra buffer types (%s)", how)
+        else:
+            logger.warning("preflight: llama.cpp died with extra buffer types on (%s); serving "
+                           "without them: no AMX, no weight repacking (%s)",
+                           ", ".join(verdict.failures), how)
+            try:
+                self._repack_saving_mb = predict_repacked_mb(
+                    self.bundle.model_path, self.manifest.plan,
+                    list(self.manifest.profile.cpu.features))
+            except Exception as exc:  # the memory model is an improvement, not a requirement
+                logger.warning("repack size unknown (%s); keeping the manifest's prediction", exc)
+        return verdict
 
     async def run(self) -> int:
         """Load, serve until a signal or the RSS ceiling, drain, clean up; the exit code."""
@@ -159,6 +201,9 @@ class Daemon:
         try:
             await self._start()
             await self._stop.wait()
+        except PreflightError as exc:
+            logger.error("%s", exc)
+            self.exit_code = EXIT_PREFLIGHT
         finally:
             await self._shutdown()
             for sig in signals:
@@ -180,12 +225,15 @@ class Daemon:
 
     async def _start(self) -> None:
         self.state = "loading"
-        self.fit = fit = self.fit_memory()
         config = self.config
+        self._notify("status", f"preflight: decoding {self.manifest.name} in a child process")
+        self._notify("extend_timeout", 2 * self._expected_load_s() + 60)
+        self.verdict = verdict = await asyncio.to_thread(self.run_preflight)
+        self.fit = fit = self.fit_memory()
         self._notify("status", f"loading {self.manifest.name}")
         self._notify("extend_timeout", self._expected_load_s() + 30)
         self.engine = Engine(self.bundle.model_path, fit.plan, name=self.manifest.name,
-                             n_threads=config.n_threads)
+                             n_threads=self.n_threads, extra_bufts=verdict.extra_bufts)
         await asyncio.to_thread(self.engine.load)
         self._setup_watchdog()
         self._setup_thermal()
@@ -283,7 +331,7 @@ class Daemon:
 
     def _setup_thermal(self) -> None:
         assert self.fit is not None
-        base = self.config.n_threads or self.fit.plan.n_threads
+        base = self.n_threads
         self.governor = ThermalGovernor(self.manifest.profile.thermal, base)
 
     def _before_job(self, engine: Engine) -> None:
@@ -367,6 +415,22 @@ class Daemon:
             # the Pi firmware's get_throttled word and its bits (None where there is none)
             "throttled": self.throttle.model_dump() if self.throttle is not None else None,
             "thermal": (self.governor.state.model_dump() if self.governor is not None else None),
+            "cpu": self._cpu_info(),
+        }
+
+    def _cpu_info(self) -> dict[str, Any]:
+        verdict = self.verdict
+        return {
+            "threads": self.n_threads,
+            "threads_planned": self.manifest.plan.n_threads,
+            "cpus": self.cpus.cpus,
+            "cpu_limits": self.cpus.describe(),
+            # "default": llama.cpp's extra buffer types (AMX, weight repacking) on; else off
+            "llama_path": verdict.path if verdict is not None else None,
+            "preflight_cached": verdict.cached if verdict is not None else None,
+            "preflight_s": verdict.seconds if verdict is not None else None,
+            "preflight_failures": verdict.failures if verdict is not None else [],
+            "llama_cpu_features": verdict.system_info if verdict is not None else None,
         }
 
     def metrics(self) -> str:

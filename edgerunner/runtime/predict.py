@@ -27,14 +27,29 @@ def predict_totals(model_path: Path, plan: RuntimePlan, n_ctxs: list[int],
     return {int(k): float(v) for k, v in json.loads(done.stdout).items()}
 
 
+def predict_repacked_mb(model_path: Path, plan: RuntimePlan, cpu_features: list[str],
+                        timeout: float = 120.0) -> float:
+    """MiB of weights llama.cpp copies into its repack buffer on a CPU with these features."""
+    request = json.dumps({"model": str(model_path), "plan": plan.model_dump(),
+                          "repacked_for": cpu_features})
+    done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.predict"], input=request,
+                          capture_output=True, text=True, timeout=timeout, check=True)
+    return float(json.loads(done.stdout)["repacked_mb"])
+
+
 def main() -> None:
-    """Read {"model", "plan", "n_ctx": [...]} on stdin, print {n_ctx: total_mb}."""
+    """Read {"model", "plan", "n_ctx": [...]} on stdin, print {n_ctx: total_mb}; or with
+    "repacked_for": [features] instead of "n_ctx", print {"repacked_mb": ...}."""
     from edgerunner.gguf_info import read_model_info
-    from edgerunner.memory import estimate_memory
+    from edgerunner.memory import MIB, estimate_memory, repacked_bytes
 
     request = json.loads(sys.stdin.read())
     plan = RuntimePlan.model_validate(request["plan"])
     info = read_model_info(Path(request["model"]))
+    if "repacked_for" in request:
+        repacked = repacked_bytes(info, plan.quant, request["repacked_for"])
+        json.dump({"repacked_mb": repacked / MIB}, sys.stdout)
+        return
     totals = {
         n: estimate_memory(info, plan.quant, n, plan.kv_type, plan.n_batch, plan.n_ubatch,
                            plan.flash_attn, plan.swa_full).total_mb

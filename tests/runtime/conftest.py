@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -17,7 +20,9 @@ import httpx
 import pytest
 
 from edgerunner.bundle import Bundle, load_bundle
+from edgerunner.errors import ClientError
 from edgerunner.manifest import BundleManifest
+from edgerunner.runtime.client import Client
 from edgerunner.runtime.config import ServeConfig
 from edgerunner.runtime.daemon import Daemon
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent
@@ -141,3 +146,56 @@ def started(scheduler: Scheduler) -> Iterator[Scheduler]:
         yield scheduler
     finally:
         scheduler.shutdown(5)
+
+
+class ServeProcess:
+    """`python -m edgerunner serve` in a subprocess, with its socket."""
+
+    def __init__(self, bundle: Bundle, sock: Path, *args: str, env: dict[str, str] | None = None):
+        self.socket = sock
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgerunner", "serve", str(bundle.dir), "--socket", str(sock),
+             "--threads", "1", *args],
+            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        try:
+            with Client(self.socket) as client:
+                client.wait_ready(timeout, process=self.proc)
+        except ClientError as exc:
+            raise AssertionError(f"{exc}: {self.stderr()}") from exc
+
+    def client(self, timeout: float = 120) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
+                            base_url="http://edgerunner", timeout=timeout)
+
+    def wait(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def spawn(bundle: Bundle, short_tmp: Path) -> Iterator[Any]:
+    started: list[ServeProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+        proc = ServeProcess(bundle, short_tmp / "s.sock", *args, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
