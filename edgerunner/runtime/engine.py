@@ -85,12 +85,14 @@ class Engine:
     """llama_cpp.Llama for one bundle; construction is cheap, `load()` maps the weights."""
 
     def __init__(
-        self, model_path: Path, plan: RuntimePlan, *, name: str, n_threads: int | None = None
+        self, model_path: Path, plan: RuntimePlan, *, name: str, n_threads: int | None = None,
+        extra_bufts: bool = True,
     ) -> None:
         self.model_path = Path(model_path)
         self.plan = plan
         self.name = name
         self.n_threads = n_threads
+        self.extra_bufts = extra_bufts  # False: no AMX, no weight repacking (the preflight's)
         self._llm: _TrackedLlama | None = None
         self._vocab_only: LlamaModel | None = None
         self._formatter: Callable[..., llama_chat_format.ChatFormatterResponse] | None = None
@@ -156,7 +158,7 @@ class Engine:
                                            "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
 
     def _open_model(self, kwargs: dict[str, Any]) -> _TrackedLlama:
-        return _TrackedLlama(str(self.model_path), **kwargs)
+        return _TrackedLlama(str(self.model_path), **kwargs, use_extra_bufts=self.extra_bufts)
 
     def set_threads(self, n_threads: int) -> None:
         """Change decode threads between requests (the thermal governor's lever)."""
@@ -358,13 +360,26 @@ class _TrackedLlama(llama_cpp.Llama):
     interrupted = False
     aborted_at: int | None = None  # n_tokens when the abort callback stopped a decode
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, use_extra_bufts: bool = True, **kwargs: Any) -> None:
+        # read by the model_params setter, which Llama.__init__ goes through before loading
+        self._use_extra_bufts = use_extra_bufts
         super().__init__(*args, **kwargs)
         # llama.cpp polls this between graph nodes, so a long prompt stops within one ubatch;
         # the ctypes object must outlive the context, hence the attribute
         self._abort_callback = llama_cpp.ggml_abort_callback(self._abort_requested)
         self._no_abort_callback = llama_cpp.ggml_abort_callback()  # NULL: nothing to call
         self._abort_armed = False
+
+    # llama-cpp-python has no keyword for llama_model_params.use_extra_bufts; Llama.__init__
+    # assigns self.model_params once and then fills it in, so the assignment sets it
+    @property
+    def model_params(self) -> llama_cpp.llama_model_params:
+        return self._model_params
+
+    @model_params.setter
+    def model_params(self, params: llama_cpp.llama_model_params) -> None:
+        params.use_extra_bufts = self._use_extra_bufts
+        self._model_params = params
 
     def eval(self, tokens: Sequence[int]) -> None:
         # Arm the abort callback only for prompt batches: llama.cpp calls it after every graph
