@@ -122,13 +122,15 @@ def run_bench(bundle: Bundle, prompt_tokens: int = 128, decode_tokens: int = 64,
     """Load the bundle's model with its plan, time one prompt and a greedy decode."""
     import llama_cpp
 
+    from edgerunner.host.cpu import cpu_budget, decode_threads
     from edgerunner.runtime.engine import llama_kwargs
 
     manifest = bundle.manifest
     plan = manifest.plan
     # Leave room for the generated tokens inside the context window.
     prompt_tokens = max(1, min(prompt_tokens, plan.n_ctx - decode_tokens - 2))
-    kwargs = llama_kwargs(plan, n_threads)
+    # the plan's threads, but never more than this process may run at once (affinity, quota)
+    kwargs = llama_kwargs(plan, n_threads or decode_threads(plan.n_threads, cpu_budget()))
     # Whatever ran before (imports, hashing the bundle) must not count as the model's peak.
     reset = reset_peak_rss()
     baseline = proc_status_mb("VmRSS")

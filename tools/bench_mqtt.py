@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from edgerunner.bundle import load_bundle
+from edgerunner.host.cpu import cpu_budget, decode_threads
 from edgerunner.mqtt_client import MqttChat, wait_for_status
 
 PROMPTS = [
@@ -161,10 +162,10 @@ def main() -> int:
     try:
         bundle = args.bundle or pack_default(work)
         with mosquitto(work) as url:
-            # the plan's threads, capped at this machine's CPUs (as bench_serve does):
+            # the plan's threads, capped at the CPUs we may use (as the daemon does itself):
             # oversubscribed cores make every latency noisy
             plan = load_bundle(bundle, verify=False).manifest.plan
-            threads = str(min(plan.n_threads, os.cpu_count() or 1))
+            threads = str(decode_threads(plan.n_threads, cpu_budget()))
             with daemon(bundle, url, "bench", work / "a.sock", work / "a.log",
                         "--threads", threads):
                 http = httpx.Client(transport=httpx.HTTPTransport(uds=str(work / "a.sock")),

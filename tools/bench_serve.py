@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerunner.bundle import load_bundle
+from edgerunner.host.cpu import cpu_budget, decode_threads
 from edgerunner.runtime.client import Client
 from edgerunner.runtime.engine import llama_kwargs
 
@@ -99,12 +99,13 @@ def decode_rate(times: list[float]) -> float | None:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def start_daemon(bundle: Path, sock: Path, threads: int) -> tuple[subprocess.Popen[bytes], float]:
-    """Exec `edgerunner serve` and time it to /health ready."""
+def start_daemon(bundle: Path, sock: Path, threads: int | None
+                 ) -> tuple[subprocess.Popen[bytes], float]:
+    """Exec `edgerunner serve` (its own thread choice unless given) and time it to ready."""
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgerunner", "serve", str(bundle), "--socket", str(sock),
-         "--threads", str(threads)],
+         *(("--threads", str(threads)) if threads else ())],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with Client(sock, timeout=5) as client:
         client.wait_ready(process=proc, poll_s=0.005)
@@ -125,14 +126,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=None,
-                        help="default: the plan's, capped at this machine's CPUs")
+                        help="default: raw gets the plan's, capped at the CPUs this process "
+                        "may use; the daemon gets no --threads and chooses the same itself")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="er-bench-", dir="/tmp") as tmp:
         path = args.bundle or default_bundle(Path(tmp))
         bundle = load_bundle(path)
         plan = bundle.manifest.plan
-        threads = args.threads or min(plan.n_threads, os.cpu_count() or 1)
+        threads = args.threads or decode_threads(plan.n_threads, cpu_budget())
         prompts = (PROMPTS * 4)[: args.prompts]
 
         load_start = time.perf_counter()
@@ -140,7 +142,9 @@ def main() -> None:
         raw_load = time.perf_counter() - load_start
 
         sock = Path(tmp) / "b.sock"
-        proc, ready = start_daemon(bundle.dir, sock, threads)
+        proc, ready = start_daemon(bundle.dir, sock, args.threads)
+        with Client(sock) as client:
+            daemon_threads = client.health()["cpu"]["threads"]
         rows: dict[str, list[float]] = {k: [] for k in (
             "raw_ttft", "d_ttft", "raw_tps", "d_tps", "raw_whole", "d_whole")}
         try:
@@ -176,7 +180,8 @@ def main() -> None:
     med = {k: statistics.median([x for x in v if x == x]) for k, v in rows.items()}
     table = Table(title=f"{bundle.manifest.name}: raw llama-cpp-python vs daemon "
                         f"({len(prompts)} prompts, greedy, max_tokens {args.max_tokens}, "
-                        f"{threads} threads; medians, ratios per prompt pair)")
+                        f"raw {threads} threads, daemon {daemon_threads} (plan "
+                        f"{plan.n_threads}); medians, ratios per prompt pair)")
     for col in ("measure", "raw", "daemon", "daemon vs raw", "goal"):
         table.add_column(col, justify="right" if col != "measure" else "left")
     table.add_row("decode tok/s (stream)", f"{med['raw_tps']:.1f}", f"{med['d_tps']:.1f}",

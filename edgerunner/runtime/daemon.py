@@ -194,10 +194,16 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         # signals reach only the main thread; tests run the daemon in another one
-        signals = ((signal.SIGTERM, signal.SIGINT)
-                   if threading.current_thread() is threading.main_thread() else ())
+        signals: tuple[signal.Signals, ...] = (
+            (signal.SIGTERM, signal.SIGINT)
+            if threading.current_thread() is threading.main_thread() else ())
         for sig in signals:
             self._loop.add_signal_handler(sig, self.request_stop, EXIT_OK, sig.name)
+        if signals:
+            # a closed terminal or `kill -HUP` must not drop in-flight requests; the config is
+            # read once at start, so there is nothing to reload either
+            self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            signals += (signal.SIGHUP,)
         try:
             await self._start()
             await self._stop.wait()
@@ -209,6 +215,10 @@ class Daemon:
             for sig in signals:
                 self._loop.remove_signal_handler(sig)
         return self.exit_code
+
+    def _on_sighup(self) -> None:
+        logger.warning("SIGHUP ignored: the daemon keeps serving; the config is read at start, "
+                       "so restart the daemon (systemctl restart) to apply changes")
 
     def stop_threadsafe(self, code: int = EXIT_OK, why: str = "") -> None:
         """request_stop from any thread."""

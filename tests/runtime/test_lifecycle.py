@@ -47,8 +47,9 @@ def test_health_rss_matches_the_prediction_at_a_full_context(spawn: Any, bundle:
     assert serve.wait() == 0
 
 
-def sigterm_mid_stream(serve: Any, max_tokens: int) -> list[str]:
-    """Start a long stream, SIGTERM the daemon at its first chunk; the SSE lines it got."""
+def sigterm_mid_stream(serve: Any, max_tokens: int,
+                       sig: signal.Signals = signal.SIGTERM) -> list[str]:
+    """Start a long stream, signal the daemon at its first chunk; the SSE lines it got."""
     lines: list[str] = []
     first_chunk = threading.Event()
 
@@ -64,7 +65,7 @@ def sigterm_mid_stream(serve: Any, max_tokens: int) -> list[str]:
     reader = threading.Thread(target=stream)
     reader.start()
     assert first_chunk.wait(60)
-    serve.proc.send_signal(signal.SIGTERM)
+    serve.proc.send_signal(sig)
     reader.join(120)
     return lines
 
@@ -82,6 +83,21 @@ def test_sigterm_drains_in_flight_work_and_cleans_up(spawn: Any) -> None:
     assert final["choices"][0]["finish_reason"] == "length"
     err = serve.stderr()
     assert "Traceback" not in err and "exit code 0" in err
+
+
+@pytest.mark.slow
+def test_sighup_is_ignored_mid_stream(spawn: Any) -> None:
+    serve = spawn()
+    serve.wait_ready()
+    lines = sigterm_mid_stream(serve, max_tokens=60, sig=signal.SIGHUP)
+    assert [ln for ln in lines if ln][-1] == "data: [DONE]"
+    assert serve.proc.poll() is None  # still serving
+    with serve.client() as http:
+        assert http.get("/health").json()["state"] == "ready"
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.wait() == 0
+    assert not serve.socket.exists()
+    assert "SIGHUP ignored" in serve.stderr()
 
 
 @pytest.mark.slow
