@@ -1,0 +1,213 @@
+"""F16 GGUF sources with the real shapes of Llama-3.2-1B and Qwen2.5-0.5B, written for tests.
+
+Each file is what llama.cpp's convert_hf_to_gguf.py writes for the model (metadata keys, tensor
+names, shapes and types), with all-zero weights stored as a hole: the header is written with
+gguf's GGUFWriter and the tensor data region is a sparse extent of the right length. The planner
+reads only the header, so a 2.4 GB source costs a few MB of disk and no time to fill.
+
+The tokenizer is the default model's (SmolLM2's GPT-2 BPE), padded with unused tokens up to the
+model's real vocabulary so token_embd has its real shape. `reused_vocab=True` keeps SmolLM2's
+49152 tokens instead: that is how the eval-style sources of issue 9 were built, and it is why
+that issue quotes 2239/1503 MiB for the 1B on rpi5-4gb rather than this module's real-vocab
+numbers (the embedding and logits scale with the vocabulary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder's hyperparameters as its Hugging Face config.json states them."""
+
+    name: str
+    arch: str  # llama.cpp architecture: the GGUF key prefix
+    size_label: str
+    n_layer: int  # num_hidden_layers
+    n_embd: int  # hidden_size
+    n_ff: int  # intermediate_size
+    n_head: int  # num_attention_heads
+    n_head_kv: int  # num_key_value_heads
+    n_vocab: int  # vocab_size
+    n_ctx_train: int  # max_position_embeddings
+    rope_theta: float
+    rms_eps: float
+    qkv_bias: bool = False
+    llama3_rope: bool = False  # rope_scaling {"rope_type": "llama3"}: a rope_freqs tensor
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# meta-llama/Llama-3.2-1B config.json: hidden_size 2048, 16 layers, 32 heads, 8 KV heads,
+# head_dim 64, intermediate_size 8192, vocab 128256, max_position_embeddings 131072,
+# rope_theta 500000 with llama3 rope scaling (factor 32, original 8192), rms_norm_eps 1e-5,
+# tie_word_embeddings true.
+LLAMA_3_2_1B = Shape(
+    name="Llama 3.2 1B", arch="llama", size_label="1B", n_layer=16, n_embd=2048, n_ff=8192,
+    n_head=32, n_head_kv=8, n_vocab=128256, n_ctx_train=131072, rope_theta=500000.0,
+    rms_eps=1e-5, llama3_rope=True,
+)
+# Qwen/Qwen2.5-0.5B config.json: hidden_size 896, 24 layers, 14 heads, 2 KV heads,
+# intermediate_size 4864, vocab 151936, max_position_embeddings 32768, rope_theta 1e6,
+# rms_norm_eps 1e-6, tie_word_embeddings true; Qwen2 attention has q/k/v biases.
+QWEN2_5_0_5B = Shape(
+    name="Qwen2.5 0.5B", arch="qwen2", size_label="0.5B", n_layer=24, n_embd=896, n_ff=4864,
+    n_head=14, n_head_kv=2, n_vocab=151936, n_ctx_train=32768, rope_theta=1000000.0,
+    rms_eps=1e-6, qkv_bias=True,
+)
+
+F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+# Bumped when the file layout written here changes, so cached files are rewritten.
+_LAYOUT_VERSION = 1
+
+
+def tensors(shape: Shape, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Tensor name -> (shape in ggml order, type), as convert_hf_to_gguf.py writes them."""
+    d, kv = shape.head_dim, shape.n_head_kv * shape.head_dim
+    out: dict[str, tuple[tuple[int, ...], Any]] = {
+        "token_embd.weight": ((shape.n_embd, n_vocab), F16),  # tied: no output.weight
+        "output_norm.weight": ((shape.n_embd,), F32),
+    }
+    if shape.llama3_rope:
+        out["rope_freqs.weight"] = ((d // 2,), F32)
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        out[b + "attn_norm.weight"] = ((shape.n_embd,), F32)
+        out[b + "attn_q.weight"] = ((shape.n_embd, shape.n_head * d), F16)
+        out[b + "attn_k.weight"] = ((shape.n_embd, kv), F16)
+        out[b + "attn_v.weight"] = ((shape.n_embd, kv), F16)
+        if shape.qkv_bias:
+            out[b + "attn_q.bias"] = ((shape.n_head * d,), F32)
+            out[b + "attn_k.bias"] = ((kv,), F32)
+            out[b + "attn_v.bias"] = ((kv,), F32)
+        out[b + "attn_output.weight"] = ((shape.n_head * d, shape.n_embd), F16)
+        out[b + "ffn_norm.weight"] = ((shape.n_embd,), F32)
+        out[b + "ffn_gate.weight"] = ((shape.n_embd, shape.n_ff), F16)
+        out[b + "ffn_up.weight"] = ((shape.n_embd, shape.n_ff), F16)
+        out[b + "ffn_down.weight"] = ((shape.n_ff, shape.n_embd), F16)
+    return out
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """The tokenizer keys of a GGUF, as plain values."""
+
+    model: str
+    pre: str | None
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos: int | None
+    eos: int | None
+    chat_template: str | None
+
+
+def read_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of an existing GGUF (the default model's)."""
+    reader = gguf.GGUFReader(path, "r")
+
+    def get(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    return Tokenizer(
+        model=get("tokenizer.ggml.model"), pre=get("tokenizer.ggml.pre"),
+        tokens=list(get("tokenizer.ggml.tokens")),
+        token_types=list(get("tokenizer.ggml.token_type")),
+        merges=list(get("tokenizer.ggml.merges") or []), bos=get("tokenizer.ggml.bos_token_id"),
+        eos=get("tokenizer.ggml.eos_token_id"), chat_template=get("tokenizer.chat_template"),
+    )
+
+
+def write_f16_source(
+    shape: Shape, tokenizer: Tokenizer, path: Path, reused_vocab: bool = False
+) -> None:
+    """Write an F16 GGUF of this shape whose tensor data is a zero-filled hole."""
+    n_vocab = len(tokenizer.tokens) if reused_vocab else shape.n_vocab
+    if n_vocab < len(tokenizer.tokens):
+        raise ValueError(f"{shape.name}'s vocabulary is smaller than the tokenizer's")
+    pad = n_vocab - len(tokenizer.tokens)
+    tokens = tokenizer.tokens + [f"<|unused_{i}|>" for i in range(pad)]
+    types = tokenizer.token_types + [int(gguf.TokenType.UNUSED)] * pad
+
+    tmp = path.with_suffix(".partial")
+    w = gguf.GGUFWriter(tmp, shape.arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(shape.name)
+    w.add_size_label(shape.size_label)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(shape.n_layer)
+    w.add_context_length(shape.n_ctx_train)
+    w.add_embedding_length(shape.n_embd)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_rope_freq_base(shape.rope_theta)
+    w.add_layer_norm_rms_eps(shape.rms_eps)
+    w.add_key_length(shape.head_dim)
+    w.add_value_length(shape.head_dim)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model(tokenizer.model)
+    if tokenizer.pre:
+        w.add_tokenizer_pre(tokenizer.pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if tokenizer.merges:
+        w.add_token_merges(tokenizer.merges)
+    if tokenizer.bos is not None:
+        w.add_bos_token_id(tokenizer.bos)
+    if tokenizer.eos is not None:
+        w.add_eos_token_id(tokenizer.eos)
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
+    data = 0
+    for name, (dims, ttype) in tensors(shape, n_vocab).items():
+        block, size = gguf.GGML_QUANT_SIZES[ttype]
+        n_bytes = int(np.prod(dims)) // block * size
+        # GGUFWriter takes numpy's (row-major) shape: the reverse of ggml's.
+        dtype = np.dtype(np.float16 if ttype == F16 else np.float32)
+        w.add_tensor_info(name, tuple(reversed(dims)), dtype, n_bytes)
+        data += gguf.GGUFWriter.ggml_pad(n_bytes, w.data_alignment)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    assert w.fout is not None
+    out = w.fout[0]
+    start = gguf.GGUFWriter.ggml_pad(out.tell(), w.data_alignment)
+    out.truncate(start + data)  # the weights: a hole that reads as zeros
+    w.close()
+    tmp.replace(path)
+
+
+def cached_source(
+    shape: Shape, tokenizer_from: Path, cache_dir: Path | None = None, reused_vocab: bool = False,
+) -> Path:
+    """The F16 source for this shape, written on first use and then reused.
+
+    Keyed by the shape, the tokenizer file (the default model is pinned by sha256, so its name
+    and size identify it), the layout written here and the gguf package's version.
+    """
+    identity = (asdict(shape), tokenizer_from.name, tokenizer_from.stat().st_size, reused_vocab,
+                _LAYOUT_VERSION, version("gguf"))
+    key = hashlib.sha256(repr(identity).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = cache_dir or cache / "edgerunner" / "shapes"
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = shape.name.lower().replace(" ", "-") + ("-reused-vocab" if reused_vocab else "")
+    path = directory / f"{stem}-f16-{key}.gguf"
+    if not path.exists():
+        write_f16_source(shape, read_tokenizer(tokenizer_from), path, reused_vocab)
+    return path
