@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -30,6 +32,14 @@ from starlette.types import Receive
 
 from edgerunner.errors import ConfigError
 from edgerunner.runtime import protocol
+from edgerunner.runtime.config import ServeConfig
+from edgerunner.runtime.http_guard import (
+    Access,
+    AccessMiddleware,
+    CatchAllMiddleware,
+    connection_cap,
+    protocol_class,
+)
 from edgerunner.runtime.protocol import (
     AnyRequest,
     ChatCompletionRequest,
@@ -54,11 +64,21 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+class BodyTooLarge(RequestError):
+    """The body is over max_body_bytes: refused before it is read to its end, so the connection
+    cannot be reused (the rest of the body would be read as the next request)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_request", message)
+
+
 def error_response(exc: RequestError, status: int | None = None) -> JSONResponse:
     """The `{"error": ...}` body with the mapped status and, for busy codes, Retry-After."""
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, BodyTooLarge):
+        headers["Connection"] = "close"
     return JSONResponse(exc.body(), status_code=status or exc.http_status, headers=headers)
 
 
@@ -74,24 +94,18 @@ class _App:
         self.stream_flush_s = stream_flush_s
 
     async def read_json(self, request: Request) -> Any:
+        """The body, bounded by max_body_bytes as it arrives (chunked too), then decoded."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise RequestError("invalid_request",
-                               f"request body is {declared} bytes; the limit is "
+            raise BodyTooLarge(f"request body is {declared} bytes; the limit is "
                                f"{self.max_body_bytes} (max_body_bytes)")
         body = bytearray()
         async for part in request.stream():
             body += part
             if len(body) > self.max_body_bytes:
-                raise RequestError("invalid_request",
-                                   f"request body exceeds {self.max_body_bytes} bytes "
+                raise BodyTooLarge(f"request body exceeds {self.max_body_bytes} bytes "
                                    "(max_body_bytes)")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError("invalid_request",
-                               f"request body is not valid JSON: {exc}; send a JSON object "
-                               "with Content-Type: application/json") from exc
+        return protocol.decode_json(bytes(body))
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, "chat")
@@ -264,6 +278,7 @@ def create_app(
     *,
     max_body_bytes: int = 1_048_576,
     stream_flush_s: float = 0.0,
+    access: Access | None = None,
 ) -> Starlette:
     """The ASGI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     app = _App(scheduler, info, metrics, max_body_bytes, stream_flush_s)
@@ -280,11 +295,6 @@ def create_app(
         return JSONResponse(RequestError("invalid_request", message).body(),
                             status_code=exc.status_code)
 
-    async def on_crash(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s", request.url.path)
-        return error_response(RequestError("internal_error",
-                                           f"internal error: {type(exc).__name__}: {exc}"))
-
     return Starlette(
         routes=[
             Route("/v1/chat/completions", app.chat, methods=["POST"]),
@@ -296,8 +306,11 @@ def create_app(
         exception_handlers={
             RequestError: on_request_error,
             HTTPException: on_http_error,
-            Exception: on_crash,
         },
+        # outermost first: the checks answer before any route; anything a handler did not
+        # take becomes a 500 that says `Connection: close`
+        middleware=[Middleware(CatchAllMiddleware),
+                    Middleware(AccessMiddleware, access=access or Access())],
     )
 
 
@@ -356,6 +369,16 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 class _Server(uvicorn.Server):
     # the daemon owns SIGTERM/SIGINT (drain first, then stop the server)
     @contextlib.contextmanager
@@ -367,12 +390,17 @@ class HttpTransport:
     """uvicorn serving the app on a unix socket and optionally TCP, inside the daemon's loop."""
 
     def __init__(self, app: Starlette, socket_path: Path, socket_mode: int = 0o660,
-                 tcp: tuple[str, int] | None = None, graceful_s: float = 5.0) -> None:
+                 tcp: tuple[str, int] | None = None, graceful_s: float = 5.0, *,
+                 max_connections: int = 256, idle_timeout_s: float = 10.0,
+                 api_key_set: bool = False) -> None:
         self.app = app
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
         self.tcp = tcp
         self.graceful_s = graceful_s
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.api_key_set = api_key_set
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
@@ -386,9 +414,14 @@ class HttpTransport:
         except ConfigError:
             self._remove_socket()
             raise
+        # below the open-file limit, so accept() never fails with EMFILE (each connection is
+        # one descriptor); the rest are answered 503 and closed at once
+        cap = connection_cap(self.max_connections)
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=max(1, round(self.graceful_s)), server_header=False,
+            http=protocol_class(cap, self.idle_timeout_s),
+            timeout_keep_alive=max(1, round(self.idle_timeout_s)),
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=self._sockets))
@@ -397,8 +430,14 @@ class HttpTransport:
                 self._task.result()  # surface the start-up failure
                 raise RuntimeError("uvicorn stopped during start-up")
             await asyncio.sleep(0.01)
-        logger.info("listening on unix:%s%s", self.socket_path,
-                    f" and http://{self.tcp[0]}:{self.tcp[1]}" if self.tcp else "")
+        logger.info("listening on unix:%s%s (at most %d connections)", self.socket_path,
+                    f" and http://{self.tcp[0]}:{self.tcp[1]}" if self.tcp else "", cap)
+        if self.tcp is not None and not is_loopback(self.tcp[0]):
+            logger.warning(
+                "http: listening on %s:%d, which other machines can reach; %s", *self.tcp,
+                "requests need the API key" if self.api_key_set else
+                "anyone on the network can use the model: set api_key_file (or "
+                "EDGERUNNER_API_KEY), or bind 127.0.0.1")
 
     async def stop(self) -> None:
         """Stop accepting, let open responses finish (bounded), remove the socket file."""
@@ -414,3 +453,16 @@ class HttpTransport:
             sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+
+def transport_from_config(config: ServeConfig, scheduler: Scheduler, info: InfoProvider,
+                          metrics: MetricsProvider) -> HttpTransport:
+    """The app and its listeners as `config` describes them (what the daemon serves)."""
+    api_key = config.http_api_key()
+    access = Access(api_key=api_key, allowed_hosts=frozenset(config.http_allowed_hosts),
+                    allowed_origins=frozenset(config.http_allowed_origins))
+    app = create_app(scheduler, info, metrics, max_body_bytes=config.max_body_bytes,
+                     stream_flush_s=config.stream_flush_s, access=access)
+    return HttpTransport(app, config.socket_path(), config.socket_mode, config.http_host_port(),
+                         max_connections=config.max_connections,
+                         idle_timeout_s=config.idle_timeout_s, api_key_set=api_key is not None)

@@ -7,6 +7,8 @@ HTTP and MQTT send byte-for-byte the same objects.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ ErrorCode = Literal[
     "timeout",
     "cancelled",
     "model_not_found",
+    "unauthorized",
+    "forbidden",
     "internal_error",
 ]
 
@@ -29,6 +33,8 @@ HTTP_STATUS: dict[str, int] = {
     "invalid_request": 400,
     "context_length_exceeded": 400,
     "model_not_found": 404,
+    "unauthorized": 401,
+    "forbidden": 403,
     "busy": 503,
     "memory_pressure": 503,
     "cancelled": 503,
@@ -41,6 +47,8 @@ ERROR_TYPE: dict[str, str] = {
     "invalid_request": "invalid_request_error",
     "context_length_exceeded": "invalid_request_error",
     "model_not_found": "invalid_request_error",
+    "unauthorized": "authentication_error",
+    "forbidden": "permission_error",
     "busy": "server_busy",
     "memory_pressure": "server_busy",
     "cancelled": "cancelled",
@@ -188,6 +196,73 @@ class CompletionRequest(_Sampling):
 
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
+
+# Arrays and objects inside each other, at most: far above any real request (a json_schema with
+# twenty levels of nested objects is ~45), far below where a recursive walk (pydantic, json,
+# llama.cpp's schema converter) runs out of stack.
+MAX_JSON_DEPTH = 64
+# Only a \uD800-\uDFFF escape can put a surrogate into a decoded JSON string (UTF-8 cannot).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def decode_json(data: bytes, what: str = "request body") -> Any:
+    """Parse a request body; RequestError(invalid_request) for bad UTF-8, bad JSON, nesting
+    deeper than MAX_JSON_DEPTH or a lone UTF-16 surrogate — never RecursionError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            "invalid_request",
+            f"the {what} is not UTF-8 text (bad byte at offset {exc.start}); send a JSON "
+            "object") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            "invalid_request",
+            f"the {what} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}); send a JSON object with Content-Type: application/json") from exc
+    except RecursionError as exc:
+        raise _too_deep(what) from exc
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise _too_deep(what)
+    if _SURROGATE_ESCAPE.search(data):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            lone = f"\\u{ord(exc.object[exc.start]):04x}"
+            raise RequestError(
+                "invalid_request",
+                f"the {what} contains a lone UTF-16 surrogate ({lone}); JSON strings must be "
+                "valid Unicode (write a pair, \\ud83d\\ude00, or the character itself)") from exc
+    return value
+
+
+def _too_deep(what: str) -> RequestError:
+    return RequestError(
+        "invalid_request",
+        f"the {what} nests arrays/objects deeper than {MAX_JSON_DEPTH} levels (the nesting "
+        "limit); flatten it")
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a decoded JSON value (a scalar is 0)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest  # enough to refuse; the rest need not be walked
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return deepest
 
 
 def parse_request(kind: Literal["chat", "completion"], payload: Any) -> AnyRequest:
