@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from edgerunner.errors import ConfigError
 from edgerunner.paths import default_socket_path
@@ -53,7 +53,14 @@ class MqttConfig(_Settings):
         "'unsupported protocol version' (3.1.1-only) is reconnected to once with 3.1.1",
     )
     username: str | None = Field(None, description="Broker user name")
-    password: str | None = Field(None, description="Broker password")
+    password: SecretStr | None = Field(
+        None,
+        description="Broker password; prefer password_file or EDGERUNNER_MQTT__PASSWORD (a "
+        "password in the URL or on the command line is visible in the process list)",
+    )
+    password_file: Path | None = Field(
+        None, description="File holding the broker password (one line); wins over password"
+    )
     ca_file: Path | None = Field(None, description="CA certificate for mqtts:// (default: system)")
     client_id: str | None = Field(
         None, max_length=128, description="MQTT client id; default: edgerunner-<device_id>"
@@ -63,7 +70,10 @@ class MqttConfig(_Settings):
         description="Reply topics (v5 ResponseTopic or reply_to) must start with one of these",
     )
     max_payload_bytes: int = Field(
-        262_144, ge=1024, le=268_435_455, description="Largest request/reply payload, bytes"
+        262_144, ge=1024, le=268_435_455,
+        description="Largest request/reply payload, bytes; larger requests are refused unread "
+        "(v5 also tells the broker to drop requests over 16 x this; for 3.1.1 set the broker's "
+        "message_size_limit)",
     )
     stream_interval_s: float = Field(
         0.05, ge=0, le=10,
@@ -97,6 +107,26 @@ class MqttConfig(_Settings):
     )
 
 
+    def secret(self) -> str | None:
+        """The broker password from password_file or password (None: the URL's, if any)."""
+        if self.password_file is not None:
+            return read_secret(self.password_file, "mqtt.password_file")
+        return self.password.get_secret_value() if self.password is not None else None
+
+
+def read_secret(path: Path, setting: str) -> str:
+    """The first line of a secret file; ConfigError naming `setting` if it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {setting} {path}: {exc.strerror}",
+                          "check the path, and that the daemon's user may read it") from exc
+    secret = text.splitlines()[0].strip() if text.strip() else ""
+    if not secret:
+        raise ConfigError(f"{setting} {path} is empty", "write the secret on its first line")
+    return secret
+
+
 class ServeConfig(_Settings):
     """Everything `edgerunner serve` can be told."""
 
@@ -108,6 +138,35 @@ class ServeConfig(_Settings):
     socket_mode: int = Field(0o660, ge=0, le=0o777, description="Unix socket permissions")
     http: str | None = Field(
         None, description="Also listen on TCP HOST:PORT (e.g. 127.0.0.1:8080); unset = socket only"
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="Key TCP clients must send as `Authorization: Bearer <key>` (all but "
+        "/health); set it with EDGERUNNER_API_KEY or api_key_file, never on the command line. "
+        "The unix socket's file mode is its authentication",
+    )
+    api_key_file: Path | None = Field(
+        None, description="File holding the API key (one line); wins over api_key"
+    )
+    http_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names TCP requests may carry besides IP addresses, localhost and this "
+        "machine's host name (anything else is refused: DNS rebinding)",
+    )
+    http_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins (https://app.example) allowed to call the API; other "
+        "cross-origin requests are refused (CSRF)",
+    )
+    max_connections: int = Field(
+        256, ge=1, le=1_000_000,
+        description="Open HTTP connections at most (kept below the open-file limit); more are "
+        "answered 503 and closed",
+    )
+    idle_timeout_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="A connection that sends no whole request head this long is closed, "
+        "seconds (also the keep-alive timeout between requests)",
     )
     queue_depth: int = Field(
         8, ge=1, le=1024, description="Requests waiting beyond the running one"
@@ -183,6 +242,12 @@ class ServeConfig(_Settings):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"http {value!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
         return value
+
+    def http_api_key(self) -> str | None:
+        """The API key from api_key_file or api_key (None: TCP needs no key)."""
+        if self.api_key_file is not None:
+            return read_secret(self.api_key_file, "api_key_file")
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
     def socket_path(self) -> Path:
         """The socket to listen on, with the default filled in (never a discovered one)."""
