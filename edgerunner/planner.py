@@ -32,9 +32,19 @@ KL_DIVERGENCE: dict[str, float] = {
     "IQ2_XXS": 0.830947, "IQ1_M": 1.413517, "IQ1_S": 2.290167,
 }
 
-# KV cache configurations: (type, flash attention), defaults first. Flash attention never
-# materialises the n_kv × n_tokens × n_head score matrix; llama.cpp needs it for a quantized
-# V cache.
+# The near-lossless band: presets closer than this in llama.cpp's KLD count as equal quality,
+# and the faster of them wins. In that table Q8_0 sits 0.0014 from FP16 (PPL ratio 1.0004),
+# the size of the table's own artifacts (FP16 against its 16-bit-rounded logits scores 0.00055),
+# while the next step, Q6_K, is four times further (0.0057); Q4_0 and Q4_1 (0.0011 apart)
+# are also "equal". The table measures quantizing from FP16, so the band applies to
+# unquantized sources only: a requantization adds its loss to the source's.
+EQUAL_QUALITY_KLD = 0.002
+_UNQUANTIZED_SOURCES = ("F32", "ALL_F32", "F16", "BF16")
+
+# KV cache configurations: (type, flash attention). Flash attention never materialises the
+# n_kv × n_tokens × n_head score matrix, so it costs less memory at the same predicted speed
+# (and llama.cpp's context default, flash_attn_type AUTO, turns it on where the backend
+# supports it); llama.cpp needs it for a quantized V cache.
 _KV_CONFIGS: tuple[tuple[KVType, bool], ...] = (("f16", False), ("f16", True), ("q8_0", True))
 
 
@@ -89,6 +99,9 @@ class PlanResult(BaseModel):
     max_ctx: int = Field(..., description="Effective maximum context")
     candidates: list[Candidate] = Field(default_factory=list)
     chosen: Candidate
+    reasons: list[str] = Field(
+        default_factory=list, description="Why the chosen quant, context and levers won",
+    )
     runtime: RuntimePlan
     prediction: Prediction
     warnings: list[str] = Field(default_factory=list)
@@ -226,8 +239,30 @@ def _presets(info: ModelInfo, options: PlanOptions) -> tuple[list[str], list[str
     return allowed, [p for p in PRESETS if p not in allowed and p != "BF16"]
 
 
-def _pick(fits: list[Candidate], min_tps: float, warnings: list[str]) -> Candidate:
-    """Best quality at ≥ min_tps; within that quant, the config giving the most context."""
+def _best_config(pool: list[Candidate]) -> Candidate:
+    """One quant's configuration: the most context; then no quality lever it does not need
+    (a q8_0 KV cache costs accuracy, a trimmed SWA cache prefix reuse); then the fastest;
+    then the least memory, which is how flash attention wins: llama.cpp's default where the
+    backend supports it, it never builds the n_kv × n_tokens × n_head score matrix."""
+    return max(pool, key=lambda c: (
+        c.n_ctx, c.kv_type == "f16", c.swa_full, c.decode_tps, -c.memory.total_mb,
+    ))
+
+
+def _equal_quality(fast: list[Candidate], band: float) -> set[str]:
+    """Presets within the near-lossless band of the best quality among fast candidates."""
+    best_kld = min(c.kl_divergence for c in fast)
+    return {c.quant for c in fast if c.kl_divergence - best_kld <= band}
+
+
+def _pick(
+    fits: list[Candidate], min_tps: float, warnings: list[str], band: float
+) -> tuple[Candidate, set[str]]:
+    """(the choice, the presets that counted as its equal quality).
+
+    Best quality at ≥ min_tps, presets within `band` of it being equal and the faster of
+    them winning; within that quant, the configuration giving the most context.
+    """
     fast = [c for c in fits if c.decode_tps >= min_tps]
     if not fast:
         fastest = max(fits, key=lambda c: (c.decode_tps, -c.kl_divergence))
@@ -235,16 +270,16 @@ def _pick(fits: list[Candidate], min_tps: float, warnings: list[str]) -> Candida
             f"nothing decodes at {min_tps:g} tok/s on this device; chose the fastest that fits "
             f"({fastest.quant}, predicted {fastest.decode_tps:.1f} tok/s)"
         )
-        return fastest
-    else:
-        best_kld = min(c.kl_divergence for c in fast)
-        pool = [c for c in fast if c.kl_divergence == best_kld]
-    # f16 KV, no flash attention and a full SWA cache are the defaults; each lever wins only
-    # when it buys more context.
-    return max(pool, key=lambda c: (c.n_ctx, c.kv_type == "f16", not c.flash_attn, c.swa_full))
+        return fastest, {fastest.quant}
+    equal = _equal_quality(fast, band)
+    configs = [_best_config([c for c in fast if c.quant == q]) for q in equal]
+    chosen = max(configs, key=lambda c: (c.n_ctx, c.decode_tps, -c.kl_divergence))
+    return chosen, equal
 
 
-def _explain(cands: list[Candidate], chosen: Candidate, min_tps: float) -> None:
+def _explain(
+    cands: list[Candidate], chosen: Candidate, min_tps: float, equal: set[str]
+) -> None:
     for c in cands:
         if c is chosen or c.rejected:
             continue
@@ -253,13 +288,110 @@ def _explain(cands: list[Candidate], chosen: Candidate, min_tps: float) -> None:
         elif c.decode_tps < min_tps:
             c.rejected = f"decodes at {c.decode_tps:.1f} tok/s < {min_tps:g}"
         elif c.quant != chosen.quant:
-            better = c.kl_divergence > chosen.kl_divergence
-            c.rejected = f"lower quality than {chosen.quant}" if better else (
-                f"slower than {chosen.quant}")
+            c.rejected = _versus_quant(c, chosen, equal)
         elif c.n_ctx < chosen.n_ctx:
             c.rejected = f"less context than {chosen.n_ctx}"
         else:
-            c.rejected = "same context, more levers than needed"
+            c.rejected = _versus_config(c, chosen)
+
+
+def _versus_quant(c: Candidate, chosen: Candidate, equal: set[str]) -> str:
+    if c.quant in equal:
+        delta = abs(c.kl_divergence - chosen.kl_divergence)
+        return (f"equal quality to {chosen.quant} (ΔKLD {delta:.4f}) but slower "
+                f"({c.decode_tps:.1f} vs {chosen.decode_tps:.1f} tok/s)")
+    if c.kl_divergence > chosen.kl_divergence:
+        return (f"lower quality than {chosen.quant} (KLD {c.kl_divergence:.4f} vs "
+                f"{chosen.kl_divergence:.4f})")
+    return f"slower than {chosen.quant}"
+
+
+def _versus_config(c: Candidate, chosen: Candidate) -> str:
+    """Why a configuration of the chosen quant with the same context lost."""
+    if c.kv_type != chosen.kv_type:
+        return f"{c.kv_type} KV cache not needed: {chosen.kv_type} reaches the same context"
+    if c.swa_full != chosen.swa_full:
+        return "trimmed sliding-window cache not needed: the full one reaches the same context"
+    if c.flash_attn != chosen.flash_attn:
+        more = c.memory.total_mb - chosen.memory.total_mb
+        with_fa = "with" if chosen.flash_attn else "without"
+        return f"same context and speed {with_fa} flash attention, {more:.0f} MiB more"
+    return "same context, more levers than needed"
+
+
+def _reasons(
+    result_cands: list[Candidate], chosen: Candidate, equal: set[str], options: PlanOptions,
+    budget_mb: float, max_ctx: int, band: float,
+) -> list[str]:
+    """One line each for why the quant, the context and the levers of the choice won."""
+    min_tps = options.min_tps
+    reasons = [f"{chosen.quant}: forced with --quant" if options.quant else
+               _quant_reason(result_cands, chosen, equal, min_tps, band)]
+    limit = "the plan's maximum context" if chosen.n_ctx == max_ctx else (
+        f"the largest that fits {budget_mb:.0f} MiB"
+        + (f" and decodes at ≥ {min_tps:g} tok/s" if chosen.decode_tps >= min_tps else ""))
+    reasons.append(f"n_ctx {chosen.n_ctx}: {limit}")
+    same_quant = [c for c in result_cands if c.quant == chosen.quant and c is not chosen]
+    lever = _lever_reason(same_quant, chosen, min_tps)
+    if lever:
+        reasons.append(lever)
+    return reasons
+
+
+def _quant_reason(
+    cands: list[Candidate], chosen: Candidate, equal: set[str], min_tps: float, band: float
+) -> str:
+    q = chosen.quant
+    if chosen.decode_tps < min_tps:
+        return f"{q}: nothing decodes at {min_tps:g} tok/s here; {q} is the fastest that fits"
+    peers = sorted((p for p in equal if p != q), key=lambda p: KL_DIVERGENCE[p])
+    if peers:
+        # each peer as it would have been configured, had it won
+        rivals = [_best_config([c for c in cands if c.quant == p and c.fits
+                                and c.decode_tps >= min_tps]) for p in peers]
+        delta = max(abs(r.kl_divergence - chosen.kl_divergence) for r in rivals)
+        names = ", ".join(peers[:-1]) + (" and " if len(peers) > 1 else "") + peers[-1]
+        speeds = "; ".join(
+            f"{q} decodes {chosen.decode_tps / r.decode_tps:.1f}x faster than {r.quant} "
+            f"({chosen.decode_tps:.1f} vs {r.decode_tps:.1f} tok/s)" for r in rivals)
+        return (f"{q}: {names} and {q} are within the near-lossless band (ΔKLD {delta:.4f} ≤ "
+                f"{band:g} in llama.cpp's KL-divergence table), so equal quality; {speeds}")
+    reason = f"{q}: the best quality (KLD {chosen.kl_divergence:.4f}) that fits"
+    reason += f" and decodes at ≥ {min_tps:g} tok/s" if min_tps > 0 else ""
+    better = [c for c in cands if c.kl_divergence < chosen.kl_divergence]
+    if better:
+        nearest = max(c.kl_divergence for c in better)
+        runner = max((c for c in better if c.kl_divergence == nearest),
+                     key=lambda c: (c.fits, c.decode_tps))
+        why = f"decodes at {runner.decode_tps:.1f} tok/s < {min_tps:g}" if runner.fits else (
+            f"needs {runner.memory.total_mb:.0f} MiB")
+        reason += f"; {runner.quant} {why}"
+    return reason
+
+
+def _lever_reason(same_quant: list[Candidate], chosen: Candidate, min_tps: float) -> str | None:
+    fast = chosen.decode_tps >= min_tps
+    rivals = [c for c in same_quant if c.fits and (c.decode_tps >= min_tps or not fast)]
+    at = f" at ≥ {min_tps:g} tok/s" if fast and min_tps > 0 else ""
+    if chosen.kv_type != "f16":
+        if not fast:
+            return f"{chosen.kv_type} KV cache: the fastest, it reads fewer KV bytes per token"
+        f16 = [c.n_ctx for c in rivals if c.kv_type == "f16"]
+        return (f"{chosen.kv_type} KV cache: n_ctx {chosen.n_ctx}; "
+                + (f"f16 reaches {max(f16)}{at}" if f16 else f"f16 fits no context{at}"))
+    if not chosen.swa_full:
+        full = [c.n_ctx for c in rivals if c.swa_full]
+        full_reach = f"reaches {max(full)}" if full else "fits no context"
+        return f"trimmed sliding-window cache: n_ctx {chosen.n_ctx}; the full one {full_reach}{at}"
+    twin = next((c for c in same_quant if c.kv_type == chosen.kv_type
+                 and c.swa_full == chosen.swa_full and c.flash_attn != chosen.flash_attn), None)
+    if twin is None or not chosen.flash_attn:
+        return None
+    if twin.fits and twin.n_ctx == chosen.n_ctx:
+        return (f"flash attention: same context and predicted speed as without, "
+                f"{twin.memory.total_mb - chosen.memory.total_mb:.0f} MiB less "
+                f"({chosen.memory.total_mb:.0f} vs {twin.memory.total_mb:.0f} MiB)")
+    return f"flash attention: n_ctx {chosen.n_ctx}, {twin.n_ctx if twin.fits else 'none'} without"
 
 
 def make_plan(
@@ -273,9 +405,12 @@ def make_plan(
     fits = [c for c in cands if c.fits]
     if not fits:
         raise _nothing_fits(info, profile, planner, cands)
-    chosen = _pick(fits, options.min_tps, planner.warnings)
-    _explain(cands, chosen, options.min_tps)
-    if info.file_type.upper() not in ("F32", "ALL_F32", "F16", "BF16"):
+    unquantized = info.file_type.upper() in _UNQUANTIZED_SOURCES
+    band = EQUAL_QUALITY_KLD if unquantized else 0.0
+    chosen, equal = _pick(fits, options.min_tps, planner.warnings, band)
+    _explain(cands, chosen, options.min_tps, equal)
+    reasons = _reasons(cands, chosen, equal, options, planner.budget_mb, planner.max_ctx, band)
+    if not unquantized:
         planner.warnings.append(
             f"the source is already quantized ({info.file_type}): the bundle is a "
             f"requantization, and {', '.join(too_precise) or 'no preset'} were left out because "
@@ -289,7 +424,7 @@ def make_plan(
     return PlanResult(
         model=info.name, profile=profile.name, budget_mb=planner.budget_mb,
         min_ctx=planner.min_ctx, max_ctx=planner.max_ctx, candidates=cands, chosen=chosen,
-        runtime=runtime,
+        reasons=reasons, runtime=runtime,
         prediction=Prediction(
             memory=chosen.memory, decode_tps=chosen.decode_tps, file_size=chosen.file_size
         ),

@@ -1,4 +1,4 @@
-"""`edgerunner plan` through click's CliRunner, on the real default model."""
+"""`edgerunner plan` through click's CliRunner, on the real default model and a real shape."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from edgerunner.cli import main
+from tests.shapes import QWEN2_5_0_5B, cached_source
 
 
 def test_plan_prints_the_candidate_table_and_the_choice(default_model: Path) -> None:
@@ -65,3 +66,22 @@ def test_forcing_a_quant_above_the_source_is_refused(default_model: Path) -> Non
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
     assert "would not improve" in result.output
+
+
+def test_plan_shows_why_the_choice_won(default_model: Path) -> None:
+    # Qwen2.5-0.5B's shape on a Pi 5 2 GB: Q8_0 over F16 (equal quality, faster), flash attention
+    source = cached_source(QWEN2_5_0_5B, default_model)
+    result = CliRunner().invoke(main, ["plan", str(source), "--profile", "rpi5-2gb"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "chosen: Q8_0" in out and "flash attention" in out
+    assert "why: Q8_0: F16 and Q8_0 are within the near-lossless band (ΔKLD 0.0014" in out
+    assert "faster than F16" in out
+    assert "why: flash attention: same context and predicted speed as without" in out
+    assert "equal quality to Q8_0" in out  # the F16 rows say why they lost
+    assert "KLD" in out  # the quality scale is a column of the table
+
+    data = json.loads(CliRunner().invoke(
+        main, ["plan", str(source), "--profile", "rpi5-2gb", "--json"]).output)
+    assert data["runtime"]["quant"] == "Q8_0" and data["runtime"]["flash_attn"] is True
+    assert data["reasons"][0].startswith("Q8_0: F16 and Q8_0")

@@ -24,10 +24,11 @@ def _model_path(model: str | None) -> Path:
 
 
 def render_plan(result: PlanResult) -> None:
-    """The candidate table, then the choice and the warnings."""
+    """The candidate table, then the choice, why it won, and the warnings."""
     out = console()
     table = Table(
-        "quant", "KV cache", "n_ctx", "MiB", "weights+KV+compute+other", "tok/s", "verdict",
+        "quant", "KLD", "KV cache", "n_ctx", "MiB", "weights+KV+compute+other", "tok/s",
+        "verdict",
         title=f"{result.model} on {result.profile}: {result.budget_mb:.0f} MiB budget, "
         f"context {result.min_ctx}–{result.max_ctx}",
     )
@@ -36,7 +37,7 @@ def render_plan(result: PlanResult) -> None:
         kv = c.kv_type + ("+FA" if c.flash_attn else "") + ("" if c.swa_full else " SWA-trim")
         chosen = c == result.chosen
         table.add_row(
-            c.quant, kv, str(c.n_ctx), f"{m.total_mb:.0f}",
+            c.quant, f"{c.kl_divergence:.4f}", kv, str(c.n_ctx), f"{m.total_mb:.0f}",
             f"{m.weights_mb:.0f}+{m.kv_mb:.0f}+{m.compute_mb:.0f}+"
             f"{m.logits_mb + m.overhead_mb:.0f}",
             f"{c.decode_tps:.1f}", "[bold green]chosen[/]" if chosen else (c.rejected or ""),
@@ -51,6 +52,8 @@ def render_plan(result: PlanResult) -> None:
         f"mmap {'on' if r.mmap else 'off'}; predicted peak {p.memory.total_mb:.0f} MiB, "
         f"{p.decode_tps:.1f} tok/s, file {p.file_size / 2**20:.0f} MiB"
     )
+    for reason in result.reasons:
+        out.print(f"  why: {reason}")
     for warning in result.warnings:
         out.print(f"[yellow]warning:[/] {warning}")
 
