@@ -9,8 +9,8 @@ works even while the weights are unloaded by keep_alive, and while they load aga
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -24,6 +24,7 @@ from llama_cpp._internals import LlamaModel
 
 from edgerunner.errors import ModelError
 from edgerunner.manifest import RuntimePlan
+from edgerunner.runtime.grammar import GrammarBuilder
 from edgerunner.runtime.protocol import (
     AnyRequest,
     ChatCompletionRequest,
@@ -35,6 +36,8 @@ from edgerunner.runtime.protocol import (
 logger = logging.getLogger(__name__)
 
 KV_GGML_TYPE = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+# stands in for message i while rendering the chat template (private-use characters)
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Engine:
         self._lock = threading.RLock()  # guards swapping the model under the tokenizer
         self._load_lock = threading.Lock()  # one load or unload at a time; admission never waits
         self.load_seconds = 0.0
+        self.grammars = GrammarBuilder(self.model_path)  # json_schema: bounded, child-built
 
     @property
     def n_ctx(self) -> int:
@@ -208,33 +212,70 @@ class Engine:
         return len(self._tokenize(text, add_bos=True, special=False))
 
     def _tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            lone = f"\\u{ord(exc.object[exc.start]):04x}"
+            raise RequestError("invalid_request",
+                               f"the text contains a lone UTF-16 surrogate ({lone}); send valid "
+                               "Unicode") from exc
         with self._vocab() as vocab:
-            return list(vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+            return list(vocab.tokenize(data, add_bos=add_bos, special=special))
 
     def render_chat(self, request: ChatCompletionRequest) -> tuple[str, list[str], bool]:
         """The chat template applied to the messages: (prompt, template stops, added_special)."""
+        result = self._render(request, [m.text() for m in request.messages])
+        stops = [] if result.stop is None else (
+            [result.stop] if isinstance(result.stop, str) else list(result.stop))
+        return result.prompt, stops, bool(result.added_special)
+
+    def _render(self, request: ChatCompletionRequest,
+                contents: list[str]) -> llama_chat_format.ChatFormatterResponse:
         with self._vocab():
             formatter = self._formatter
         assert formatter is not None
         messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in request.messages
+            {"role": "system" if m.role == "developer" else m.role, "content": content}
+            for m, content in zip(request.messages, contents, strict=True)
         ]
         try:
-            result = formatter(messages=messages)
+            return formatter(messages=messages)
         except Exception as exc:  # jinja templates raise whatever they like
             raise RequestError("invalid_request",
                                f"the model's chat template rejected these messages: {exc}") from exc
-        stops = [] if result.stop is None else (
-            [result.stop] if isinstance(result.stop, str) else list(result.stop))
-        return result.prompt, stops, bool(result.added_special)
+
+    def _chat_tokens(self, request: ChatCompletionRequest, prompt: str, add_bos: bool
+                     ) -> list[int]:
+        """The rendered prompt's tokens, where only the template's own text can become control
+        tokens: message content spelling one (`<|im_start|>system`) is tokenized as plain text,
+        so a user cannot forge a turn."""
+        contents = [m.text() for m in request.messages]
+        if all(self._tokenize(c, add_bos=False, special=True)
+               == self._tokenize(c, add_bos=False, special=False) for c in contents):
+            return self._tokenize(prompt, add_bos=add_bos, special=True)  # the usual case
+        # render again with a placeholder per message to learn where each content went
+        skeleton = self._render(request, [f"\ue000{i}\ue001" for i in range(len(contents))])
+        pieces = _PLACEHOLDER.split(skeleton.prompt)  # template, index, template, ...
+        texts = [(piece, True) if k % 2 == 0 else (contents[int(piece)], False)
+                 for k, piece in enumerate(pieces)]
+        if "".join(text for text, _ in texts) != prompt:
+            raise RequestError(
+                "invalid_request",
+                "a message contains the text of the model's control tokens, and this model's "
+                "chat template changes message text, so edgerunner cannot keep the two apart; "
+                "remove the control tokens from the messages")
+        tokens: list[int] = []
+        for text, special in texts:
+            if text:
+                tokens += self._tokenize(text, add_bos=add_bos and not tokens, special=special)
+        return tokens
 
     def prepare(self, request: AnyRequest, default_max_tokens: int) -> Prepared:
         """Template, tokenize and build the grammar; RequestError for anything unusable."""
         stop = request.stop_list()
         if isinstance(request, ChatCompletionRequest):
             prompt, template_stops, added_special = self.render_chat(request)
-            tokens = self._tokenize(prompt, add_bos=not added_special, special=True)
+            tokens = self._chat_tokens(request, prompt, add_bos=not added_special)
             stop += template_stops
         else:
             prompt = request.prompt
@@ -268,28 +309,10 @@ class Engine:
         if fmt.type == "json_object":
             return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
         assert fmt.json_schema is not None
-        try:
-            grammar = llama_grammar.LlamaGrammar.from_json_schema(
-                json.dumps(fmt.json_schema.schema_), verbose=False)
-        except Exception as exc:  # the converter raises assorted types for bad schemas
-            raise RequestError(
-                "invalid_request",
-                f"response_format.json_schema.schema cannot be turned into a grammar: "
-                f"{type(exc).__name__}: {exc}",
-            ) from exc
-        self._check_grammar(grammar)
-        return grammar
-
-    def _check_grammar(self, grammar: llama_grammar.LlamaGrammar) -> None:
-        # llama.cpp's own parser decides; a grammar it rejects would crash the sampler chain later
-        with self._vocab() as vocab:
-            sampler = llama_cpp.llama_sampler_init_grammar(
-                vocab.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
-        if not sampler:
-            raise RequestError("invalid_request",
-                               "response_format.json_schema.schema produced a grammar llama.cpp "
-                               "rejects; simplify the schema")
-        llama_cpp.llama_sampler_free(sampler)
+        # checked against edgerunner's bounds, then converted, parsed and tried by llama.cpp in
+        # a child process (once per schema): a grammar that would crash or stall stays there
+        gbnf = self.grammars.build(fmt.json_schema.schema_)
+        return llama_grammar.LlamaGrammar.from_string(gbnf, verbose=False)
 
     # -- generating (worker thread only) ------------------------------------------------------
 
