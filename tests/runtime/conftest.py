@@ -149,16 +149,18 @@ def started(scheduler: Scheduler) -> Iterator[Scheduler]:
 
 
 class ServeProcess:
-    """`python -m edgerunner serve` in a subprocess, with its socket."""
+    """`python -m edgerunner serve` in a subprocess, with its socket; its log goes to a file
+    (a pipe nobody reads fills after ~64 KiB of log lines and then blocks the daemon)."""
 
     def __init__(self, bundle: Bundle, sock: Path, *args: str, env: dict[str, str] | None = None):
         self.socket = sock
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgerunner", "serve", str(bundle.dir), "--socket", str(sock),
-             "--threads", "1", *args],
-            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.log = sock.with_name(f"{sock.name}.log")
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgerunner", "serve", str(bundle.dir), "--socket",
+                 str(sock), "--threads", "1", *args],
+                env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log,
+            )
 
     def wait_ready(self, timeout: float = 120) -> None:
         try:
@@ -175,16 +177,13 @@ class ServeProcess:
         return self.proc.wait(timeout=timeout)
 
     def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        return self.proc.stderr.read() if self.proc.stderr else ""
+        """The daemon's log so far."""
+        return self.log.read_text(errors="replace")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
 
 @pytest.fixture
