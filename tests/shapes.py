@@ -9,7 +9,10 @@ The tokenizer is the default model's (SmolLM2's GPT-2 BPE), padded with unused t
 model's real vocabulary so token_embd has its real shape. `reused_vocab=True` keeps SmolLM2's
 49152 tokens instead: that is how the eval-style sources of issue 9 were built, and it is why
 that issue quotes 2239/1503 MiB for the 1B on rpi5-4gb rather than this module's real-vocab
-numbers (the embedding and logits scale with the vocabulary).
+numbers (the embedding and logits scale with the vocabulary). llama.cpp loads either.
+
+`cached_info` keeps what read_model_info makes of each file beside it, so the planner tests do
+not parse a 150k-token vocabulary on every run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from typing import Any
 
 import gguf
 import numpy as np
+
+import edgerunner.gguf_info
+from edgerunner.gguf_info import ModelInfo, read_model_info
 
 
 @dataclass(frozen=True)
@@ -211,3 +217,23 @@ def cached_source(
     if not path.exists():
         write_f16_source(shape, read_tokenizer(tokenizer_from), path, reused_vocab)
     return path
+
+
+def cached_info(
+    shape: Shape, tokenizer_from: Path, cache_dir: Path | None = None, reused_vocab: bool = False,
+) -> ModelInfo:
+    """read_model_info of the shape's source, kept as JSON beside it.
+
+    Parsing a 150k-token vocabulary takes the gguf reader seconds; the JSON is keyed by the
+    reader's own source, so a change to gguf_info.py reads the GGUF again.
+    """
+    path = cached_source(shape, tokenizer_from, cache_dir, reused_vocab)
+    reader = Path(edgerunner.gguf_info.__file__).read_bytes()
+    saved = path.with_name(f"{path.stem}-info-{hashlib.sha256(reader).hexdigest()[:12]}.json")
+    if saved.exists():
+        return ModelInfo.model_validate_json(saved.read_text())
+    info = read_model_info(path)
+    partial = saved.with_suffix(".partial")
+    partial.write_text(info.model_dump_json())
+    partial.replace(saved)
+    return info

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgerunner.errors import PlanError
-from edgerunner.gguf_info import ModelInfo, TensorInfo, read_model_info
+from edgerunner.gguf_info import ModelInfo, TensorInfo
 from edgerunner.memory import estimate_memory, prefer_mmap, quant_facts, reserved_compute_bytes
 from edgerunner.planner import (
     EQUAL_QUALITY_KLD,
@@ -22,7 +22,7 @@ from edgerunner.planner import (
 )
 from edgerunner.profiles import CPUSpec, DeviceProfile, MemorySpec, resolve_profile
 from edgerunner.quant_rules import tensor_bytes
-from tests.shapes import LLAMA_3_2_1B, QWEN2_5_0_5B, Shape, cached_source
+from tests.shapes import LLAMA_3_2_1B, QWEN2_5_0_5B, Shape, cached_info, cached_source
 
 
 def synthetic_model(
@@ -246,11 +246,11 @@ Source = Callable[..., ModelInfo]
 
 @pytest.fixture(scope="session")
 def source(default_model: Path) -> Source:
-    """read(shape, reused_vocab=False): ModelInfo of that shape's F16 source, read once."""
+    """read(shape, reused_vocab=False): read_model_info of that shape's F16 source (cached)."""
 
     @functools.cache
     def read(shape: Shape, reused_vocab: bool = False) -> ModelInfo:
-        return read_model_info(cached_source(shape, default_model, reused_vocab=reused_vocab))
+        return cached_info(shape, default_model, reused_vocab=reused_vocab)
 
     return read
 
