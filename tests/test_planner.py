@@ -10,7 +10,14 @@ import pytest
 
 from edgerunner.errors import PlanError
 from edgerunner.gguf_info import ModelInfo, TensorInfo
-from edgerunner.memory import estimate_memory, prefer_mmap, quant_facts, reserved_compute_bytes
+from edgerunner.memory import (
+    estimate_memory,
+    measure_weights_dry_run,
+    predict_weights,
+    prefer_mmap,
+    quant_facts,
+    reserved_compute_bytes,
+)
 from edgerunner.planner import (
     EQUAL_QUALITY_KLD,
     KL_DIVERGENCE,
@@ -281,6 +288,15 @@ def test_shape_sources_are_header_sized_on_disk(default_model: Path) -> None:
     path = cached_source(LLAMA_3_2_1B, default_model)
     assert path.stat().st_size > 2_400_000_000  # the whole F16 file, as read_model_info checks
     assert path.stat().st_blocks * 512 < 50 * 2**20  # the weights are a hole
+
+
+@pytest.mark.parametrize("shape", [LLAMA_3_2_1B, QWEN2_5_0_5B])
+def test_the_chosen_q8_0_file_is_the_size_llama_cpp_writes(
+    default_model: Path, source: Source, shape: Shape
+) -> None:
+    # llama.cpp's own quantizer in dry-run mode (no data read or written) on the real shape
+    path = cached_source(shape, default_model)
+    assert measure_weights_dry_run(path, "Q8_0") == predict_weights(source(shape), "Q8_0")
 
 
 @pytest.mark.parametrize("reused_vocab", [False, True])
