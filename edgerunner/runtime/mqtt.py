@@ -16,13 +16,14 @@ submits in arrival order, so keep-alives, PUBACKs and cancels keep flowing meanw
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
 import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,18 +40,23 @@ from edgerunner.runtime.mqtt_topics import (
     DeviceTopics,
     SeenIds,
     check_device_id,
+    parse_broker_url,
+    redact_url,
 )
 from edgerunner.runtime.protocol import (
     BusyError,
     ChatCompletionRequest,
     InfoProvider,
     RequestError,
+    decode_json,
 )
 from edgerunner.runtime.scheduler import Job, Scheduler
 
 logger = logging.getLogger(__name__)
 
 ADMISSION_STOP_S = 5.0  # how long stop() waits for a submit already in progress
+_MAX_CANCEL_BYTES = 4096
+_OVERSIZE_FACTOR = 16  # v5 Maximum Packet Size = this many times mqtt.max_payload_bytes
 _SHUTTING_DOWN = "the daemon is shutting down; retry on another device"
 
 
@@ -64,6 +70,10 @@ class _Ticket:
     sink: ReplyStream
     deadline: float | None  # from Message Expiry, counted from arrival, not from admission
     keys: list[str] = field(default_factory=list)  # names a cancel may use
+    seen_key: str = ""  # what a redelivery of its message is recognised by
+    # acknowledge its message(s) to the broker: only once answered, so a request the daemon
+    # dies with is delivered again after the restart
+    acks: list[Callable[[], None]] = field(default_factory=list)
     claimed: bool = False  # the admission thread has taken it
     cancelled: bool = False
     finished: bool = False  # its final reply was handed to the broker session
@@ -105,13 +115,19 @@ class MqttTransport:
 
         client_id = config.client_id or f"edgerunner-{self.device_id}"
         common: dict[str, Any] = {
-            "username": config.username, "password": config.password, "ca_file": config.ca_file,
+            "username": config.username, "password": config.secret(), "ca_file": config.ca_file,
             "on_message": self._on_message, "backlog_limit": config.reply_backlog,
             "reconnect_delay": (1, config.reconnect_max_delay_s),
         }
+        # v5: the broker drops (for us) anything far over the payload limit, so a huge message
+        # is never read into memory; up to that, an oversized request gets an error reply
+        limits: dict[str, Any] = {
+            "manual_ack": True,
+            "max_packet_in": _OVERSIZE_FACTOR * config.max_payload_bytes + 65_536,
+        }
         device_options = SessionOptions(
             client_id=client_id, protocol=config.protocol, persistent=True,
-            session_expiry_s=config.session_expiry_s, keepalive_s=config.keepalive_s)
+            session_expiry_s=config.session_expiry_s, keepalive_s=config.keepalive_s, **limits)
         self.device = Link(
             "device", config.url, device_options,
             subscriptions=[self.topics.request, self.topics.cancel], on_up=self._announce,
@@ -120,7 +136,8 @@ class MqttTransport:
         if config.pool:
             pool_options = SessionOptions(
                 client_id=f"{client_id}-pool", protocol=config.protocol, persistent=False,
-                session_expiry_s=config.pool_session_expiry_s, keepalive_s=config.keepalive_s)
+                session_expiry_s=config.pool_session_expiry_s, keepalive_s=config.keepalive_s,
+                **limits)
             self.pool = Link("pool", config.url, pool_options,
                              subscriptions=[POOL_SUBSCRIPTION], on_up=self._announce, **common)
 
@@ -131,7 +148,12 @@ class MqttTransport:
 
     def start(self) -> None:
         """Connect in the background (the broker may still be down) and return at once."""
-        logger.info("mqtt: serving device %s via %s", self.device_id, self.config.url)
+        logger.info("mqtt: serving device %s via %s", self.device_id,
+                    redact_url(self.config.url or ""))
+        if parse_broker_url(self.config.url or "").password is not None:
+            logger.warning("mqtt: the broker URL carries a password, which the process list "
+                           "shows to every user; use mqtt.password_file or "
+                           "EDGERUNNER_MQTT__PASSWORD instead")
         self._admission_thread = threading.Thread(
             target=self._admit_loop, name="edgerunner-mqtt-admission", daemon=True)
         self._admission_thread.start()
@@ -199,40 +221,86 @@ class MqttTransport:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _on_message(self, link: Link, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, link: Link, msg: paho.MQTTMessage) -> bool:
+        """Handle one message; True when its acknowledgement waits for the final reply."""
+        payload = bytes(msg.payload)
         if msg.topic == self.topics.cancel:
-            self._cancel(bytes(msg.payload))
-            return
+            self._cancel(payload)
+            return False
+        if not payload:
+            logger.debug("mqtt: empty message on %s ignored", msg.topic)  # a retained clear
+            return False
         incoming = read_request(
-            bytes(msg.payload), getattr(msg, "properties", None), v5=link.v5,
+            payload, getattr(msg, "properties", None), v5=link.v5,
             max_payload_bytes=self.config.max_payload_bytes,
             allowed_prefixes=self.config.allowed_reply_prefixes)
+        replier = Replier(link.publish_reply, lambda: link.max_packet,
+                          self.config.max_payload_bytes, log_messages=self.scheduler.log_prompts)
+        if msg.retain:
+            # the broker keeps it and hands it over on every (re)subscribe: running it would
+            # repeat its action on every restart. Refused, and cleared from our own topic
+            self._refuse_retained(link, msg, replier, incoming.route)
+            return False
         if incoming.route is None:
             logger.warning("mqtt: request on %s dropped: %s", msg.topic, incoming.dropped)
-            return
+            return False
         route = incoming.route
-        key = route.key()
-        if key is not None and not self._seen.first_time(key):
-            logger.info("mqtt: duplicate delivery of %s ignored", key)
-            return
-        replier = Replier(link.publish_reply, lambda: link.max_packet,
-                          self.config.max_payload_bytes)
+        seen_key = self._redelivery_key(route, payload)
+        if msg.dup and seen_key in self._seen:
+            self._redelivered(link, msg, seen_key)
+            return True
+        self._seen.first_time(seen_key)
         if incoming.error is not None:
             replier.send_error(route, incoming.error)
-            return
+            return False
         assert incoming.request is not None
-        self._enqueue(replier, route, incoming.request, incoming.expiry_s)
+        self._enqueue(replier, route, incoming.request, incoming.expiry_s,
+                      seen_key, lambda: link.ack(msg))
+        return True
+
+    @staticmethod
+    def _redelivery_key(route: ReplyRoute, payload: bytes) -> str:
+        # a redelivery repeats the message exactly: reply route and payload
+        digest = hashlib.sha256(payload).hexdigest()[:32]
+        return f"{route.key() or route.topic}:{digest}"
+
+    def _redelivered(self, link: Link, msg: paho.MQTTMessage, seen_key: str) -> None:
+        """A DUP redelivery of a request already taken: acknowledged once that one is answered."""
+        with self._jobs_lock:
+            ticket = next((t for t in self._tickets.values()
+                           if t.seen_key == seen_key and not t.finished), None)
+            if ticket is not None:
+                ticket.acks.append(lambda: link.ack(msg))
+        logger.info("mqtt: redelivery of a request already %s ignored",
+                    "in progress" if ticket is not None else "answered")
+        if ticket is None:
+            link.ack(msg)
+
+    def _refuse_retained(self, link: Link, msg: paho.MQTTMessage, replier: Replier,
+                         route: ReplyRoute | None) -> None:
+        error = RequestError(
+            "invalid_request",
+            "retained request messages are refused (the broker would replay them on every "
+            "restart); publish requests with retain=false")
+        if route is not None:
+            replier.send_error(route, error)
+        else:
+            logger.warning("mqtt: retained request on %s refused (no reply topic)", msg.topic)
+        if msg.topic in (self.topics.request,):
+            link.publish(msg.topic, b"", retain=True)  # clears it at the broker
 
     def _enqueue(self, replier: Replier, route: ReplyRoute, request: ChatCompletionRequest,
-                 expiry_s: float | None) -> None:
+                 expiry_s: float | None, seen_key: str = "",
+                 ack: Callable[[], None] | None = None) -> None:
         # Message Expiry: a request that expires while waiting is answered, not generated
         deadline = time.monotonic() + expiry_s if expiry_s is not None else None
         ticket: _Ticket
         sink = ReplyStream(replier, route, model=self.scheduler.model_name, stream=request.stream,
                            interval=self.config.stream_interval_s,
-                           on_final=lambda: self._forget(ticket))
+                           on_final=lambda: self._answered(ticket))
         ticket = _Ticket(replier, route, request, sink, deadline,
-                         keys=[k for k in (route.client_ref, sink.id) if k])
+                         keys=[k for k in (route.client_ref, sink.id) if k], seen_key=seen_key,
+                         acks=[ack] if ack is not None else [])
         refusal: RequestError | None = None
         with self._jobs_lock:
             waiting = self._admission.qsize()
@@ -247,7 +315,7 @@ class MqttTransport:
                     self._tickets[k] = ticket
                 self._admission.put(ticket)
         if refusal is not None:
-            replier.send_error(route, refusal)
+            self._fail(ticket, refusal)
 
     def _retry_after(self, waiting: int) -> float:
         # like the scheduler's hint: everything ahead of this request at the recent job length
@@ -262,8 +330,7 @@ class MqttTransport:
                 ticket.claimed = True
                 closed = self._closed
             if closed:
-                self._forget(ticket)
-                ticket.replier.send_error(ticket.route, RequestError("cancelled", _SHUTTING_DOWN))
+                self._fail(ticket, RequestError("cancelled", _SHUTTING_DOWN))
                 continue
             try:
                 self._admit(ticket)
@@ -271,19 +338,17 @@ class MqttTransport:
                 logger.exception("mqtt: admitting a request failed")
 
     def _admit(self, ticket: _Ticket) -> None:
-        replier, route = ticket.replier, ticket.route
         try:
             job = self.scheduler.submit(ticket.request, sink=ticket.sink,
                                         deadline=ticket.deadline)
         except RequestError as exc:
-            self._forget(ticket)
-            replier.send_error(route, exc)
+            self._fail(ticket, exc)
             return
         except Exception as exc:  # never leave a request unanswered
             logger.exception("mqtt: submitting a request failed")
-            self._forget(ticket)
-            replier.send_error(route, RequestError(
-                "internal_error", f"the daemon could not queue the request: {exc}"))
+            self._fail(ticket, RequestError(
+                "internal_error",
+                f"the daemon could not queue the request ({type(exc).__name__})"))
             return
         with self._jobs_lock:
             cancel_now = ticket.cancelled
@@ -294,19 +359,40 @@ class MqttTransport:
         if cancel_now:  # the cancel came while the request was being admitted
             job.cancel()
 
-    def _forget(self, ticket: _Ticket) -> None:
+    def _forget(self, ticket: _Ticket, *, ack: bool = True) -> list[Callable[[], None]]:
+        """The ticket got its final reply: drop its names and acknowledge its message(s)
+        (or, with ack=False, return the acknowledgements for the caller to send)."""
         with self._jobs_lock:
             ticket.finished = True
             for k in ticket.keys:
                 if self._tickets.get(k) is ticket:
                     del self._tickets[k]
+            acks, ticket.acks = ticket.acks, []
+        if not ack:
+            return acks
+        for send_ack in acks:
+            send_ack()
+        return []
+
+    def _answered(self, ticket: _Ticket) -> None:
+        self._forget(ticket)
+
+    def _fail(self, ticket: _Ticket, error: RequestError) -> None:
+        """Answer the ticket with an error, then acknowledge its message."""
+        acks = self._forget(ticket, ack=False)
+        ticket.replier.send_error(ticket.route, error)
+        for send_ack in acks:
+            send_ack()
 
     def _cancel(self, payload: bytes) -> None:
         try:
-            body = json.loads(payload)
+            if len(payload) > _MAX_CANCEL_BYTES:
+                raise ValueError("too long")
+            body = decode_json(payload, "cancel payload")
             target = str(body["id"])
-        except (ValueError, TypeError, KeyError):
-            logger.warning("mqtt: cancel payload must be {\"id\": ...}; got %r", payload[:200])
+        except (RequestError, ValueError, TypeError, KeyError):
+            logger.warning("mqtt: cancel payload (%d bytes) is not {\"id\": ...}; ignored",
+                           len(payload))
             return
         with self._jobs_lock:
             ticket = self._tickets.get(target)
@@ -317,13 +403,12 @@ class MqttTransport:
                 job = ticket.job
                 unadmitted = not ticket.claimed
         if ticket is None:
-            logger.info("mqtt: cancel for unknown or finished request %s", target)
+            logger.info("mqtt: cancel for an unknown or finished request")
             return
-        logger.info("mqtt: cancelling %s", target)
+        logger.info("mqtt: cancelling %s", ticket.sink.id)
         if job is not None:
             job.cancel()
         elif unadmitted:  # still waiting for admission: answered here, never submitted
-            self._forget(ticket)
-            ticket.replier.send_error(ticket.route, RequestError(
+            self._fail(ticket, RequestError(
                 "cancelled", "the request was cancelled before it started"))
         # otherwise it is being admitted right now; _admit cancels the job it gets

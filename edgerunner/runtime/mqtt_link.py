@@ -5,6 +5,11 @@ paho keeps unacknowledged QoS 1 messages and sends them again after it reconnect
 produced during a broker restart is delivered afterwards; the backlog bound keeps a long outage
 from growing memory without limit (the transport then answers with an explicit error).
 
+Incoming QoS 1 messages are acknowledged by hand: a request only once it was answered, so a
+request in flight when the daemon dies is delivered again after the restart (the persistent
+session keeps it). v5 subscriptions keep the retain flag as published, so the transport can
+tell a retained request from a live one.
+
 A v5 link whose broker answers CONNECT with "unsupported protocol version" (a 3.1.1-only
 broker) replaces its client with a 3.1.1 one, once, and stays on 3.1.1 from then on.
 """
@@ -23,6 +28,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgerunner.runtime.mqtt_reply import ReplyBacklogFull
 from edgerunner.runtime.mqtt_session import (
@@ -37,7 +43,8 @@ from edgerunner.runtime.mqtt_topics import BrokerAddress
 
 logger = logging.getLogger(__name__)
 
-OnMessage = Callable[["Link", paho.MQTTMessage], None]
+# returns True when it keeps the message to acknowledge later (Link.ack, once answered)
+OnMessage = Callable[["Link", paho.MQTTMessage], bool]
 
 
 class Link:
@@ -193,7 +200,8 @@ class Link:
                     self.address.host, flags.session_present, self.max_packet)
         self._connected.set()
         if self._subscriptions:
-            _, self._sub_mid = client.subscribe([(topic, 1) for topic in self._subscriptions])
+            qos: Any = SubscribeOptions(qos=1, retainAsPublished=True) if self.v5 else 1
+            _, self._sub_mid = client.subscribe([(topic, qos) for topic in self._subscriptions])
         else:
             self._subscribed.set()
             self._on_up(self)
@@ -227,7 +235,18 @@ class Link:
             self._outstanding = max(0, self._outstanding - 1)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        held = False
         try:
-            self._on_message_cb(self, msg)
+            held = self._on_message_cb(self, msg)
         except Exception:  # a bad message must never stop the network loop
             logger.exception("mqtt %s: handling a message on %s failed", self.name, msg.topic)
+        finally:
+            if not held:
+                client.ack(msg.mid, msg.qos)
+
+    def ack(self, msg: paho.MQTTMessage) -> None:
+        """Acknowledge a message the transport kept (a no-op for QoS 0)."""
+        if msg.qos:
+            with self._lock:
+                client = self.client
+            client.ack(msg.mid, msg.qos)

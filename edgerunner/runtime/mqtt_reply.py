@@ -109,10 +109,14 @@ def error_payload(route: ReplyRoute, error: RequestError) -> bytes:
 class Replier:
     """Publishes whole reply objects on a route within the size the broker accepts."""
 
-    def __init__(self, publish: Publisher, max_packet: Callable[[], int], max_payload: int) -> None:
+    def __init__(self, publish: Publisher, max_packet: Callable[[], int], max_payload: int,
+                 *, log_messages: bool = False) -> None:
         self._publish = publish
         self._max_packet = max_packet
         self._max_payload = max_payload
+        # error messages can quote the request (a model name, a field's value): logged only
+        # when prompts are
+        self._log_messages = log_messages
 
     def budget(self, route: ReplyRoute) -> int:
         """Largest payload (bytes) one reply on this route may have."""
@@ -125,7 +129,10 @@ class Replier:
 
     def send_error(self, route: ReplyRoute, error: RequestError) -> None:
         """Publish an error body as the request's final reply."""
-        logger.info("mqtt reply error %s to %s: %s", error.code, route.topic, error.message)
+        if self._log_messages:
+            logger.info("mqtt reply error %s to %s: %s", error.code, route.topic, error.message)
+        else:
+            logger.info("mqtt reply error %s to %s", error.code, route.topic)
         self.send(route, error_payload(route, error), final=True)
 
 

@@ -6,7 +6,6 @@ peels off what is MQTT-specific (reply topic, correlation, `reply_to`/`id`, mess
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,12 @@ from paho.mqtt.properties import Properties
 
 from edgerunner.runtime.mqtt_reply import ReplyRoute
 from edgerunner.runtime.mqtt_topics import reply_topic_problem
-from edgerunner.runtime.protocol import ChatCompletionRequest, RequestError, parse_request
+from edgerunner.runtime.protocol import (
+    ChatCompletionRequest,
+    RequestError,
+    decode_json,
+    parse_request,
+)
 
 # An oversized 3.1.1 request is still parsed (up to this many times the limit) to find where to
 # send the refusal; anything larger is dropped unread.
@@ -33,20 +37,7 @@ class Incoming:
 
 
 def _loads(payload: bytes) -> Any:
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(
-            "invalid_request",
-            f"the payload is not UTF-8 text (bad byte at offset {exc.start}); send the "
-            "/v1/chat/completions JSON body") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(
-            "invalid_request",
-            f"the payload is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-            "send the /v1/chat/completions JSON body") from exc
+    return decode_json(payload, "payload")
 
 
 def _take_route_fields(body: dict[str, Any]) -> tuple[Any, Any]:

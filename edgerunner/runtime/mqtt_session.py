@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgerunner.errors import ConfigError
-from edgerunner.runtime.mqtt_topics import BrokerAddress, parse_broker_url
+from edgerunner.runtime.mqtt_topics import BrokerAddress, parse_broker_url, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ class SessionOptions:
     persistent: bool = False  # keep subscriptions and queued QoS 1 messages while offline
     session_expiry_s: int = 0  # v5: how long the broker keeps the session after a disconnect
     keepalive_s: int = 60
+    # acknowledge QoS 1 messages by hand (Client.ack), not when on_message returns
+    manual_ack: bool = False
+    # v5: the broker must not send this client packets larger than this (None: no limit)
+    max_packet_in: int | None = None
 
 
 def new_client(
@@ -61,6 +65,7 @@ def new_client(
         clean_session=None if v5 else not options.persistent,
         protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
         transport=address.transport,
+        manual_ack=options.manual_ack,
     )
     client.on_socket_open = _no_delay
     user = username if username is not None else address.username
@@ -72,11 +77,12 @@ def new_client(
             client.tls_set(ca_certs=str(ca_file) if ca_file else None)
         except (OSError, ValueError) as exc:
             raise ConfigError(
-                f"cannot set up TLS for {url}: {exc}",
+                f"cannot set up TLS for {redact_url(url)}: {exc}",
                 hint="check mqtt.ca_file points to a readable PEM CA certificate",
             ) from exc
     elif ca_file is not None:
-        logger.warning("mqtt.ca_file is set but %s is not mqtts://; TLS stays off", url)
+        logger.warning("mqtt.ca_file is set but %s is not mqtts://; TLS stays off",
+                       redact_url(url))
     return client, address
 
 
@@ -92,6 +98,8 @@ def connect_async(client: paho.Client, address: BrokerAddress, options: SessionO
     if options.protocol == "5":
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = options.session_expiry_s
+        if options.max_packet_in is not None:
+            props.MaximumPacketSize = min(options.max_packet_in, PROTOCOL_MAX_PACKET)
         # persistent: resume the session on every connect; otherwise clean on the first
         # connect only, so a short broker blip does not lose the short-lived session
         clean: bool | Literal[3] = (

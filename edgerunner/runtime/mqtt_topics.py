@@ -47,23 +47,35 @@ def parse_broker_url(url: str) -> BrokerAddress:
         path = parts.path
         if not path:
             raise ConfigError(
-                f"MQTT URL {url!r} names no socket path",
+                f"MQTT URL {redact_url(url)!r} names no socket path",
                 hint="write a unix-socket broker as unix:///run/mosquitto/mqtt.sock",
             )
         return BrokerAddress("unix", path, 0, tls=False, username=user, password=password)
     if scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ConfigError(
-            f"MQTT URL {url!r} has an unknown scheme {parts.scheme!r}",
+            f"MQTT URL {redact_url(url)!r} has an unknown scheme {parts.scheme!r}",
             hint="use mqtt://host:1883, mqtts://host:8883 or unix:///path/to/socket",
         )
     if not parts.hostname:
-        raise ConfigError(f"MQTT URL {url!r} names no host", hint="e.g. mqtt://localhost:1883")
+        raise ConfigError(f"MQTT URL {redact_url(url)!r} names no host",
+                          hint="e.g. mqtt://localhost:1883")
     tls = scheme in ("mqtts", "ssl")
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
-        raise ConfigError(f"MQTT URL {url!r} has an invalid port", hint="e.g. :1883") from exc
+        raise ConfigError(f"MQTT URL {redact_url(url)!r} has an invalid port",
+                          hint="e.g. :1883") from exc
     return BrokerAddress("tcp", parts.hostname, port, tls=tls, username=user, password=password)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by `***` (what every log line and message prints)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def check_device_id(device_id: str) -> str:
@@ -117,11 +129,18 @@ def reply_topic_problem(topic: str, allowed_prefixes: list[str]) -> str | None:
 
 
 class SeenIds:
-    """A bounded LRU of request keys, so a redelivered request is answered once."""
+    """A bounded LRU of request keys, so a redelivered request is answered once.
+
+    Only a message the broker marks as a redelivery (DUP) is checked against it: two requests
+    that merely share a reply topic and correlation are two requests.
+    """
 
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
         self._keys: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
 
     def first_time(self, key: str) -> bool:
         """Record `key`; True the first time it is seen, False for a duplicate."""

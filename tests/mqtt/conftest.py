@@ -193,7 +193,8 @@ class Probe:
         assert self._ready.wait(10), "probe could not subscribe"
 
     def publish(self, topic: str, payload: bytes | str, *, response_topic: str | None = None,
-                correlation: bytes | None = None, expiry: int | None = None) -> None:
+                correlation: bytes | None = None, expiry: int | None = None,
+                retain: bool = False) -> None:
         props = Properties(PacketTypes.PUBLISH)
         if response_topic is not None:
             props.ResponseTopic = response_topic
@@ -201,7 +202,8 @@ class Probe:
             props.CorrelationData = correlation
         if expiry is not None:
             props.MessageExpiryInterval = expiry
-        self._client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+        self._client.publish(topic, payload, qos=1, retain=retain,
+                             properties=props).wait_for_publish(5)
 
     def next(self, timeout: float = 60.0) -> paho.MQTTMessage:
         """The next message; fails the test if none arrives in time."""

@@ -137,16 +137,6 @@ def test_cancel_stops_generation_with_an_error(broker, serve) -> None:
     assert transport.scheduler.stats.failed["cancelled"] == 1
 
 
-def test_duplicate_delivery_is_answered_once(broker, serve, probe) -> None:
-    serve(broker.url)
-    p = probe(broker.url, "edgerunner/reply/dup")
-    for _ in range(2):
-        p.publish("edgerunner/dev1/request", json.dumps(HELLO),
-                  response_topic="edgerunner/reply/dup", correlation=b"same-id")
-    assert p.json()["object"] == "chat.completion"
-    assert p.quiet(1.5) == []
-
-
 def test_malformed_payloads_get_error_replies_and_the_daemon_keeps_serving(
     broker, serve, probe
 ) -> None:
