@@ -29,6 +29,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import os
 import re
 import resource
 import signal
@@ -65,7 +66,11 @@ class GrammarLimits:
     max_gbnf_chars: int = 1 << 20  # the generated grammar; 5 MB built in 0.05 s, +35 MB
     max_gbnf_depth: int = 1100  # nested groups in one rule; the parser crashed at 19,000
     max_gbnf_rules: int = 4096  # rule chains crashed the left-recursion check at 70,000
-    max_token_s: float = 1.0  # applying the grammar to the vocabulary, per token (measured)
+    # CPU seconds to apply the grammar to the vocabulary for one token, measured in the child on
+    # this device (CPU, not wall: a busy machine must not turn a schema away); what every token
+    # of that request will cost the worker. A backstop for alternatives that multiply (anyOf of
+    # enums); 1,000 alternatives cost 0.13-0.22 s here.
+    max_token_s: float = 1.0
     timeout_s: float = 20.0  # a whole build: start, convert, parse, first tokens
     memory_mb: int = 256  # address space a build may add (RLIMIT_AS); legal ones fit in 64
 
@@ -342,7 +347,8 @@ class GrammarBuilder:
         job = json.dumps({"model": str(self.model_path), "schema": schema_json,
                           "limits": asdict(self.limits)})
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "edgerunner.runtime.grammar"],
+        proc = subprocess.Popen([sys.executable, "-m", "edgerunner.runtime.grammar",
+                                 str(os.getpid())],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         try:
@@ -390,9 +396,10 @@ def _llama_reason(stderr: bytes) -> str:
     return ""
 
 
-# -- the child: `python -m edgerunner.runtime.grammar`, a job as JSON on stdin -----------------
+# -- the child: `python -m edgerunner.runtime.grammar PARENT_PID`, a job as JSON on stdin ------
 
 def _child_main() -> None:
+    _die_with_parent(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid())
     job = json.loads(sys.stdin.buffer.read())
     limits = GrammarLimits(**job["limits"])
     _forbid_network()
@@ -443,9 +450,9 @@ def _try_grammar(llama_cpp: Any, vocab: Any, gbnf: str, limits: GrammarLimits) -
             candidates = llama_cpp.llama_token_data_array(
                 data=data.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab,
                 selected=-1, sorted=False)
-            started = time.perf_counter()
+            started = time.process_time()
             llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
-            slowest = max(slowest, time.perf_counter() - started)
+            slowest = max(slowest, time.process_time() - started)
             allowed = data["id"][: candidates.size][
                 np.isfinite(data["logit"][: candidates.size])]
             if len(allowed) == 0:
@@ -454,10 +461,18 @@ def _try_grammar(llama_cpp: Any, vocab: Any, gbnf: str, limits: GrammarLimits) -
     finally:
         llama_cpp.llama_sampler_free(sampler)
     if slowest > limits.max_token_s:
-        return {"error": f"applying its grammar takes {slowest:.2f} s per token, above "
+        return {"error": f"applying its grammar takes {slowest:.2f} CPU s per token, above "
                          f"edgerunner's grammar limit of {limits.max_token_s:g} s; use fewer "
                          "alternatives (enum, anyOf, pattern branches)"}
     return {}
+
+
+def _die_with_parent(parent: int) -> None:
+    # a daemon that exits mid-build (SIGKILL included) takes its build along, not leaves it
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _forbid_network() -> None:

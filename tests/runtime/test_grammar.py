@@ -188,8 +188,11 @@ def test_a_heavy_schema_does_not_hold_up_other_requests(engine: Engine,
     heavy_sink, outcome = Collector(), {}
     with started(Scheduler(engine, queue_depth=4)) as scheduler:
         def submit_heavy() -> None:
-            outcome["job"] = scheduler.submit(chat("Pick one.", heavy, max_tokens=8,
-                                                   temperature=0), sink=heavy_sink)
+            try:
+                outcome["job"] = scheduler.submit(chat("Pick one.", heavy, max_tokens=8,
+                                                       temperature=0), sink=heavy_sink)
+            except RequestError as exc:
+                outcome["error"] = exc
 
         submitter = threading.Thread(target=submit_heavy)
         submitter.start()
@@ -204,6 +207,7 @@ def test_a_heavy_schema_does_not_hold_up_other_requests(engine: Engine,
         finally:
             release.set()
             submitter.join(60)
+        assert "error" not in outcome, outcome["error"].message
         final = heavy_sink.final()
     assert isinstance(final, DoneEvent), final
     assert heavy["enum"][0].startswith(json.loads(final.text)[:5])
