@@ -12,6 +12,7 @@ from edgerunner.errors import EdgerunnerError, PlanError
 from edgerunner.gguf_info import ModelInfo
 from edgerunner.manifest import KVType, MemoryEstimate, Prediction, RuntimePlan
 from edgerunner.memory import CTX_PAD, QuantFacts, estimate_memory, kv_bytes, quant_facts
+from edgerunner.plan_reasons import choice_reasons, explain_rejections
 from edgerunner.profiles import DeviceProfile
 from edgerunner.quant_rules import PRESETS, check_preset
 
@@ -277,123 +278,6 @@ def _pick(
     return chosen, equal
 
 
-def _explain(
-    cands: list[Candidate], chosen: Candidate, min_tps: float, equal: set[str]
-) -> None:
-    for c in cands:
-        if c is chosen or c.rejected:
-            continue
-        if chosen.decode_tps < min_tps:
-            c.rejected = f"slower ({c.decode_tps:.1f} tok/s) than the fastest that fits"
-        elif c.decode_tps < min_tps:
-            c.rejected = f"decodes at {c.decode_tps:.1f} tok/s < {min_tps:g}"
-        elif c.quant != chosen.quant:
-            c.rejected = _versus_quant(c, chosen, equal)
-        elif c.n_ctx < chosen.n_ctx:
-            c.rejected = f"less context than {chosen.n_ctx}"
-        else:
-            c.rejected = _versus_config(c, chosen)
-
-
-def _versus_quant(c: Candidate, chosen: Candidate, equal: set[str]) -> str:
-    if c.quant in equal:
-        delta = abs(c.kl_divergence - chosen.kl_divergence)
-        return (f"equal quality to {chosen.quant} (ΔKLD {delta:.4f}) but slower "
-                f"({c.decode_tps:.1f} vs {chosen.decode_tps:.1f} tok/s)")
-    if c.kl_divergence > chosen.kl_divergence:
-        return (f"lower quality than {chosen.quant} (KLD {c.kl_divergence:.4f} vs "
-                f"{chosen.kl_divergence:.4f})")
-    return f"slower than {chosen.quant}"
-
-
-def _versus_config(c: Candidate, chosen: Candidate) -> str:
-    """Why a configuration of the chosen quant with the same context lost."""
-    if c.kv_type != chosen.kv_type:
-        return f"{c.kv_type} KV cache not needed: {chosen.kv_type} reaches the same context"
-    if c.swa_full != chosen.swa_full:
-        return "trimmed sliding-window cache not needed: the full one reaches the same context"
-    if c.flash_attn != chosen.flash_attn:
-        more = c.memory.total_mb - chosen.memory.total_mb
-        with_fa = "with" if chosen.flash_attn else "without"
-        return f"same context and speed {with_fa} flash attention, {more:.0f} MiB more"
-    return "same context, more levers than needed"
-
-
-def _reasons(
-    result_cands: list[Candidate], chosen: Candidate, equal: set[str], options: PlanOptions,
-    budget_mb: float, max_ctx: int, band: float,
-) -> list[str]:
-    """One line each for why the quant, the context and the levers of the choice won."""
-    min_tps = options.min_tps
-    reasons = [f"{chosen.quant}: forced with --quant" if options.quant else
-               _quant_reason(result_cands, chosen, equal, min_tps, band)]
-    limit = "the plan's maximum context" if chosen.n_ctx == max_ctx else (
-        f"the largest that fits {budget_mb:.0f} MiB"
-        + (f" and decodes at ≥ {min_tps:g} tok/s" if chosen.decode_tps >= min_tps else ""))
-    reasons.append(f"n_ctx {chosen.n_ctx}: {limit}")
-    same_quant = [c for c in result_cands if c.quant == chosen.quant and c is not chosen]
-    lever = _lever_reason(same_quant, chosen, min_tps)
-    if lever:
-        reasons.append(lever)
-    return reasons
-
-
-def _quant_reason(
-    cands: list[Candidate], chosen: Candidate, equal: set[str], min_tps: float, band: float
-) -> str:
-    q = chosen.quant
-    if chosen.decode_tps < min_tps:
-        return f"{q}: nothing decodes at {min_tps:g} tok/s here; {q} is the fastest that fits"
-    peers = sorted((p for p in equal if p != q), key=lambda p: KL_DIVERGENCE[p])
-    if peers:
-        # each peer as it would have been configured, had it won
-        rivals = [_best_config([c for c in cands if c.quant == p and c.fits
-                                and c.decode_tps >= min_tps]) for p in peers]
-        delta = max(abs(r.kl_divergence - chosen.kl_divergence) for r in rivals)
-        names = ", ".join(peers[:-1]) + (" and " if len(peers) > 1 else "") + peers[-1]
-        speeds = "; ".join(
-            f"{q} decodes {chosen.decode_tps / r.decode_tps:.1f}x faster than {r.quant} "
-            f"({chosen.decode_tps:.1f} vs {r.decode_tps:.1f} tok/s)" for r in rivals)
-        return (f"{q}: {names} and {q} are within the near-lossless band (ΔKLD {delta:.4f} ≤ "
-                f"{band:g} in llama.cpp's KL-divergence table), so equal quality; {speeds}")
-    reason = f"{q}: the best quality (KLD {chosen.kl_divergence:.4f}) that fits"
-    reason += f" and decodes at ≥ {min_tps:g} tok/s" if min_tps > 0 else ""
-    better = [c for c in cands if c.kl_divergence < chosen.kl_divergence]
-    if better:
-        nearest = max(c.kl_divergence for c in better)
-        runner = max((c for c in better if c.kl_divergence == nearest),
-                     key=lambda c: (c.fits, c.decode_tps))
-        why = f"decodes at {runner.decode_tps:.1f} tok/s < {min_tps:g}" if runner.fits else (
-            f"needs {runner.memory.total_mb:.0f} MiB")
-        reason += f"; {runner.quant} {why}"
-    return reason
-
-
-def _lever_reason(same_quant: list[Candidate], chosen: Candidate, min_tps: float) -> str | None:
-    fast = chosen.decode_tps >= min_tps
-    rivals = [c for c in same_quant if c.fits and (c.decode_tps >= min_tps or not fast)]
-    at = f" at ≥ {min_tps:g} tok/s" if fast and min_tps > 0 else ""
-    if chosen.kv_type != "f16":
-        if not fast:
-            return f"{chosen.kv_type} KV cache: the fastest, it reads fewer KV bytes per token"
-        f16 = [c.n_ctx for c in rivals if c.kv_type == "f16"]
-        return (f"{chosen.kv_type} KV cache: n_ctx {chosen.n_ctx}; "
-                + (f"f16 reaches {max(f16)}{at}" if f16 else f"f16 fits no context{at}"))
-    if not chosen.swa_full:
-        full = [c.n_ctx for c in rivals if c.swa_full]
-        full_reach = f"reaches {max(full)}" if full else "fits no context"
-        return f"trimmed sliding-window cache: n_ctx {chosen.n_ctx}; the full one {full_reach}{at}"
-    twin = next((c for c in same_quant if c.kv_type == chosen.kv_type
-                 and c.swa_full == chosen.swa_full and c.flash_attn != chosen.flash_attn), None)
-    if twin is None or not chosen.flash_attn:
-        return None
-    if twin.fits and twin.n_ctx == chosen.n_ctx:
-        return (f"flash attention: same context and predicted speed as without, "
-                f"{twin.memory.total_mb - chosen.memory.total_mb:.0f} MiB less "
-                f"({chosen.memory.total_mb:.0f} vs {twin.memory.total_mb:.0f} MiB)")
-    return f"flash attention: n_ctx {chosen.n_ctx}, {twin.n_ctx if twin.fits else 'none'} without"
-
-
 def make_plan(
     info: ModelInfo, profile: DeviceProfile, options: PlanOptions | None = None
 ) -> PlanResult:
@@ -408,8 +292,11 @@ def make_plan(
     unquantized = info.file_type.upper() in _UNQUANTIZED_SOURCES
     band = EQUAL_QUALITY_KLD if unquantized else 0.0
     chosen, equal = _pick(fits, options.min_tps, planner.warnings, band)
-    _explain(cands, chosen, options.min_tps, equal)
-    reasons = _reasons(cands, chosen, equal, options, planner.budget_mb, planner.max_ctx, band)
+    explain_rejections(cands, chosen, options.min_tps, equal)
+    rivals = [_best_config([c for c in fits if c.quant == q and c.decode_tps >= options.min_tps])
+              for q in sorted(equal - {chosen.quant})]
+    reasons = choice_reasons(cands, chosen, rivals, options.min_tps, planner.budget_mb,
+                             planner.max_ctx, band, forced=options.quant is not None)
     if not unquantized:
         planner.warnings.append(
             f"the source is already quantized ({info.file_type}): the bundle is a "
