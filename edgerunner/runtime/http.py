@@ -281,6 +281,8 @@ def create_app(
     access: Access | None = None,
 ) -> Starlette:
     """The ASGI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    from edgerunner.runtime import ollama  # imports Inbox from here
+
     app = _App(scheduler, info, metrics, max_body_bytes, stream_flush_s)
 
     async def on_request_error(request: Request, exc: Exception) -> Response:
@@ -302,6 +304,8 @@ def create_app(
             Route("/v1/models", app.models, methods=["GET"]),
             Route("/health", app.health, methods=["GET"]),
             Route("/metrics", app.prometheus, methods=["GET"]),
+            *ollama.routes(scheduler, info, max_body_bytes=max_body_bytes,
+                           stream_flush_s=stream_flush_s),
         ],
         exception_handlers={
             RequestError: on_request_error,

@@ -1,0 +1,385 @@
+"""Ollama's HTTP API on the daemon's app, so Home Assistant's Ollama integration, Open WebUI and
+the `ollama` client work unchanged: /api/version, /api/tags, /api/show, /api/ps, /api/chat and
+/api/generate (NDJSON streaming by default).
+
+Requests are translated by `ollama_protocol` and submitted to the same scheduler as the OpenAI
+endpoints, so the same admission checks, guards and queue apply; errors come back in Ollama's
+`{"error": "..."}` shape with the same status codes (and Retry-After when busy). Endpoints that
+manage models (pull, push, create, copy, delete, blobs) and embeddings answer 501 saying so.
+
+Timings are measured here, in nanoseconds: the worker thread stamps the first token and the
+final event as it hands them over. A job's start is the later of its submission and the end
+of the previous Ollama job; a job from another transport queued ahead of it counts towards its
+prompt_eval_duration (the scheduler does not report when a job starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from edgerunner import __version__
+from edgerunner.manifest import BundleManifest
+from edgerunner.runtime import ollama_protocol as op
+from edgerunner.runtime import protocol
+from edgerunner.runtime.http import Inbox
+from edgerunner.runtime.protocol import (
+    AnyRequest,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    InfoProvider,
+    RequestError,
+    TextEvent,
+)
+from edgerunner.runtime.scheduler import Job, Scheduler
+
+logger = logging.getLogger(__name__)
+
+# The Ollama API version whose shapes these endpoints follow (structured outputs, done_reason,
+# `think`); clients that gate features on /api/version see what they can use.
+API_VERSION = "0.9.0"
+ENDPOINTS = "/api/version, /api/tags, /api/show, /api/ps, /api/chat, /api/generate"
+_MODEL_MANAGEMENT = ("pull", "push", "create", "copy", "delete", "blobs")
+_EMBEDDINGS = ("embed", "embeddings")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What /api/tags, /api/show and /api/ps say about the served bundle."""
+
+    name: str
+    family: str = ""
+    parameter_count: int = 0
+    quantization: str = ""
+    size: int = 0
+    digest: str = ""
+    modified_at: str = ""
+    n_ctx_train: int = 0
+    profile: str = ""
+
+    @classmethod
+    def of(cls, name: str, model_path: Path) -> ModelCard:
+        """Read from the bundle's manifest next to model.gguf (a bare name without one)."""
+        try:
+            manifest = BundleManifest.model_validate_json(
+                (model_path.parent / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.debug("no readable manifest next to %s", model_path)
+            return cls(name=name)
+        entry = manifest.files.get("model.gguf")
+        return cls(
+            name=name, family=manifest.source.architecture,
+            parameter_count=manifest.source.n_params, quantization=manifest.plan.quant,
+            size=entry.size if entry else 0, digest=entry.sha256 if entry else "",
+            modified_at=manifest.created, n_ctx_train=manifest.source.n_ctx_train,
+            profile=manifest.profile.name,
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"parent_model": "", "format": "gguf", "family": self.family,
+                "families": [self.family] if self.family else None,
+                "parameter_size": _count(self.parameter_count),
+                "quantization_level": self.quantization}
+
+
+def _count(n: int) -> str:
+    if n >= 10**9:
+        return f"{n / 10**9:.1f}B"
+    if n >= 10**6:
+        return f"{n / 10**6:.0f}M"
+    return str(n) if n else ""
+
+
+class _Timed:
+    """One request's sink: stamps tokens on the worker thread, then passes events on (text
+    only when the client streams)."""
+
+    def __init__(self, api: OllamaApi, inbox: Inbox, stream: bool, submitted_ns: int) -> None:
+        self.api = api
+        self.inbox = inbox
+        self.stream = stream
+        self.submitted_ns = submitted_ns
+        self.started_ns = 0
+        self.first_ns = 0
+        self.done_ns = 0
+
+    def __call__(self, event: Event) -> None:
+        now = time.monotonic_ns()
+        if not self.first_ns:
+            # jobs run one at a time: this one began when the one before it ended
+            self.started_ns = max(self.submitted_ns, self.api.last_finish_ns)
+            self.first_ns = now
+        if isinstance(event, TextEvent):
+            if self.stream:
+                self.inbox.put(event)
+            return
+        self.done_ns = now
+        self.api.last_finish_ns = now
+        self.inbox.put(event)
+
+    def timings(self, received_ns: int, load_ns: int) -> dict[str, int]:
+        return {
+            "total_duration": self.done_ns - received_ns,
+            "load_duration": load_ns,
+            "prompt_eval_duration": max(0, self.first_ns - self.started_ns - load_ns),
+            "eval_duration": self.done_ns - self.first_ns,
+        }
+
+
+class OllamaApi:
+    """The /api/* handlers, bound to one scheduler."""
+
+    def __init__(self, scheduler: Scheduler, info: InfoProvider, *, max_body_bytes: int,
+                 stream_flush_s: float) -> None:
+        self.scheduler = scheduler
+        self.info = info
+        self.max_body_bytes = max_body_bytes
+        self.stream_flush_s = stream_flush_s
+        self.card = ModelCard.of(scheduler.model_name, scheduler.engine.model_path)
+        self.last_finish_ns = 0
+
+    # -- model information ----------------------------------------------------------------
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": API_VERSION, "edgerunner": __version__})
+
+    def _listed(self) -> dict[str, Any]:
+        name = f"{self.card.name}:latest"
+        return {"name": name, "model": name, "modified_at": self.card.modified_at or
+                op.timestamp(), "size": self.card.size, "digest": self.card.digest,
+                "details": self.card.details()}
+
+    async def tags(self, request: Request) -> Response:
+        return JSONResponse({"models": [self._listed()]})
+
+    async def ps(self, request: Request) -> Response:
+        if not self.scheduler.engine.loaded:
+            return JSONResponse({"models": []})
+        keep = self.scheduler.keep_alive_s
+        # never unloaded unless keep_alive_s is set (then: at most that long after the last job)
+        expires = op.timestamp(time.time() + keep) if keep > 0 else "9999-12-31T23:59:59.000000Z"
+        predicted = (self.info().get("memory") or {}).get("predicted_mb")
+        size = int(predicted * 2**20) if predicted else self.card.size
+        return JSONResponse({"models": [{**self._listed(), "expires_at": expires, "size": size,
+                                         "size_vram": 0,
+                                         "context_length": self.scheduler.engine.n_ctx}]})
+
+    async def show(self, request: Request) -> Response:
+        try:
+            body = await self._read_json(request)
+            if not isinstance(body, dict):
+                raise RequestError("invalid_request", "request body must be a JSON object")
+            requested = body.get("model") or body.get("name")
+            if not isinstance(requested, str) or not requested:
+                raise RequestError("invalid_request", "model: field required")
+            op.resolve_model(requested, self.card.name)
+        except RequestError as exc:
+            return _error(exc)
+        n_ctx = self.scheduler.engine.n_ctx
+        card = self.card
+        info: dict[str, Any] = {"general.architecture": card.family,
+                                "general.parameter_count": card.parameter_count,
+                                "edgerunner.n_ctx": n_ctx, "edgerunner.profile": card.profile}
+        if card.family and card.n_ctx_train:
+            info[f"{card.family}.context_length"] = card.n_ctx_train
+        return JSONResponse({
+            "modelfile": f"# edgerunner bundle {card.name}\nFROM "
+                         f"{self.scheduler.engine.model_path}\nPARAMETER num_ctx {n_ctx}\n",
+            "parameters": f"num_ctx {n_ctx}\nnum_predict {self.scheduler.default_max_tokens}",
+            "template": "",  # the GGUF's own chat template, applied by llama.cpp
+            "details": card.details(),
+            "model_info": info,
+            "capabilities": ["completion"],
+            "modified_at": card.modified_at or op.timestamp(),
+        })
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def generate(self, request: Request) -> Response:
+        return await self._generate(request, "generate")
+
+    async def _generate(self, request: Request, kind: Literal["chat", "generate"]) -> Response:
+        received_ns = time.monotonic_ns()
+        try:
+            body = op.parse(op.ChatRequest if kind == "chat" else op.GenerateRequest,
+                            await self._read_json(request))
+            op.resolve_model(body.model, self.card.name)
+            n_ctx = self.scheduler.engine.n_ctx
+            if isinstance(body, op.ChatRequest):
+                empty = not body.messages
+                parsed: AnyRequest | None = None if empty else op.chat_request(body, n_ctx)
+            else:
+                empty = not body.prompt
+                parsed = None if empty else op.generate_request(body, n_ctx)
+            if parsed is None:
+                return self._load_only(kind, body)
+            return await self._run(request, kind, body, parsed, received_ns)
+        except RequestError as exc:
+            return _error(exc)
+
+    def _load_only(self, kind: Literal["chat", "generate"], body: op._Common) -> Response:
+        # Ollama's "load the model" request; edgerunner keeps the model loaded (or reloads it
+        # on the next request after keep_alive_s) and never unloads on request
+        if op.wants_unload(body):
+            raise RequestError(
+                "invalid_request",
+                "edgerunner does not unload the model on request (keep_alive 0); the daemon's "
+                "keep_alive_s setting (config.toml or --keep-alive) unloads it when idle")
+        return JSONResponse(op.final(kind, body.model, "", "load"))
+
+    async def _run(self, request: Request, kind: Literal["chat", "generate"], body: op._Common,
+                   parsed: AnyRequest, received_ns: int) -> Response:
+        events = Inbox(asyncio.get_running_loop())
+        was_loaded = self.scheduler.engine.loaded
+        sink = _Timed(self, events, body.stream, time.monotonic_ns())
+        job = await run_in_threadpool(lambda: self.scheduler.submit(parsed, sink=sink))
+        first = await _first_events(events, request, job)
+        if first is None:
+            return Response(status_code=499)  # nobody is listening any more
+        if isinstance(first[0], ErrorEvent):
+            return _error(first[0].error)
+
+        def done_body(event: DoneEvent, text: str) -> dict[str, Any]:
+            load_ns = 0 if was_loaded else int(self.scheduler.engine.load_seconds * 1e9)
+            return op.final(kind, body.model, text, event.finish_reason, event.usage,
+                            sink.timings(received_ns, load_ns))
+
+        if not body.stream:
+            done = first[0]
+            assert isinstance(done, DoneEvent)
+            return JSONResponse(done_body(done, done.text))
+        return StreamingResponse(
+            self._ndjson(first, events, job, kind, body.model, done_body),
+            media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"})
+
+    async def _ndjson(self, first: list[Event], events: Inbox, job: Job,
+                      kind: Literal["chat", "generate"], model: str, done_body: Any
+                      ) -> AsyncIterator[str]:
+        final = False
+
+        def render(event: Event) -> str:
+            nonlocal final
+            if isinstance(event, TextEvent):
+                return _line(op.piece(kind, model, event.text))
+            final = True
+            if isinstance(event, ErrorEvent):
+                return _line(op.error_body(event.error))
+            return _line(done_body(event, ""))
+
+        batch = first
+        try:
+            while True:
+                yield "".join(render(event) for event in batch)
+                if final:
+                    return
+                batch = await events.get(linger=self.stream_flush_s)
+        finally:
+            if not final:
+                job.cancel()
+                logger.info("client left the stream of %s; cancelled it", job.id)
+
+    # -- everything else under /api -------------------------------------------------------
+
+    async def unsupported(self, request: Request) -> Response:
+        endpoint = request.url.path.removeprefix("/api/").split("/")[0]
+        where = f"{request.method} {request.url.path}"
+        if endpoint in _MODEL_MANAGEMENT:
+            message = (f"{where} is not supported by edgerunner: a device serves the one model "
+                       "it was packed with (`edgerunner pack`, then `edgerunner install`); "
+                       "models cannot be pulled, pushed, created, copied or deleted over the API")
+            return JSONResponse({"error": message}, status_code=501)
+        if endpoint in _EMBEDDINGS:
+            message = (f"{where} is not supported by edgerunner: the device serves a "
+                       "generative model only, no embeddings")
+            return JSONResponse({"error": message}, status_code=501)
+        known = {"version", "tags", "ps", "show", "chat", "generate"}
+        if endpoint in known:
+            return JSONResponse({"error": f"{where}: method not allowed; endpoints are "
+                                 f"{ENDPOINTS}"}, status_code=405)
+        return JSONResponse({"error": f"{where}: not found; the Ollama endpoints here are "
+                             f"{ENDPOINTS}"}, status_code=404)
+
+    async def _read_json(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _TooLarge(f"request body is {declared} bytes; the limit is "
+                            f"{self.max_body_bytes} (max_body_bytes)")
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > self.max_body_bytes:
+                raise _TooLarge(f"request body exceeds {self.max_body_bytes} bytes "
+                                "(max_body_bytes)")
+        return protocol.decode_json(bytes(data))
+
+
+class _TooLarge(RequestError):
+    """Refused before the body was read to its end: the connection cannot be reused."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_request", message)
+
+
+def _line(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _error(exc: RequestError) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, _TooLarge):
+        headers["Connection"] = "close"
+    return JSONResponse(op.error_body(exc), status_code=exc.http_status, headers=headers)
+
+
+async def _first_events(events: Inbox, request: Request, job: Job) -> list[Event] | None:
+    """The job's first events, or None (job cancelled) if the client disconnects first."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    getter = asyncio.ensure_future(events.get())
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    job.cancel()
+    logger.info("client disconnected; cancelled %s", job.id)
+    return None
+
+
+def routes(scheduler: Scheduler, info: InfoProvider, *, max_body_bytes: int = 1_048_576,
+           stream_flush_s: float = 0.0) -> list[BaseRoute]:
+    """The /api/* routes for create_app; anything else under /api/ gets an Ollama-shaped error."""
+    api = OllamaApi(scheduler, info, max_body_bytes=max_body_bytes,
+                    stream_flush_s=stream_flush_s)
+    return [
+        Route("/api/version", api.version, methods=["GET"]),
+        Route("/api/tags", api.tags, methods=["GET"]),
+        Route("/api/ps", api.ps, methods=["GET"]),
+        Route("/api/show", api.show, methods=["POST"]),
+        Route("/api/chat", api.chat, methods=["POST"]),
+        Route("/api/generate", api.generate, methods=["POST"]),
+        Route("/api/{rest:path}", api.unsupported,
+              methods=["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"]),
+    ]
