@@ -79,15 +79,14 @@ def _quant_reason(
     if chosen.decode_tps < min_tps:
         return f"{q}: nothing decodes at {min_tps:g} tok/s here; {q} is the fastest that fits"
     if rivals:
-        rivals = sorted(rivals, key=lambda r: r.kl_divergence)
-        peers = [r.quant for r in rivals]
+        rivals = sorted(rivals, key=lambda r: (r.kl_divergence, r.quant))
         delta = max(abs(r.kl_divergence - chosen.kl_divergence) for r in rivals)
-        names = ", ".join(peers[:-1]) + (" and " if len(peers) > 1 else "") + peers[-1]
-        speeds = "; ".join(
-            f"{q} decodes {chosen.decode_tps / r.decode_tps:.1f}x faster than {r.quant} "
-            f"({chosen.decode_tps:.1f} vs {r.decode_tps:.1f} tok/s)" for r in rivals)
-        return (f"{q}: {names} and {q} are within the near-lossless band (ΔKLD {delta:.4f} ≤ "
-                f"{band:g} in llama.cpp's KL-divergence table), so equal quality; {speeds}")
+        ratio = chosen.decode_tps / max(r.decode_tps for r in rivals)
+        return (f"{q}: {_and([*(r.quant for r in rivals), q])} are within the near-lossless "
+                f"band (ΔKLD {delta:.4f} ≤ {band:g} in llama.cpp's KL-divergence table), so "
+                f"equal quality; {q} decodes {ratio:.1f}x faster than "
+                f"{_and([r.quant for r in rivals])} ({chosen.decode_tps:.1f} vs "
+                f"{_and([f'{r.decode_tps:.1f}' for r in rivals])} tok/s)")
     reason = f"{q}: the best quality (KLD {chosen.kl_divergence:.4f}) that fits"
     reason += f" and decodes at ≥ {min_tps:g} tok/s" if min_tps > 0 else ""
     better = [c for c in cands if c.kl_divergence < chosen.kl_divergence]
@@ -124,3 +123,7 @@ def _lever_reason(same_quant: list[Candidate], chosen: Candidate, min_tps: float
                 f"{twin.memory.total_mb - chosen.memory.total_mb:.0f} MiB less "
                 f"({chosen.memory.total_mb:.0f} vs {twin.memory.total_mb:.0f} MiB)")
     return f"flash attention: n_ctx {chosen.n_ctx}, {twin.n_ctx if twin.fits else 'none'} without"
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]

@@ -273,8 +273,11 @@ def _pick(
         )
         return fastest, {fastest.quant}
     equal = _equal_quality(fast, band)
-    configs = [_best_config([c for c in fast if c.quant == q]) for q in equal]
-    chosen = max(configs, key=lambda c: (c.n_ctx, c.decode_tps, -c.kl_divergence))
+    # best quality first, so a full tie (F16 and BF16 from a BF16 source) keeps the better
+    # named one deterministically: max() returns the first of equal keys
+    order = sorted(equal, key=lambda q: (KL_DIVERGENCE[q], q))
+    configs = [_best_config([c for c in fast if c.quant == q]) for q in order]
+    chosen = max(configs, key=lambda c: (c.n_ctx, c.decode_tps))
     return chosen, equal
 
 

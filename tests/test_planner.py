@@ -366,3 +366,13 @@ def test_the_band_is_what_the_kl_divergence_table_calls_near_lossless() -> None:
     # Q8_0 is inside, the next preset (Q6_K) is not, measured from FP16 and from Q8_0
     assert KL_DIVERGENCE["Q8_0"] - KL_DIVERGENCE["F16"] <= EQUAL_QUALITY_KLD
     assert KL_DIVERGENCE["Q6_K"] - KL_DIVERGENCE["Q8_0"] > EQUAL_QUALITY_KLD
+
+
+def test_bf16_source_counts_bf16_f16_and_q8_0_as_one_quality() -> None:
+    bf16 = synthetic_model("bf16", 16, 2048, 8192, 32, 8, 32000, 4096, file_type="BF16", tied=True)
+    result = make_plan(bf16, BOARD_16GB)
+    assert result.chosen.quant == "Q8_0"
+    assert result.reasons[0].startswith("Q8_0: BF16, F16 and Q8_0 are within the near-lossless")
+    for c in result.candidates:
+        if c.quant in ("BF16", "F16"):
+            assert (c.rejected or "").startswith("equal quality to Q8_0")
