@@ -147,7 +147,7 @@ def write_f16_source(
     tokens = tokenizer.tokens + [f"<|unused_{i}|>" for i in range(pad)]
     types = tokenizer.token_types + [int(gguf.TokenType.UNUSED)] * pad
 
-    tmp = path.with_suffix(".partial")
+    tmp = path.with_suffix(f".{os.getpid()}.partial")  # concurrent runs never share one
     w = gguf.GGUFWriter(tmp, shape.arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(shape.name)
@@ -233,7 +233,7 @@ def cached_info(
     if saved.exists():
         return ModelInfo.model_validate_json(saved.read_text())
     info = read_model_info(path)
-    partial = saved.with_suffix(".partial")
+    partial = saved.with_suffix(f".{os.getpid()}.partial")
     partial.write_text(info.model_dump_json())
     partial.replace(saved)
     return info
