@@ -105,6 +105,14 @@ class MqttConfig(_Settings):
     info_interval_s: float = Field(
         30.0, ge=1, le=86_400, description="Re-publish the retained info topic this often, seconds"
     )
+    homeassistant: bool = Field(
+        False, description="Announce this device to Home Assistant (MQTT discovery, retained "
+        "configs under <homeassistant_prefix>/...) and publish edgerunner/<device>/state"
+    )
+    homeassistant_prefix: str = Field(
+        "homeassistant", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="Home Assistant's MQTT discovery prefix (its MQTT integration's setting)",
+    )
 
 
     def secret(self) -> str | None:

@@ -30,6 +30,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edgerunner import __version__
+from edgerunner.runtime import homeassistant
 from edgerunner.runtime.config import MqttConfig
 from edgerunner.runtime.mqtt_link import Link
 from edgerunner.runtime.mqtt_reply import Replier, ReplyRoute, ReplyStream, encode
@@ -99,6 +100,7 @@ class MqttTransport:
         self.info_provider = info_provider
         self.device_id = check_device_id(config.device_id or default_device_id())
         self.topics = DeviceTopics(self.device_id)
+        self.homeassistant = homeassistant.discovery_for(config, self.device_id, scheduler)
         self._seen = SeenIds()
         # every unanswered request by each name a cancel may use; the lock also orders
         # enqueueing against stop() closing the admission queue
@@ -197,6 +199,8 @@ class MqttTransport:
         # that waits for it does not publish to a pool nobody subscribes to yet
         if not (self.device.subscribed and (self.pool is None or self.pool.subscribed)):
             return
+        if self.homeassistant is not None:
+            self.homeassistant.announce(self.device.publish)
         self.device.publish(self.topics.status, b"online", retain=True)
         self._publish_info()
 
@@ -213,6 +217,9 @@ class MqttTransport:
         # the protocol in use: a v5 configuration may have fallen back to 3.1.1
         info["mqtt"] = {"protocol": self.device.options.protocol, "pool": self.pool is not None}
         self.device.publish(self.topics.info, encode(info), retain=True)
+        if self.homeassistant is not None:
+            homeassistant.publish_state(self.homeassistant, self.device.publish, info,
+                                        self.scheduler)
 
     def _info_loop(self) -> None:
         while not self._stop.wait(self.config.info_interval_s):

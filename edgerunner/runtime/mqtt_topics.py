@@ -20,8 +20,8 @@ POOL_SUBSCRIPTION = f"$share/{POOL_SHARE_GROUP}/{POOL_TOPIC}"
 DEFAULT_REPLY_PREFIX = f"{ROOT}/reply/"
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Topics a reply must never land on: another device's inbox, cancel, status or info.
-_CONTROL_TOPIC = re.compile(rf"^{ROOT}/[^/]+/(request|cancel|status|info)(/|$)")
+# Topics a reply must never land on: another device's inbox, cancel, status, info or state.
+_CONTROL_TOPIC = re.compile(rf"^{ROOT}/[^/]+/(request|cancel|status|info|state)(/|$)")
 _MAX_TOPIC_BYTES = 1024
 
 

@@ -1,0 +1,225 @@
+"""Home Assistant MQTT discovery: each daemon appears in HA as one device with its sensors.
+
+    <prefix>/binary_sensor/<node>/connectivity/config   from edgerunner/<device>/status
+    <prefix>/sensor/<node>/<object>/config              from edgerunner/<device>/state
+
+`<prefix>` is HA's discovery prefix (default `homeassistant`), `<node>` the device id with the
+characters HA does not allow in a node id replaced by `_`. Configs are retained, so HA finds
+the device whenever it (re)starts; every entity but connectivity is unavailable while the
+status topic says `offline` (the daemon's Last Will). The state topic carries one flat JSON
+object built from the info document, re-published with it. An empty retained config removes
+an entity: `forget` does that for the whole device.
+
+Keys follow https://www.home-assistant.io/integrations/mqtt/#discovery-messages and the sensor
+and binary_sensor MQTT platforms (unique_id, device, availability_topic, state_topic,
+value_template, unit_of_measurement, device_class, state_class).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from edgerunner import __version__
+from edgerunner.manifest import BundleManifest
+from edgerunner.runtime.mqtt_topics import ROOT, DeviceTopics
+
+if TYPE_CHECKING:
+    from edgerunner.runtime.config import MqttConfig
+    from edgerunner.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "homeassistant"
+_NODE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+Publish = Callable[..., Any]  # Link.publish(topic, payload, retain=...)
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One HA entity: where its config goes and what it reads from which topic."""
+
+    component: Literal["sensor", "binary_sensor"]
+    object_id: str
+    name: str
+    key: str = ""  # the state JSON's key ("" = the status topic itself)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ENTITIES = (
+    Entity("binary_sensor", "connectivity", "Connectivity",
+           extra={"device_class": "connectivity", "payload_on": "online",
+                  "payload_off": "offline", "entity_category": "diagnostic"}),
+    Entity("sensor", "temperature", "Temperature", "temperature_c",
+           {"device_class": "temperature", "unit_of_measurement": "°C",
+            "state_class": "measurement", "suggested_display_precision": 1}),
+    Entity("binary_sensor", "throttled", "Throttled", "throttled",
+           {"device_class": "problem", "payload_on": "ON", "payload_off": "OFF"}),
+    Entity("sensor", "decode_speed", "Decode speed", "decode_tps",
+           {"unit_of_measurement": "tok/s", "state_class": "measurement",
+            "icon": "mdi:speedometer", "suggested_display_precision": 1}),
+    Entity("sensor", "queue_depth", "Queue depth", "queue_depth",
+           {"state_class": "measurement", "icon": "mdi:tray-full"}),
+    Entity("sensor", "memory_headroom", "Memory headroom", "headroom_mb",
+           {"device_class": "data_size", "unit_of_measurement": "MiB",
+            "state_class": "measurement", "suggested_display_precision": 0}),
+    Entity("sensor", "model", "Model", "model",
+           {"icon": "mdi:brain", "entity_category": "diagnostic"}),
+    Entity("sensor", "state", "State", "state",
+           {"icon": "mdi:state-machine", "entity_category": "diagnostic"}),
+)
+
+
+def node_id(device_id: str) -> str:
+    """The device id as an HA discovery node id ([A-Za-z0-9_-])."""
+    return _NODE_UNSAFE.sub("_", device_id)
+
+
+@dataclass(frozen=True)
+class DeviceCard:
+    """What HA shows about the device: the bundle's model on the profile's hardware."""
+
+    model: str = ""
+    hardware: str = ""
+    sw_version: str = __version__
+
+    @classmethod
+    def of(cls, model_path: Path, fallback_model: str) -> DeviceCard:
+        """From the bundle's manifest next to model.gguf (names only, without one)."""
+        try:
+            manifest = BundleManifest.model_validate_json(
+                (model_path.parent / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls(model=fallback_model)
+        profile = manifest.profile
+        return cls(model=manifest.name, hardware=profile.display_name or profile.name,
+                   sw_version=manifest.edgerunner_version)
+
+
+class Discovery:
+    """The discovery configs and the state topic of one device."""
+
+    def __init__(self, device_id: str, card: DeviceCard, prefix: str = DEFAULT_PREFIX) -> None:
+        self.device_id = device_id
+        self.node = node_id(device_id)
+        self.card = card
+        self.prefix = prefix.rstrip("/")
+        self.topics = DeviceTopics(device_id)
+        self.state_topic = f"{ROOT}/{device_id}/state"
+        self._speed = _Speed()
+
+    def config_topic(self, entity: Entity) -> str:
+        return f"{self.prefix}/{entity.component}/{self.node}/{entity.object_id}/config"
+
+    def device(self) -> dict[str, Any]:
+        device: dict[str, Any] = {
+            "identifiers": [f"edgerunner_{self.node}"],
+            "name": f"edgerunner {self.device_id}",
+            "manufacturer": "edgerunner",
+            "model": self.card.model or "edgerunner",
+            "sw_version": self.card.sw_version,
+        }
+        if self.card.hardware:
+            device["hw_version"] = self.card.hardware
+        return device
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """Every entity's config by its discovery topic."""
+        out = {}
+        for entity in ENTITIES:
+            config: dict[str, Any] = {
+                "name": entity.name,
+                "unique_id": f"edgerunner_{self.node}_{entity.object_id}",
+                "device": self.device(),
+                "origin": {"name": "edgerunner", "sw_version": __version__},
+            }
+            if entity.key:
+                config["state_topic"] = self.state_topic
+                config["value_template"] = f"{{{{ value_json.{entity.key} }}}}"
+                config["availability_topic"] = self.topics.status
+                config["payload_available"] = "online"
+                config["payload_not_available"] = "offline"
+            else:
+                # connectivity reads the status topic itself, so it shows "disconnected"
+                # rather than "unavailable" when the daemon is gone
+                config["state_topic"] = self.topics.status
+            config.update(entity.extra)
+            out[self.config_topic(entity)] = config
+        return out
+
+    def announce(self, publish: Publish) -> None:
+        """Publish every config, retained (on every connect: HA may have lost them)."""
+        for topic, config in self.configs().items():
+            publish(topic, json.dumps(config).encode(), retain=True)
+
+    def state(self, info: dict[str, Any], completion_tokens: int,
+              generation_seconds: float) -> dict[str, Any]:
+        """The state topic's JSON from the info document and the scheduler's counters."""
+        memory = info.get("memory") or {}
+        queue = info.get("queue") or {}
+        return {
+            "temperature_c": info.get("temperature_c"),
+            "throttled": "ON" if _throttled(info) else "OFF",
+            "decode_tps": self._speed.update(completion_tokens, generation_seconds),
+            "queue_depth": queue.get("depth", info.get("queue_depth", 0)),
+            "headroom_mb": memory.get("headroom_mb"),
+            "model": info.get("model") or self.card.model,
+            "state": info.get("state", "unknown"),
+        }
+
+    def publish_state(self, publish: Publish, info: dict[str, Any], completion_tokens: int,
+                      generation_seconds: float) -> None:
+        state = self.state(info, completion_tokens, generation_seconds)
+        publish(self.state_topic, json.dumps(state).encode(), retain=True)
+
+    def forget(self, publish: Publish) -> None:
+        """Remove the device from HA: empty retained configs (and state)."""
+        for topic in self.configs():
+            publish(topic, b"", retain=True)
+        publish(self.state_topic, b"", retain=True)
+
+
+def _throttled(info: dict[str, Any]) -> bool:
+    flags = info.get("throttled") or {}
+    thermal = info.get("thermal") or {}
+    return bool(flags.get("throttled") or flags.get("freq_capped")
+                or flags.get("soft_temp_limit") or thermal.get("level") == "hot")
+
+
+class _Speed:
+    """Tokens per second of generation since the previous state (the last value while idle)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens = 0
+        self._seconds = 0.0
+        self._value = 0.0
+
+    def update(self, tokens: int, seconds: float) -> float:
+        with self._lock:
+            d_tokens, d_seconds = tokens - self._tokens, seconds - self._seconds
+            self._tokens, self._seconds = tokens, seconds
+            if d_tokens > 0 and d_seconds > 0:
+                self._value = round(d_tokens / d_seconds, 2)
+            return self._value
+
+
+def discovery_for(config: MqttConfig, device_id: str, scheduler: Scheduler) -> Discovery | None:
+    """The transport's Discovery when `mqtt.homeassistant` is on (None otherwise)."""
+    if not config.homeassistant:
+        return None
+    card = DeviceCard.of(scheduler.engine.model_path, scheduler.model_name)
+    return Discovery(device_id, card, config.homeassistant_prefix)
+
+
+def publish_state(discovery: Discovery, publish: Publish, info: dict[str, Any],
+                  scheduler: Scheduler) -> None:
+    """The state topic, next to each info publish."""
+    stats = scheduler.stats
+    discovery.publish_state(publish, info, stats.completion_tokens, stats.generation_seconds)
