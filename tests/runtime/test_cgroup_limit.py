@@ -1,6 +1,7 @@
 """The real daemon inside a real kernel memory limit below its plan (cgroup v1 or v2, where this
 machine lets the test create one): it shrinks n_ctx to fit at start, or exits 3 with --strict;
-a prompt that fills the shrunk context is answered; the kernel records no OOM kill."""
+a prompt that fills the shrunk context is answered; the kernel records no OOM kill. The limit is
+80% of the plan's prediction (the issue's run: 400 MiB for a 595 MiB plan)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from edgerunner.bundle import Bundle
 from edgerunner.runtime.client import Client
 from edgerunner.runtime.daemon import EXIT_NO_FIT
 
-LIMIT_MB = 400  # the rpi5 plan predicts ~595 MiB at n_ctx 8192
+LIMIT_FRACTION = 0.8  # of the plan's prediction: the plan cannot fit, a shrunk context can
 
 
 @dataclass
@@ -48,7 +49,12 @@ def _own_memory_group() -> tuple[Path, int] | None:
 
 
 @pytest.fixture
-def memory_cgroup() -> Iterator[MemoryCgroup]:
+def limit_mb(bundle: Bundle) -> int:
+    return int(LIMIT_FRACTION * bundle.manifest.prediction.memory.total_mb)
+
+
+@pytest.fixture
+def memory_cgroup(limit_mb: int) -> Iterator[MemoryCgroup]:
     own = _own_memory_group()
     if own is None:
         pytest.skip("no memory cgroup controller on this machine (neither v1 nor v2)")
@@ -57,7 +63,7 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
     limit_file = "memory.limit_in_bytes" if version == 1 else "memory.max"
     try:
         group.mkdir()
-        (group / limit_file).write_text(str(LIMIT_MB * 2**20))
+        (group / limit_file).write_text(str(limit_mb * 2**20))
     except OSError as exc:
         if group.exists():
             group.rmdir()
@@ -86,7 +92,6 @@ def serve_in(group: MemoryCgroup, bundle: Bundle, sock: Path, *args: str) -> sub
 @pytest.mark.slow
 def test_the_daemon_shrinks_to_a_kernel_limit_and_answers_a_full_context(
         memory_cgroup: MemoryCgroup, bundle: Bundle, short_tmp: Path) -> None:
-    assert bundle.manifest.prediction.memory.total_mb > LIMIT_MB  # the plan does not fit as is
     sock = short_tmp / "s.sock"
     proc = serve_in(memory_cgroup, bundle, sock)
     try:
