@@ -53,9 +53,11 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
     from edgerunner.errors import PlanError
     from edgerunner.runtime.config import load_config
     from edgerunner.runtime.daemon import EXIT_NO_FIT, serve
+    from edgerunner.runtime.http_guard import raise_nofile_limit
     from edgerunner.runtime.logfmt import install
 
     install()
+    raise_nofile_limit()  # each connection is a descriptor; the HTTP cap stays below the limit
     loaded = load_bundle(bundle, verify=not no_verify)
     overrides: dict[str, object] = {k.removesuffix("_path"): v for k, v in flags.items()}
     mqtt = {k: v for k, v in {"url": mqtt_url, "device_id": device_id,

@@ -37,7 +37,9 @@ from edgerunner.runtime.http_guard import (
     Access,
     AccessMiddleware,
     CatchAllMiddleware,
+    Gate,
     connection_cap,
+    gated,
     protocol_class,
 )
 from edgerunner.runtime.protocol import (
@@ -421,10 +423,12 @@ class HttpTransport:
         # below the open-file limit, so accept() never fails with EMFILE (each connection is
         # one descriptor); the rest are answered 503 and closed at once
         cap = connection_cap(self.max_connections)
+        gate = Gate(cap)
+        self._sockets = [gated(sock, gate) for sock in self._sockets]
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=max(1, round(self.graceful_s)), server_header=False,
-            http=protocol_class(cap, self.idle_timeout_s),
+            http=protocol_class(gate, self.idle_timeout_s),
             timeout_keep_alive=max(1, round(self.idle_timeout_s)),
         )
         self._server = _Server(config)

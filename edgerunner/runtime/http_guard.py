@@ -15,6 +15,7 @@ API key and Host/Origin checks for TCP, and the last-resort 500.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -22,6 +23,7 @@ import resource
 import socket
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import h11
@@ -33,12 +35,14 @@ from edgerunner.runtime.protocol import ErrorCode, RequestError
 
 logger = logging.getLogger(__name__)
 
-# file descriptors kept free beyond the connection cap: the model, the listeners, MQTT, logs
-FD_RESERVE = 64
 # a refused connection waits this long for its client to read the 503 and close, and at most
-# this many wait at once
+# this many wait at once (more are closed as soon as they are accepted)
 LINGER_S = 1.0
-LINGER_MAX = 64
+LINGER_MAX = 16
+# file descriptors kept free beyond the connection cap: the daemon's own (model, listeners,
+# MQTT, logs: ~30) and the refused connections lingering
+FD_BASELINE = 48
+FD_RESERVE = FD_BASELINE + LINGER_MAX
 # endpoints a load balancer or `Client.wait_ready` polls without credentials
 OPEN_PATHS = frozenset({"/health"})
 
@@ -63,6 +67,47 @@ def connection_cap(wanted: int) -> int:
     return max(1, min(wanted, soft - FD_RESERVE))
 
 
+class Gate:
+    """Open connections of one server, counted from accept() to connection_lost."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.open = 0
+        self.shed = 0  # closed straight after accept(): even the polite refusals were full
+
+
+class GatedSocket(socket.socket):
+    """A listening socket whose accept() closes connections at once when the gate is full.
+
+    asyncio accepts many connections per loop tick before any protocol sees them; counting at
+    accept() is what keeps descriptors bounded under a flood.
+    """
+
+    gate: Gate
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        while True:
+            conn, address = super().accept()  # BlockingIOError ends asyncio's accept loop
+            gate = self.gate
+            if gate.open < gate.cap + LINGER_MAX:
+                gate.open += 1
+                return conn, address
+            gate.shed += 1
+            _over_cap_log.hit(gate.cap)
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(_busy_response("too many open connections; retry later"))
+            conn.close()
+
+
+def gated(sock: socket.socket, gate: Gate) -> GatedSocket:
+    """`sock` (listening) as a GatedSocket counting into `gate`."""
+    wrapped = GatedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    wrapped.gate = gate
+    wrapped.setblocking(False)
+    return wrapped
+
+
 def _busy_response(message: str) -> bytes:
     """A whole 503 `busy` response, written before the request is even read."""
     payload = JSONResponse(RequestError("busy", message).body()).body
@@ -79,6 +124,7 @@ class GuardedH11Protocol(H11Protocol):
 
     max_connections = 256
     head_timeout_s = 10.0
+    gate = Gate(256)
     refused = 0  # connections turned away at the cap (shared by one subclass)
     lingering = 0  # refused connections waiting for their client to read the 503
 
@@ -110,6 +156,7 @@ class GuardedH11Protocol(H11Protocol):
         self._linger_timer = self.loop.call_later(LINGER_S, transport.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gate.open -= 1
         if self.flow is None:  # refused at the cap: never registered
             if getattr(self, "_lingering", False):
                 type(self).lingering -= 1
@@ -167,10 +214,10 @@ class _RepeatLog:
 _over_cap_log = _RepeatLog()
 
 
-def protocol_class(max_connections: int, head_timeout_s: float) -> type[GuardedH11Protocol]:
+def protocol_class(gate: Gate, head_timeout_s: float) -> type[GuardedH11Protocol]:
     """A GuardedH11Protocol subclass with these limits (uvicorn takes a class, not an object)."""
     return type("EdgerunnerH11Protocol", (GuardedH11Protocol,),
-                {"max_connections": max_connections, "head_timeout_s": head_timeout_s})
+                {"max_connections": gate.cap, "head_timeout_s": head_timeout_s, "gate": gate})
 
 
 # ------------------------------------------------------------------------- ASGI middleware

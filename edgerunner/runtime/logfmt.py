@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 
 # attributes every LogRecord has; anything else came from `extra=`
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
@@ -28,14 +30,54 @@ def _value(value: object) -> str:
     return json.dumps(text) if (" " in text or '"' in text or not text) else text
 
 
+class RepeatFilter(logging.Filter):
+    """Warnings and errors repeating one message template: at most `burst` lines per `window`
+    seconds each; the next line after a quiet spell carries `suppressed=N`.
+
+    A flood (EMFILE from accept(), a broker refusing every reconnect, a client sending the
+    same bad request in a loop) then costs a few lines a minute instead of filling the disk.
+    """
+
+    def __init__(self, window: float = 10.0, burst: int = 5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window = window
+        self.burst = burst
+        self._clock = clock
+        # template → (window start, lines let through in it, lines suppressed since)
+        self._seen: dict[tuple[str, int, str], tuple[float, int, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, str(record.msg)[:200])
+        now = self._clock()
+        start, passed, suppressed = self._seen.get(key, (now, 0, 0))
+        if now - start >= self.window:
+            start, passed = now, 0
+        if passed >= self.burst:
+            self._seen[key] = (start, passed, suppressed + 1)
+            return False
+        if suppressed:
+            record.suppressed = suppressed
+        self._seen[key] = (start, passed + 1, 0)
+        if len(self._seen) > 1024:  # templates are few; forget the oldest if not
+            self._seen.pop(next(iter(self._seen)))
+        return True
+
+
 def install(level: int = logging.INFO) -> None:
-    """Use logfmt on the root handlers and let edgerunner's INFO lines through."""
+    """Use logfmt on the root handlers, rate-limit repeated warnings, and let edgerunner's
+    INFO lines through."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig()
     fmt = LogfmtFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    repeats = RepeatFilter()
     for handler in root.handlers:
         handler.setFormatter(fmt)
+        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
+            handler.addFilter(repeats)
     edgerunner = logging.getLogger("edgerunner")
     if edgerunner.getEffectiveLevel() > level:
         edgerunner.setLevel(level)

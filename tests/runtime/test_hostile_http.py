@@ -6,8 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import resource
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +22,13 @@ from typing import Any
 import httpx
 import pytest
 
+from edgerunner.runtime.client import Client
 from edgerunner.runtime.config import ServeConfig
 from edgerunner.runtime.http import HttpTransport, create_app, transport_from_config
+from edgerunner.runtime.http_guard import FD_BASELINE, FD_RESERVE
+from edgerunner.runtime.logfmt import LogfmtFormatter, RepeatFilter
 from edgerunner.runtime.protocol import MAX_JSON_DEPTH
+from edgerunner.systemd_unit import render_unit
 from tests.mqtt.conftest import free_port
 from tests.runtime.conftest import RunningDaemon
 from tests.runtime.test_http import MSG, assert_serving, error_of
@@ -253,3 +263,94 @@ def test_a_non_loopback_bind_is_warned_about(
     warned = [r.getMessage() for r in caplog.records if "other machines can reach" in
               r.getMessage()]
     assert len(warned) == 1 and "anyone on the network" in warned[0]
+
+
+def test_repeated_warnings_are_rate_limited_with_a_count() -> None:
+    now = [0.0]
+    repeats = RepeatFilter(window=10.0, burst=2, clock=lambda: now[0])
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("tests.repeats")
+    handler = Keep()
+    handler.addFilter(repeats)
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    try:
+        for i in range(1000):
+            log.error("socket.accept() out of system resource: fd %d", i)
+            log.info("queued %d", i)  # INFO lines are never held back
+        now[0] = 11.0
+        log.error("socket.accept() out of system resource: fd %d", 1000)
+    finally:
+        log.removeHandler(handler)
+    errors = [r for r in records if r.levelno == logging.ERROR]
+    assert len(errors) == 3
+    assert getattr(errors[-1], "suppressed", None) == 998
+    assert sum(r.levelno == logging.INFO for r in records) == 1000
+    line = LogfmtFormatter("%(message)s").format(errors[-1])
+    assert line.endswith("suppressed=998")
+
+
+def test_the_unit_raises_the_file_limit_above_the_connection_cap(bundle_manifest) -> None:
+    unit = render_unit(bundle_manifest)
+    (limit,) = [int(line.split("=", 1)[1]) for line in unit.splitlines()
+                if line.startswith("LimitNOFILE=")]
+    assert limit >= ServeConfig.model_validate({}).max_connections + FD_RESERVE
+
+
+def test_a_flood_of_connections_never_reaches_the_file_limit(bundle, short_tmp: Path) -> None:
+    limit = 256  # soft = hard: the daemon cannot raise it; its cap becomes 256 - FD_RESERVE
+
+    def low_file_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    sock_path, log = short_tmp / "flood.sock", short_tmp / "flood.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgerunner", "serve", str(bundle.dir), "--no-verify",
+             "--socket", str(sock_path), "--threads", "1"],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=low_file_limit)
+    flood: list[socket.socket] = []
+    try:
+        with Client(sock_path) as client:
+            client.wait_ready(120, process=proc)
+        baseline = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        assert baseline < FD_BASELINE, "the reserve does not cover the daemon's own files"
+        while len(flood) < limit + 100:
+            conn = socket.socket(socket.AF_UNIX)
+            try:
+                conn.connect(str(sock_path))
+            except BlockingIOError:  # the listen queue is full until the daemon accepts
+                conn.close()
+                time.sleep(0.01)
+                continue
+            conn.settimeout(30)
+            flood.append(conn)
+        refused = 0
+        for conn in flood[limit - FD_RESERVE:]:  # over the cap: a 503 at once, then closed
+            answer = conn.recv(4096)
+            refused += answer.startswith(b"HTTP/1.1 503")
+        assert refused == 100 + FD_RESERVE
+        for conn in flood:
+            conn.close()
+        flood.clear()
+        with Client(sock_path) as client:  # the daemon never ran out of descriptors
+            assert client.health()["state"] == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        for conn in flood:
+            conn.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert "Too many open files" not in text and "out of system resource" not in text
+    cap = limit - FD_RESERVE
+    warnings = [ln for ln in text.splitlines() if f"over the cap of {cap} open" in ln]
+    assert 1 <= len(warnings) < 20  # one line per 10 s, each with its count
