@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def build_request(prompt: str, system: str | None, json_schema: Path | None,
               help="Daemon socket [default: your own daemon's socket, else the one installed "
               "service's /run/edgerunner/<bundle>/api.sock].")
 @click.option("--mqtt", "mqtt_url", metavar="URL",
-              help="Ask through an MQTT broker instead of the socket (needs --device-id).")
+              help="Ask through an MQTT broker instead of the socket (needs --device-id); "
+              "credentials from EDGERUNNER_MQTT__USERNAME / EDGERUNNER_MQTT__PASSWORD.")
 @click.option("--device-id", help="The device to ask over MQTT (`pool`: any device of the fleet).")
 @click.option("--mqtt-protocol", type=click.Choice(["5", "3.1.1"]), default="5",
               show_default=True,
@@ -80,7 +82,11 @@ def _ask_mqtt(url: str | None, device_id: str | None, protocol: str, body: dict[
     if not url or not device_id:
         raise click.UsageError("--mqtt URL and --device-id ID go together")
     target = None if device_id == "pool" else device_id
-    with MqttChat(url, target, protocol="3.1.1" if protocol == "3.1.1" else "5") as chat:
+    # credentials as the daemon takes them, so none need be on the command line
+    username = os.environ.get("EDGERUNNER_MQTT__USERNAME")
+    password = os.environ.get("EDGERUNNER_MQTT__PASSWORD")
+    with MqttChat(url, target, protocol="3.1.1" if protocol == "3.1.1" else "5",
+                  username=username, password=password) as chat:
         if as_json:
             print_json(chat.complete(body))
             return
