@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgerunner import __version__
+from edgerunner.errors import ConfigError
 from edgerunner.manifest import BundleManifest
 from edgerunner.runtime.mqtt_topics import ROOT, DeviceTopics
 
@@ -223,3 +224,48 @@ def publish_state(discovery: Discovery, publish: Publish, info: dict[str, Any],
     """The state topic, next to each info publish."""
     stats = scheduler.stats
     discovery.publish_state(publish, info, stats.completion_tokens, stats.generation_seconds)
+
+
+def forget_device(config: MqttConfig, device_id: str, timeout: float = 10.0) -> list[str]:
+    """Connect to the broker and clear `device_id`'s retained discovery configs and state (HA
+    then deletes the device); the topics cleared. ConfigError if the broker cannot be reached."""
+    from edgerunner.runtime.mqtt_session import SessionOptions, connect_async, new_client
+    from edgerunner.runtime.mqtt_topics import redact_url
+
+    if not config.url:
+        raise ConfigError("no MQTT broker to remove the device from",
+                          "pass --mqtt URL (or set mqtt.url in config.toml)")
+    discovery = Discovery(device_id, DeviceCard(), config.homeassistant_prefix)
+    options = SessionOptions(client_id=f"edgerunner-{device_id}-forget",
+                             protocol=config.protocol)
+    client, address = new_client(config.url, options, username=config.username,
+                                 password=config.secret(), ca_file=config.ca_file)
+    connected = threading.Event()
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            connected.set()
+
+    client.on_connect = on_connect
+    connect_async(client, address, options)
+    client.loop_start()
+    sent: list[Any] = []
+    topics: list[str] = []
+
+    def publish(topic: str, payload: bytes, retain: bool = False) -> None:
+        topics.append(topic)
+        sent.append(client.publish(topic, payload, qos=1, retain=retain))
+
+    try:
+        if not connected.wait(timeout):
+            raise ConfigError(f"could not connect to the MQTT broker {redact_url(config.url)} "
+                              f"within {timeout:g} s", "check --mqtt and the broker's "
+                              "credentials, and that it is running")
+        discovery.forget(publish)
+        for info in sent:
+            info.wait_for_publish(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    logger.info("homeassistant: removed %s (%d retained topics cleared)", device_id, len(topics))
+    return topics

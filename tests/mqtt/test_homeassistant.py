@@ -15,9 +15,17 @@ from typing import Any
 import httpx
 import pytest
 
+from edgerunner.errors import ConfigError
 from edgerunner.manifest import BundleManifest
 from edgerunner.mqtt_client import wait_for_status
-from edgerunner.runtime.homeassistant import ENTITIES, DeviceCard, Discovery, node_id
+from edgerunner.runtime.config import MqttConfig
+from edgerunner.runtime.homeassistant import (
+    ENTITIES,
+    DeviceCard,
+    Discovery,
+    forget_device,
+    node_id,
+)
 
 pytestmark = pytest.mark.mqtt
 
@@ -149,9 +157,16 @@ def test_forget_removes_the_device(broker, probe) -> None:
     discovery = Discovery("gone.1", DeviceCard(model="m", hardware="Raspberry Pi 5"))
     publisher = probe(broker.url, "unused/#")
     discovery.announce(publisher.publish)
+    publisher.publish(discovery.state_topic, b"{}", retain=True)
     first = probe(broker.url, "homeassistant/#")
     assert len(_collect(first, len(ENTITIES))) == len(ENTITIES)
-    discovery.forget(publisher.publish)
+    cleared = forget_device(MqttConfig(url=broker.url), "gone.1")
+    assert set(cleared) == {*discovery.configs(), discovery.state_topic}
     # empty retained configs: HA deletes the entities, and a new subscriber gets nothing
     later = probe(broker.url, "homeassistant/#", "edgerunner/gone.1/state")
     assert [m for m in later.quiet(1.0) if m.payload] == []
+
+
+def test_forget_names_an_unreachable_broker() -> None:
+    with pytest.raises(ConfigError, match="could not connect"):
+        forget_device(MqttConfig(url="mqtt://127.0.0.1:1"), "x", timeout=0.5)
