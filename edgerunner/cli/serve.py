@@ -18,12 +18,20 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
               help="Unix socket path [default: $XDG_RUNTIME_DIR/edgerunner.sock, else "
               "/run/edgerunner/edgerunner.sock].")
 @click.option("--http", "http", metavar="HOST:PORT",
-              help="Also listen on TCP, e.g. 127.0.0.1:8080.")
-@click.option("--mqtt", "mqtt_url", metavar="URL", help="MQTT broker, e.g. mqtt://broker:1883.")
+              help="Also listen on TCP, e.g. 127.0.0.1:8080; clients then need the API key "
+              "if one is set (EDGERUNNER_API_KEY or api_key_file, never a flag).")
+@click.option("--mqtt", "mqtt_url", metavar="URL",
+              help="MQTT broker, e.g. mqtt://broker:1883 (the password belongs in "
+              "mqtt.password_file or EDGERUNNER_MQTT__PASSWORD, not the URL).")
 @click.option("--device-id", help="This device's name in MQTT topics [default: hostname].")
 @click.option("--mqtt-protocol", type=click.Choice(["5", "3.1.1"]),
               help="MQTT version [default: 5, falling back to 3.1.1 if the broker lacks v5]; "
               "3.1.1 skips the v5 attempt.")
+@click.option("--mqtt-homeassistant", "homeassistant", is_flag=True, default=None,
+              help="Announce this device to Home Assistant (MQTT discovery).")
+@click.option("--mqtt-homeassistant-forget", "forget", is_flag=True,
+              help="Remove this device from Home Assistant (clear its retained discovery "
+              "configs on the broker) and exit; run it before uninstalling.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True,
                                                          dir_okay=False),
               help="A config.toml overriding the bundle's.")
@@ -47,7 +55,8 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
 @click.option("--log-prompts", is_flag=True, default=None, help="Log prompts and outputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's hash check (faster start).")
 def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url: str | None,
-              device_id: str | None, mqtt_protocol: str | None, **flags: object) -> None:
+              device_id: str | None, mqtt_protocol: str | None, homeassistant: bool | None,
+              forget: bool, **flags: object) -> None:
     """Serve BUNDLE over a unix socket (OpenAI-compatible HTTP) and optionally TCP and MQTT."""
     from edgerunner.bundle import load_bundle
     from edgerunner.errors import PlanError
@@ -61,10 +70,20 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
     loaded = load_bundle(bundle, verify=not no_verify)
     overrides: dict[str, object] = {k.removesuffix("_path"): v for k, v in flags.items()}
     mqtt = {k: v for k, v in {"url": mqtt_url, "device_id": device_id,
-                              "protocol": mqtt_protocol}.items() if v is not None}
+                              "protocol": mqtt_protocol,
+                              "homeassistant": homeassistant}.items() if v is not None}
     if mqtt:
         overrides["mqtt"] = mqtt
     config = load_config(loaded.config_path, config_file, overrides=overrides)
+    if forget:
+        from edgerunner.runtime.homeassistant import forget_device
+        from edgerunner.runtime.mqtt import default_device_id
+
+        device = config.mqtt.device_id or default_device_id()
+        cleared = forget_device(config.mqtt, device)
+        click.echo(f"removed {device} from Home Assistant ({len(cleared)} retained topics "
+                   "cleared)")
+        return
     try:
         code = serve(loaded, config)
     except PlanError as exc:

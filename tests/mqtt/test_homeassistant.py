@@ -14,7 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from edgerunner.cli import main
 from edgerunner.errors import ConfigError
 from edgerunner.manifest import BundleManifest
 from edgerunner.mqtt_client import wait_for_status
@@ -38,17 +40,21 @@ DEVICE_KEYS = {"identifiers", "name", "manufacturer", "model", "sw_version"}
 
 @pytest.fixture
 def daemons(broker, rpi5_bundle: Path, short_tmp: Path) -> Iterator[dict[str, Path]]:
-    """Two daemons with discovery on (from a --config file), each with its own socket."""
-    config = short_tmp / "ha.toml"
-    config.write_text("[mqtt]\nhomeassistant = true\ninfo_interval_s = 1\n")
+    """Two daemons with discovery on (one by --mqtt-homeassistant, one by its --config file),
+    each with its own socket."""
+    by_flag = short_tmp / "flag.toml"
+    by_flag.write_text("[mqtt]\ninfo_interval_s = 1\n")
+    by_file = short_tmp / "file.toml"
+    by_file.write_text("[mqtt]\nhomeassistant = true\ninfo_interval_s = 1\n")
     procs, sockets = [], {}
-    for device in DEVICES:
+    for device, how in zip(DEVICES, (["--config", str(by_flag), "--mqtt-homeassistant"],
+                                     ["--config", str(by_file)]), strict=True):
         sock = short_tmp / f"{device}.sock"
         log = (short_tmp / f"{device}.log").open("wb")
         procs.append((device, log, subprocess.Popen(
             [sys.executable, "-m", "edgerunner", "serve", str(rpi5_bundle), "--no-verify",
              "--threads", "1", "--mqtt", broker.url, "--device-id", device, "--socket",
-             str(sock), "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)))
+             str(sock), *how], stdout=log, stderr=subprocess.STDOUT)))
         sockets[device] = sock
     try:
         for device, _, _proc in procs:
@@ -170,3 +176,16 @@ def test_forget_removes_the_device(broker, probe) -> None:
 def test_forget_names_an_unreachable_broker() -> None:
     with pytest.raises(ConfigError, match="could not connect"):
         forget_device(MqttConfig(url="mqtt://127.0.0.1:1"), "x", timeout=0.5)
+
+
+def test_serve_forget_flag_removes_the_device(broker, probe, rpi5_bundle: Path) -> None:
+    discovery = Discovery("gone.2", DeviceCard(model="m"))
+    publisher = probe(broker.url, "unused/#")
+    discovery.announce(publisher.publish)
+    result = CliRunner().invoke(main, [
+        "serve", str(rpi5_bundle), "--no-verify", "--mqtt", broker.url, "--device-id",
+        "gone.2", "--mqtt-homeassistant-forget"])
+    assert result.exit_code == 0, result.output
+    assert "removed gone.2 from Home Assistant" in result.output
+    later = probe(broker.url, "homeassistant/#")
+    assert [m for m in later.quiet(1.0) if m.payload] == []
