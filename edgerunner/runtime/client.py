@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -88,13 +89,16 @@ class Client:
     """Talks to `edgerunner serve`: chat (whole or streamed), health, models."""
 
     def __init__(self, socket_path: Path | None = None, *, base_url: str | None = None,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, api_key: str | None = None) -> None:
         self.socket_path = None if base_url else Path(socket_path or runtime_socket_path())
         transport = (_UnixTransport(str(self.socket_path))
                      if self.socket_path is not None else None)
         self.where = f"unix:{self.socket_path}" if self.socket_path else str(base_url)
+        # over TCP the daemon may want its API key; the socket never does
+        key = api_key if api_key is not None else os.environ.get("EDGERUNNER_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key and base_url else None
         self._http = httpx.Client(transport=transport, base_url=base_url or "http://edgerunner",
-                                  timeout=httpx.Timeout(timeout, connect=5.0))
+                                  timeout=httpx.Timeout(timeout, connect=5.0), headers=headers)
         self.last_usage: dict[str, Any] | None = None
         self.last_finish_reason: str | None = None
 

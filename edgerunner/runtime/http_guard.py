@@ -280,7 +280,10 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         status, code, message = problem
-        headers = {"WWW-Authenticate": 'Bearer realm="edgerunner"'} if status == 401 else None
+        # the body (possibly large, unauthenticated) is not read: close instead of draining it
+        headers = {"Connection": "close"}
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="edgerunner"'
         response = JSONResponse(RequestError(code, message).body(), status_code=status,
                                 headers=headers)
         await response(scope, receive, send)

@@ -92,6 +92,25 @@ def test_payload_bombs_get_error_replies(broker, serve, probe) -> None:
         assert chat.complete(HELLO)["object"] == "chat.completion"
 
 
+def test_oversized_requests_are_refused_unread(broker, serve, probe) -> None:
+    transport = serve(broker.url, max_payload_bytes=4096)
+    p = probe(broker.url, "edgerunner/reply/big/#")
+    body = {"messages": [{"role": "user", "content": "x" * 20_000}]}
+    p.publish(REQUEST, json.dumps(body), response_topic="edgerunner/reply/big/over",
+              correlation=b"over")
+    reply = p.json()
+    assert "over this device's limit of 4096" in reply["error"]["message"]
+    # far over it (v5 Maximum Packet Size): the broker does not even hand it to the daemon
+    huge = {"messages": [{"role": "user", "content": "x" * 400_000}]}
+    p.publish(REQUEST, json.dumps(huge), response_topic="edgerunner/reply/big/huge",
+              correlation=b"huge")
+    with MqttChat(broker.url, "dev1", timeout=60) as chat:
+        assert chat.complete(HELLO)["object"] == "chat.completion"
+    assert p.quiet(0.5) == []
+    assert transport.device.connects == 1  # and it was not disconnected for it
+    assert transport.scheduler.stats.submitted == 1
+
+
 def test_broker_restart_mid_stream_ends_every_request(broker_factory, serve) -> None:
     # the broker saves its sessions on every change, so even SIGKILL keeps them
     broker = broker_factory("autosave_on_changes true\nautosave_interval 1\n")

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edgerunner.errors import ClientError
 from edgerunner.runtime.client import Client
 from edgerunner.runtime.config import ServeConfig
 from edgerunner.runtime.http import HttpTransport, create_app, transport_from_config
@@ -224,6 +225,11 @@ def test_api_key_is_required_over_tcp(tcp_api: dict[str, Any]) -> None:
         assert tcp.get("/health").status_code == 200  # liveness needs no key
         ok = tcp.post(CHAT, json=body, headers={"Authorization": "Bearer k3y-canary"})
         assert ok.status_code == 200, ok.text
+    with Client(base_url=tcp_api["base"], api_key="k3y-canary") as client:
+        assert client.chat(MSG, max_tokens=2)["object"] == "chat.completion"
+    with Client(base_url=tcp_api["base"], api_key="") as client, \
+            pytest.raises(ClientError, match="unauthorized"):
+        client.models()
     # the unix socket's file mode is its authentication
     uds = httpx.Client(transport=httpx.HTTPTransport(uds=str(tcp_api["socket"])),
                        base_url="http://edgerunner", timeout=60)
