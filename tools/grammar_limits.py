@@ -4,10 +4,10 @@ Each probe turns a JSON schema into GBNF with llama-cpp-python's converter (as t
 does), or takes raw GBNF, then in a child process: converts it, builds the grammar sampler
 (llama_sampler_init_grammar: parse, left-recursion check, initial stacks) on a thread with the
 default stack (the daemon builds samplers on threads too), and applies it to the whole
-vocabulary for a few tokens. The parent records how the child ended: ok, refused (llama.cpp
-returned NULL), a converter exception, a signal (SIGSEGV: the parser's recursion ran off the
-stack), the memory cap (RLIMIT_AS) or the time cap. The numbers behind
-edgerunner.runtime.grammar's limits come from here.
+vocabulary for a few tokens (the slowest token's wall and CPU time). The parent records how the
+child ended: ok, refused (llama.cpp returned NULL), a converter exception, a signal (SIGSEGV:
+the parser's recursion ran off the stack), the memory cap (RLIMIT_AS) or the time cap. The
+numbers behind edgerunner.runtime.grammar's limits come from here.
 
     python tools/grammar_limits.py                  # every family
     python tools/grammar_limits.py string_max enum  # some families
@@ -78,21 +78,23 @@ def build():
         out["outcome"] = "refused"
         return
     n = llama_cpp.llama_vocab_n_tokens(model.vocab)
-    steps = []
+    steps, cpu = [], []
     for _ in range(spec["steps"]):
         data = (llama_cpp.llama_token_data * n)()
         for i in range(n):
             data[i].id = i
         arr = llama_cpp.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
         steps.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
         allowed = [data[i].id for i in range(arr.size) if data[i].logit != float("-inf")]
         out["allowed"] = len(allowed)
         if not allowed:
             break
         llama_cpp.llama_sampler_accept(sampler, allowed[0])
     out["apply_s"] = max(steps) if steps else 0.0
+    out["apply_cpu_s"] = max(cpu) if cpu else 0.0
     llama_cpp.llama_sampler_free(sampler)
     out["outcome"] = "ok"
 
@@ -208,7 +210,7 @@ def main() -> None:
     model = str(ensure_default_model())
     if not args.json:
         print(f"{'family':<18} {'value':>9} {'outcome':<10} {'conv s':>7} {'init s':>7} "
-              f"{'apply s':>7} {'gbnf kB':>8} {'depth':>6} {'peak MB':>8}  detail")
+              f"{'apply s':>7} {'cpu s':>7} {'gbnf kB':>8} {'depth':>6} {'peak MB':>8}  detail")
     for family in args.families or FAMILIES:
         what, values, make = FAMILIES[family]
         for value in values:
@@ -220,7 +222,8 @@ def main() -> None:
             kb = row["gbnf_chars"] / 1000 if "gbnf_chars" in row else None
             print(f"{family:<18} {value:>9} {row['outcome']:<10} "
                   f"{_fmt(row.get('convert_s'), '7.3f'):>7} {_fmt(row.get('init_s'), '7.3f'):>7} "
-                  f"{_fmt(row.get('apply_s'), '7.3f'):>7} {_fmt(kb, '8.1f'):>8} "
+                  f"{_fmt(row.get('apply_s'), '7.3f'):>7} "
+                  f"{_fmt(row.get('apply_cpu_s'), '7.3f'):>7} {_fmt(kb, '8.1f'):>8} "
                   f"{_fmt(row.get('gbnf_depth'), '6d'):>6} {_fmt(row.get('peak_mb'), '8.0f'):>8}  "
                   f"{row.get('detail', '')}", flush=True)
 
