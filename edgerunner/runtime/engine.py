@@ -2,8 +2,10 @@
 time with the model's own chat template, stop sequences, grammars and cancellation.
 
 Only the scheduler's worker thread calls `load`, `unload` and `run`. `prepare` (template, tokenize,
-grammar check) uses a separate vocab-only model and may be called from any thread, so admission
-works even while the weights are unloaded by keep_alive, and while they load again.
+grammar) uses a separate vocab-only model and may be called from any thread, so admission works
+even while the weights are unloaded by keep_alive, and while they load again. json_schema
+grammars are bounded and first built in a child process (runtime.grammar): a schema that would
+crash or stall llama.cpp does so there, not here.
 """
 
 from __future__ import annotations
