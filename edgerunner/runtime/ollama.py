@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from edgerunner import __version__
@@ -151,6 +151,10 @@ class OllamaApi:
         self.last_finish_ns = 0
 
     # -- model information ----------------------------------------------------------------
+
+    async def root(self, request: Request) -> Response:
+        # Ollama answers `GET /` with a plain line; clients probe it to find a server
+        return PlainTextResponse("edgerunner is running (Ollama API under /api, OpenAI under /v1)")
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": API_VERSION, "edgerunner": __version__})
@@ -374,6 +378,7 @@ def routes(scheduler: Scheduler, info: InfoProvider, *, max_body_bytes: int = 1_
     api = OllamaApi(scheduler, info, max_body_bytes=max_body_bytes,
                     stream_flush_s=stream_flush_s)
     return [
+        Route("/", api.root, methods=["GET", "HEAD"]),
         Route("/api/version", api.version, methods=["GET"]),
         Route("/api/tags", api.tags, methods=["GET"]),
         Route("/api/ps", api.ps, methods=["GET"]),

@@ -8,6 +8,7 @@ import json
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,30 @@ def test_errors_are_ollama_shaped(uds: ollama.Client, daemon: RunningDaemon) -> 
     long = [{"role": "user", "content": "word " * 50}]
     _refused(lambda: uds.chat(model=name, messages=long, options={"num_predict": n_ctx}), 400,
              "context window")
+
+
+def test_generate_with_system_and_root(raw: httpx.Client, daemon: RunningDaemon) -> None:
+    r = raw.post("/api/generate", json={"model": _name(daemon), "prompt": "Hi", "stream": False,
+                                        "system": "Answer in French.", "options": FAST})
+    assert r.status_code == 200 and r.json()["response"]
+    assert raw.get("/").status_code == 200
+
+
+def test_a_client_leaving_the_stream_cancels_its_job(raw: httpx.Client,
+                                                     daemon: RunningDaemon) -> None:
+    stats = daemon.daemon.scheduler.stats  # type: ignore[union-attr]
+    before = stats.failed["cancelled"]
+    body = {"model": _name(daemon), "prompt": "Write a long story.",
+            "options": {"num_predict": 400}}
+    with raw.stream("POST", "/api/generate", json=body) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        first = json.loads(next(r.iter_lines()))
+        assert first["done"] is False
+    for _ in range(200):
+        if stats.failed["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert stats.failed["cancelled"] == before + 1
 
 
 def test_raw_errors(raw: httpx.Client, daemon: RunningDaemon) -> None:
