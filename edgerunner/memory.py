@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgerunner.errors import ModelError, QuantizeError
-from edgerunner.gguf_info import ModelInfo
+from edgerunner.gguf_info import ModelInfo, TensorInfo
 from edgerunner.manifest import KVType, MemoryEstimate
 from edgerunner.quant_rules import PRESETS, check_preset, row_bytes, tensor_bytes, tensor_types
 
@@ -153,23 +153,71 @@ def _repacked(type_name: str, rows: int, features: frozenset[str]) -> bool:
     return False
 
 
-def repacked_bytes(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> int:
-    """Bytes of matmul weights llama.cpp copies into its CPU_REPACK buffer on this CPU.
+def tied_embeddings(info: ModelInfo) -> bool:
+    """Whether the model has no output matrix, so llama.cpp uses token_embd as its lm_head."""
+    names = {t.name for t in info.tensors}
+    return "token_embd.weight" in names and "output.weight" not in names
+
+
+def matmul_weights(info: ModelInfo) -> list[TensorInfo]:
+    """The weights llama.cpp feeds to MUL_MAT / MUL_MAT_ID: what a repack rule may claim.
 
     Token embeddings are read with GET_ROWS, which the repacked layout does not serve, so they
-    stay where they are; every other quantized 2-D weight feeds a MUL_MAT.
+    stay where they are. But with tied embeddings llama-model.cpp creates the output matrix
+    as a TENSOR_DUPLICATED copy of token_embd for the output layer, whose buffer types include
+    CPU_REPACK: that copy is a MUL_MAT weight like any other (on a Pi 5, Q8_0's
+    q8_0_4x4 rule repacks it: `repack tensor token_embd.weight with q8_0_4x4`).
     """
+    weights = [t for t in info.tensors if "token_embd" not in t.name and len(t.shape) >= 2]
+    if tied_embeddings(info):
+        weights += [t for t in info.tensors if t.name == "token_embd.weight"]
+    return weights
+
+
+def repacked_tensors(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> list[str]:
+    """Names of the weights llama.cpp repacks on this CPU (the tied output copy as token_embd,
+    as llama.cpp's `repack tensor ... with ...` debug line names it)."""
     features = frozenset(cpu_features)
     if not features:
-        return 0
+        return []
     types = tensor_types(info, quant)
-    total = 0
-    for t in info.tensors:
-        if "token_embd" in t.name or len(t.shape) < 2:
-            continue
-        if _repacked(types[t.name], t.shape[1], features):
-            total += tensor_bytes(types[t.name], t.shape)
-    return total
+    return [t.name for t in matmul_weights(info) if _repacked(types[t.name], t.shape[1], features)]
+
+
+def repacked_bytes(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> int:
+    """Bytes of matmul weights llama.cpp copies into its CPU_REPACK buffer on this CPU."""
+    types = tensor_types(info, quant)
+    shapes = {t.name: t.shape for t in info.tensors}
+    return sum(tensor_bytes(types[name], shapes[name])
+               for name in repacked_tensors(info, quant, cpu_features))
+
+
+def _quantizer_order(t: TensorInfo) -> tuple[int, str]:
+    """Where llama.cpp's quantizer writes a tensor: it walks the loader's weights_map, whose
+    weight_name_comparer sorts by layer ("blk.%d.", -1 for none), then by name."""
+    match = re.match(r"blk\.(\d+)\.", t.name)
+    return (int(match.group(1)) if match else -1, t.name)
+
+
+def mapped_bytes(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> int:
+    """The CPU_Mapped buffer: the file's span from the first to the last tensor not repacked.
+
+    llama-model.cpp maps, per buffer type, the range its tensors cover (get_mapping_range);
+    a repacked tensor lives in CPU_REPACK instead, and llama-mmap.cpp unmaps the file's ends
+    outside every used range. So repacked tensors at either end of the file leave the mapping;
+    those in between stay mapped next to their repacked copy. The original token_embd of a
+    tied model stays (GET_ROWS reads it); only its output copy is repacked.
+    """
+    types = tensor_types(info, quant)
+    moved = set(repacked_tensors(info, quant, cpu_features)) - {"token_embd.weight"}
+    offset, first, last = 0, -1, 0
+    for t in sorted(info.tensors, key=_quantizer_order):
+        size = tensor_bytes(types[t.name], t.shape)
+        if t.name not in moved:
+            first = offset if first < 0 else first
+            last = offset + size
+        offset += _pad(size, GGUF_ALIGNMENT)
+    return last - max(first, 0)
 
 
 def prefer_mmap(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> bool:
@@ -180,10 +228,10 @@ def prefer_mmap(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -
 def resident_weight_bytes(
     info: ModelInfo, quant: str, cpu_features: Iterable[str] = (), mmap: bool = True
 ) -> int:
-    """Weights as RSS. With mmap the whole file is mapped and pre-faulted (llama-mmap.cpp,
-    MAP_POPULATE) and only the ends outside the used tensors are unmapped; repacked tensors
-    then exist twice, the mapped original and the anonymous copy. Without mmap every tensor
-    is read into an anonymous buffer once."""
+    """Weights as RSS. With mmap the file is mapped and pre-faulted (llama-mmap.cpp,
+    MAP_POPULATE) and the ends outside the used tensors are unmapped (mapped_bytes); repacked
+    tensors inside that span exist twice, the mapped original and the anonymous copy. Without
+    mmap every tensor is read into an anonymous buffer once."""
     return quant_facts(info, quant, cpu_features).resident(mmap)
 
 
@@ -345,11 +393,12 @@ class QuantFacts:
     file_bytes: int  # the model.gguf llama.cpp writes
     data_bytes: int  # its tensor data (what decoding reads per token, at most)
     repacked_bytes: int  # weights llama.cpp copies into CPU_REPACK on this CPU
+    mapped_bytes: int  # the CPU_Mapped span that stays mapped next to them
     dominant_type: str  # the type most weight elements end up in
 
     def resident(self, mmap: bool) -> int:
         """Weights as RSS (see resident_weight_bytes)."""
-        return self.data_bytes + (self.repacked_bytes if mmap else 0)
+        return self.mapped_bytes + self.repacked_bytes if mmap else self.data_bytes
 
 
 def quant_facts(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> QuantFacts:
@@ -363,6 +412,7 @@ def quant_facts(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -
         file_bytes=file_bytes,
         data_bytes=file_bytes - header_bytes(info),
         repacked_bytes=repacked_bytes(info, quant, cpu_features),
+        mapped_bytes=mapped_bytes(info, quant, cpu_features),
         dominant_type=max(sizes, key=lambda k: sizes[k]) if sizes else quant.upper(),
     )
 

@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgerunner.gguf_info import ModelInfo, read_model_info
+from edgerunner.gguf_info import ModelInfo, TensorInfo, read_model_info
 from edgerunner.llama_log import capture_llama_log
 from edgerunner.memory import (
     MIB,
@@ -19,12 +19,16 @@ from edgerunner.memory import (
     dry_run_types,
     estimate_memory,
     kv_bytes,
+    mapped_bytes,
     measure_weights_dry_run,
     predict_weights,
+    quant_facts,
     repacked_bytes,
+    repacked_tensors,
     reserved_compute_bytes,
+    tied_embeddings,
 )
-from edgerunner.quant_rules import PRESETS, tensor_types
+from edgerunner.quant_rules import PRESETS, tensor_bytes, tensor_types
 
 REAL_PRESETS = ["Q2_K", "Q4_K_M", "Q5_0", "Q8_0", "F16"]
 
@@ -179,7 +183,99 @@ def test_repacked_weights_count_twice_only_with_mmap(default_info: ModelInfo) ->
     assert repacked > 0 and repacked_bytes(default_info, "Q4_0", []) == 0
     mapped = estimate_memory(default_info, "Q4_0", 512, cpu_features=features, mmap=True)
     loaded = estimate_memory(default_info, "Q4_0", 512, cpu_features=features, mmap=False)
-    assert mapped.weights_mb - loaded.weights_mb == pytest.approx(repacked / MIB, abs=0.01)
+    facts = quant_facts(default_info, "Q4_0", features)
+    # with mmap: the mapped span plus the repacked copies; without: every tensor once
+    assert mapped.weights_mb == pytest.approx((facts.mapped_bytes + repacked) / MIB, abs=0.01)
+    assert loaded.weights_mb == pytest.approx(facts.data_bytes / MIB, abs=0.01)
+
+
+PI5 = ["neon", "fp16", "dotprod"]  # Cortex-A76: ggml's armv8.2_2 variant (dotprod + fp16)
+PI4 = ["neon"]  # Cortex-A72 / A53: the armv8.0 variant, which has no repack rule that applies
+
+# What llama.cpp 0.3.36 logged for the default model under `make test-arm` (qemu-aarch64
+# -cpu cortex-a76, ggml's runtime CPU variants): MiB of `CPU_Mapped` and `CPU_REPACK model
+# buffer size`, and how many `repack tensor` lines it printed.
+LANE_A76 = {
+    "Q4_0": (85.30, 85.64, 211), "Q4_1": (92.10, 28.69, 1), "Q4_K_M": (98.87, 47.54, 45),
+    "Q6_K": (129.37, 130.14, 211), "Q8_0": (135.50, 136.27, 211),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(LANE_A76))
+def test_buffers_match_what_llama_cpp_logs_on_a_pi5_cpu(
+    default_info: ModelInfo, preset: str
+) -> None:
+    mapped, repack, n_repacked = LANE_A76[preset]
+    assert mapped_bytes(default_info, preset, PI5) / MIB == pytest.approx(mapped, abs=0.005)
+    assert repacked_bytes(default_info, preset, PI5) / MIB == pytest.approx(repack, abs=0.005)
+    assert len(repacked_tensors(default_info, preset, PI5)) == n_repacked
+    # the Pi 4's variant repacks nothing and maps the whole file
+    assert repacked_bytes(default_info, preset, PI4) == 0
+    data = quant_facts(default_info, preset, PI4).data_bytes
+    assert mapped_bytes(default_info, preset, PI4) / MIB == pytest.approx(data / MIB, abs=0.01)
+
+
+def test_tied_embeddings_output_copy_is_repacked_on_arm(default_info: ModelInfo) -> None:
+    """SmolLM2 has no output.weight: llama.cpp duplicates token_embd (Q8_0 here: 576-wide rows
+    fall back from Q6_K) as the output matrix, and NEON + dotprod repacks that copy."""
+    assert tied_embeddings(default_info)
+    embd = next(t for t in default_info.tensors if t.name == "token_embd.weight")
+    for preset in ("Q4_1", "Q5_0", "Q5_1"):  # no rule for the layers' type: only the copy
+        assert tensor_types(default_info, preset)["token_embd.weight"] == "Q8_0"
+        assert repacked_tensors(default_info, preset, PI5) == ["token_embd.weight"]
+        assert repacked_bytes(default_info, preset, PI5) == tensor_bytes("Q8_0", embd.shape)
+    # x86 has no Q8_0 rule: on AVX2 the copy stays where it is
+    assert "token_embd.weight" not in repacked_tensors(default_info, "Q4_0", ["avx2"])
+    # i8mm takes the same Q8_0 rows (q8_0_4x8)
+    assert "token_embd.weight" in repacked_tensors(default_info, "Q8_0", ["neon", "i8mm"])
+
+
+def test_untied_models_repack_their_output_matrix_not_the_embeddings(f16_llama: Path) -> None:
+    info = read_model_info(f16_llama)
+    assert not tied_embeddings(info)
+    names = repacked_tensors(info, "Q4_0", PI5)
+    assert "output.weight" in names and "token_embd.weight" not in names
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_repacks_only_types_with_an_arm_rule(
+    default_info: ModelInfo, preset: str
+) -> None:
+    """ggml-cpu/repack.cpp on NEON + dotprod: Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL and Q8_0 (with
+    the row multiple each layout needs); F16, BF16, Q2_K, Q3_K, Q4_1, Q5_0, Q5_1 stay put."""
+    types = tensor_types(default_info, preset)
+    names = repacked_tensors(default_info, preset, PI5)
+    assert {types[n] for n in names} <= {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q8_0"}
+    shapes = {t.name: t.shape for t in default_info.tensors}
+    multiple = {"Q4_0": 4, "Q8_0": 4, "IQ4_NL": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8}
+    assert all(shapes[n][1] % multiple[types[n]] == 0 for n in names)
+    facts = quant_facts(default_info, preset, PI5)
+    assert facts.mapped_bytes <= facts.data_bytes
+    assert facts.resident(mmap=True) == facts.mapped_bytes + facts.repacked_bytes
+
+
+def test_mapped_span_follows_the_quantizers_tensor_order() -> None:
+    """llama.cpp writes tensors sorted by (layer, name); a repacked tensor at the end of that
+    order leaves the CPU_Mapped span, one in the middle does not."""
+    def tensor(name: str, rows: int) -> TensorInfo:
+        return TensorInfo(name=name, shape=(256, rows), type="F16", n_bytes=256 * rows * 2)
+
+    # blk.10 sorts after blk.2 by layer, though not by name; ffn_up is last in its layer
+    tensors = [tensor("blk.10.ffn_up.weight", 64), tensor("blk.2.attn_q.weight", 64),
+               tensor("blk.10.attn_q.weight", 63), tensor("token_embd.weight", 100),
+               tensor("output.weight", 100)]
+    info = ModelInfo(n_layer=11, n_embd=256, n_head=4, n_head_kv=[1] * 11, key_length=64,
+                     value_length=64, n_vocab=100, n_ctx_train=1024, tensors=tensors)
+    q8 = {n: tensor_bytes("Q8_0", (256, r)) for n, r in
+          [("out", 100), ("embd", 100), ("l2", 64), ("l10q", 63), ("l10up", 64)]}
+    assert set(repacked_tensors(info, "Q8_0", PI5)) == {
+        "blk.10.ffn_up.weight", "blk.2.attn_q.weight", "output.weight"}  # 63 rows: no rule
+    # file order: output, token_embd, blk.2.attn_q, blk.10.attn_q, blk.10.ffn_up (repacked,
+    # last: unmapped); output (repacked, first) leaves too; blk.2.attn_q stays in the span
+    span = q8["embd"] + q8["l2"] + q8["l10q"]
+    assert mapped_bytes(info, "Q8_0", PI5) == span
+    # nothing moves on the Pi 4: the whole data, blk.10.attn_q padded to GGUF's 32-byte alignment
+    assert mapped_bytes(info, "Q8_0", PI4) == sum(q8.values()) + (-q8["l10q"]) % 32
 
 
 def test_estimate_grows_with_context_and_shrinks_with_q8_kv(default_info: ModelInfo) -> None:
