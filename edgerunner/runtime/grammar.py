@@ -304,12 +304,12 @@ class GrammarBuilder:
         try:
             verdict = self._build(schema)
         except BaseException as exc:
-            pending.set_exception(exc)
-            raise
-        finally:
             with self._lock:
                 del self._pending[key]
-        with self._lock:
+            pending.set_exception(exc)
+            raise
+        with self._lock:  # cached before it stops being pending: no second build sneaks in
+            del self._pending[key]
             if verdict.cacheable:
                 self._remember(key, verdict)
         pending.set_result(verdict)
@@ -373,8 +373,10 @@ class GrammarBuilder:
                                   "simplify the schema")
         lines = out.decode("utf-8", "replace").splitlines()
         if proc.returncode != 0 or not lines:
-            logger.warning("grammar build failed (exit %s)", proc.returncode,
-                           extra={"event": "grammar_failed"})
+            # the exception's type only: its message might quote the schema
+            tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+            logger.warning("grammar build failed (exit %s, %s)", proc.returncode,
+                           tail[0].split(":", 1)[0][:80], extra={"event": "grammar_failed"})
             return _Verdict(error=f"building its grammar failed (exit {proc.returncode}); "
                                   "simplify the schema", cacheable=False)
         result = json.loads(lines[-1])
