@@ -288,7 +288,7 @@ class MqttChat:
         try:
             inbox.put(json.loads(msg.payload))
         except ValueError:
-            logger.warning("unreadable reply on %s: %r", msg.topic, msg.payload[:200])
+            logger.warning("unreadable reply on %s (%d bytes)", msg.topic, len(msg.payload))
 
 
 def wait_for_status(url: str, device_id: str, want: str = "online", timeout: float = 30.0,

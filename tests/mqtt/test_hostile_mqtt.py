@@ -118,7 +118,7 @@ def test_broker_restart_mid_stream_ends_every_request(broker_factory, serve) -> 
     n = 3
     outcomes: dict[str, Any] = {}
     with MqttChat(broker.url, "dev1", timeout=90) as chat:
-        ids = [chat.send({**COUNT, "max_tokens": 20}) for _ in range(n)]
+        ids = [chat.send({**COUNT, "max_tokens": 16}) for _ in range(n)]
         first = chat.replies(ids[0])
         head = next(first)  # the first request streams; the others wait in the queue
 
