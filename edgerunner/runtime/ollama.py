@@ -5,7 +5,8 @@ the `ollama` client work unchanged: /api/version, /api/tags, /api/show, /api/ps,
 Requests are translated by `ollama_protocol` and submitted to the same scheduler as the OpenAI
 endpoints, so the same admission checks, guards and queue apply; errors come back in Ollama's
 `{"error": "..."}` shape with the same status codes (and Retry-After when busy). Endpoints that
-manage models (pull, push, create, copy, delete, blobs) and embeddings answer 501 saying so.
+manage models (pull, push, create, copy, delete, blobs) and embeddings answer 501 saying so;
+`GET /` answers a plain line, as Ollama does for clients that probe for a server.
 
 Timings are measured here, in nanoseconds: the worker thread stamps the first token and the
 final event as it hands them over. A job's start is the later of its submission and the end

@@ -65,8 +65,7 @@ class Options(_Strict):
             if name in LOAD_TIME_OPTIONS:
                 continue
             if name in UNSUPPORTED_SAMPLING:
-                if value is None or value == UNSUPPORTED_SAMPLING[name] or (
-                        name.startswith("mirostat_")):
+                if value is None or value == UNSUPPORTED_SAMPLING[name]:
                     continue
                 raise RequestError("invalid_request",
                                    f"options.{name} is not supported by edgerunner; leave it out")

@@ -18,6 +18,8 @@ import ollama
 import pytest
 
 from edgerunner.bundle import Bundle
+from edgerunner.runtime import ollama_protocol as op
+from edgerunner.runtime.protocol import CompletionRequest, RequestError
 from tests.runtime.conftest import RunningDaemon, make_config
 
 SCHEMA = {
@@ -284,3 +286,31 @@ def test_200_concurrent_clients_each_answered_or_refused(daemon: RunningDaemon) 
         after = http.post("/api/chat", json={"model": _name(daemon), "messages": HELLO,
                                              "stream": False, "options": FAST})
         assert after.status_code == 200
+
+
+@pytest.mark.parametrize(("keep", "unload"), [(0, True), ("0", True), ("0s", True),
+                                               ("0m", True), (-1, False), ("-1s", False),
+                                               ("5m", False), ("1h30m", False), (None, False)])
+def test_keep_alive_unload_is_recognised(keep: Any, unload: bool) -> None:
+    body = op.ChatRequest.model_validate({"model": "m", "keep_alive": keep})
+    assert op.wants_unload(body) is unload
+
+
+def test_translation_to_the_openai_request() -> None:
+    body = op.ChatRequest.model_validate({
+        "model": "m", "messages": HELLO, "format": SCHEMA, "options": {
+            "num_predict": -1, "temperature": 0.2, "top_k": 5, "seed": -1, "stop": ["\n"],
+            "num_gpu": 99}})
+    request = op.chat_request(body, n_ctx=2048)
+    assert request.max_tokens is None  # -1: up to the context, capped by default_max_tokens
+    assert (request.temperature, request.top_k, request.seed) == (0.2, 5, None)
+    assert request.stop == ["\n"]
+    assert request.response_format is not None
+    assert request.response_format.json_schema is not None
+    assert request.response_format.json_schema.schema_ == SCHEMA
+    raw = op.generate_request(op.GenerateRequest.model_validate(
+        {"model": "m", "prompt": "x", "raw": True, "format": "json"}), n_ctx=2048)
+    assert isinstance(raw, CompletionRequest) and raw.prompt == "x"
+    assert raw.response_format is not None and raw.response_format.type == "json_object"
+    with pytest.raises(RequestError, match="unknown field"):
+        op.parse(op.ChatRequest, {"model": "m", "mesages": HELLO})
