@@ -1,0 +1,91 @@
+"""Runs inside the arm64 rootfs (tools/arm/lane.py starts it): llama.cpp's buffers vs edgerunner.
+
+For each requantized model: load it with llama-cpp-python (the cross-built libraries), read the
+buffer sizes llama.cpp logs (CPU_Mapped, CPU_REPACK, KV, compute, output) and the tensors it
+repacks, and put next to them what edgerunner.memory predicts from the source model's header
+and the ISA features edgerunner reads on this (emulated) CPU. One JSON object per model on
+stdout; no checking here, lane.py compares.
+
+    python3 probe.py '{"source": "/models/src.gguf", "models": {"Q4_0": "/models/Q4_0.gguf"}}'
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+N_CTX = 512
+_BUFFER = re.compile(r"(CPU_Mapped|CPU_REPACK|CPU) model buffer size =\s+([\d.]+) MiB")
+_VARIANT = re.compile(r"loaded CPU backend from \S*libggml-cpu-([\w.]+)\.so")
+
+
+def _mib(pattern: str, text: str) -> float | None:
+    match = re.search(pattern, text)
+    return float(match[1]) if match else None
+
+
+def probe(source: str, quant: str, path: str, features: list[str]) -> dict[str, object]:
+    """Load one model; llama.cpp's numbers and edgerunner's for the same settings."""
+    import llama_cpp
+
+    from edgerunner.gguf_info import read_model_info
+    from edgerunner.llama_log import capture_llama_log
+    from edgerunner.memory import (
+        MIB,
+        kv_bytes,
+        quant_facts,
+        repacked_tensors,
+        reserved_compute_bytes,
+    )
+
+    with capture_llama_log() as lines:
+        llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_batch=512, n_ubatch=512, n_threads=1,
+                              flash_attn=False, verbose=True)
+        llm.close()
+    text = "".join(lines)
+    buffers: dict[str, float] = {}
+    for name, size in _BUFFER.findall(text):
+        buffers[name] = buffers.get(name, 0.0) + float(size)
+    info = read_model_info(Path(source))
+    facts = quant_facts(info, quant, features)
+    return {
+        "quant": quant,
+        # ggml loads its backend once per process: only the first model's log names it
+        "variant": (_VARIANT.findall(text) or [None])[-1],
+        "repacked": sorted(re.findall(r"repack tensor (\S+) with \w+", text)),
+        "predicted_repacked": sorted(repacked_tensors(info, quant, features)),
+        "llama": {
+            "mapped": buffers.get("CPU_Mapped", 0.0),
+            "repack": buffers.get("CPU_REPACK", 0.0),
+            "kv": _mib(r"KV buffer size =\s+([\d.]+) MiB", text),
+            "compute": _mib(r"CPU compute buffer size =\s+([\d.]+) MiB", text),
+            "output": _mib(r"output buffer size =\s+([\d.]+) MiB", text),
+        },
+        "edgerunner": {
+            "mapped": round(facts.mapped_bytes / MIB, 2),
+            "repack": round(facts.repacked_bytes / MIB, 2),
+            "kv": round(kv_bytes(info, N_CTX) / MIB, 2),
+            "compute": round(reserved_compute_bytes(info, N_CTX) / MIB, 2),
+            "output": round(info.n_vocab * 4 / MIB, 2),
+        },
+    }
+
+
+def main() -> int:
+    from edgerunner.host.cpu import host_cpu_features
+
+    request = json.loads(sys.argv[1])
+    features = host_cpu_features()
+    variant = None
+    for quant, path in request["models"].items():
+        result = probe(request["source"], quant, path, features)
+        variant = result["variant"] = result["variant"] or variant
+        result["features"] = features
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
