@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest setup mosquitto clean
+.PHONY: demo test lint pytest setup mosquitto clean test-arm
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ pytest: $(STAMP) mosquitto
 	$(PY) -m pytest
 
 test: lint pytest
+
+# The emulated-aarch64 lane (tools/arm/lane.py): Pi 5 / Pi 4 / Pi Zero 2 W CPUs under qemu-user.
+# Root only; cold ~35-45 min (debootstrap + cross build, cached), warm ~5 min.
+test-arm: $(STAMP)
+	$(PY) tools/arm/lane.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

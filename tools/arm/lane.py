@@ -94,6 +94,22 @@ def ready() -> bool:
         any(root.glob(pattern)) for pattern in quants)
 
 
+def unusable() -> str | None:
+    """Why this machine cannot run the lane now (no root, no binfmt_misc, no chroot), or None."""
+    if os.geteuid() != 0:
+        return "it needs root (chroot, mounts)"
+    try:
+        qemu.ensure_binfmt()
+        with tempfile.TemporaryDirectory(prefix="arm-lane-check-") as tmp:
+            root = rootfs.restore(Path(tmp) / "rootfs")
+            done = chroot.run(root, CPUS[0], ["python3", "-c", "print('ok')"], {}, timeout=120)
+    except (OSError, SystemExit, subprocess.SubprocessError) as exc:
+        return f"qemu-user cannot run here ({exc})"
+    if done.stdout.strip() != "ok":
+        return f"the arm64 rootfs does not start here ({done.stderr.strip()[-200:]})"
+    return None
+
+
 def _close(measured: float | None, predicted: float) -> bool:
     if measured is None:
         return False
@@ -258,6 +274,9 @@ def main() -> int:
     if opts.warm_only and not ready():
         print("ARM lane skipped: its cache is cold (run `make test-arm` once to build it)")
         return 0
+    if opts.warm_only and (why := unusable()):
+        print(f"ARM lane skipped: {why}")
+        return 0
     started = time.monotonic()
     qemu.ensure_binfmt()
     tar = rootfs.tarball()
@@ -284,8 +303,8 @@ def main() -> int:
     for failure in failures:
         print(f"FAIL {failure}")
     checks = sum(len(r.rows) * (len(BUFFERS) + 2) + 1 + (not opts.no_serve) for r in results)
-    print(f"ARM lane: {time.monotonic() - started:.0f} s; "
-          f"{checks - len(failures)} passed, {len(failures)} failed")
+    print(f"ARM lane took {time.monotonic() - started:.0f} s")
+    print(f"arm-lane: {checks - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0
 
 
