@@ -122,8 +122,14 @@ def test_each_daemon_is_a_complete_ha_device_whose_sensors_update(
     state_topics = {c["state_topic"] for c in configs.values()}
     s = probe(broker.url, *sorted(state_topics))
     payloads: dict[str, bytes] = {}
+
+    def settled() -> bool:
+        # the first state may say "loading": MQTT connects before the daemon reports ready
+        return set(payloads) == state_topics and all(
+            json.loads(payloads[f"edgerunner/{d}/state"])["state"] == "ready" for d in DEVICES)
+
     end = time.monotonic() + 30
-    while set(payloads) != state_topics and time.monotonic() < end:
+    while not settled() and time.monotonic() < end:
         msg = s.next(timeout=max(0.1, end - time.monotonic()))
         payloads[msg.topic] = msg.payload
     assert set(payloads) == state_topics
