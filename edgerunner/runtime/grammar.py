@@ -236,7 +236,80 @@ def check_gbnf(gbnf: str, limits: GrammarLimits) -> str | None:
     if deepest > limits.max_gbnf_depth:
         return (f"the grammar it generates nests groups {deepest} deep, above edgerunner's "
                 f"grammar limit of {limits.max_gbnf_depth}; lower maxLength/maxItems")
+    dead = _dead_terminal(gbnf)
+    if dead is not None:
+        # llama.cpp masks every token there, samples one anyway and aborts the process
+        # (GGML_ABORT in llama_grammar_accept_impl): {"const": "\u0000"} killed the daemon
+        return (f"its grammar asks for {dead}, which no token can produce (llama.cpp would "
+                "abort mid-generation); remove NUL characters and empty character classes")
     return None
+
+
+_GBNF_ESCAPES = {"n": 10, "r": 13, "t": 9, "\\": 92, '"': 34, "[": 91, "]": 93}
+_GBNF_HEX = {"x": 2, "u": 4, "U": 8}
+_MAX_CODE_POINT = 0x10FFFF
+
+
+def _gbnf_char(text: str, i: int) -> tuple[int, int]:
+    """The code point of the (possibly escaped) character at text[i], and the index after it;
+    -1 for an escape llama.cpp refuses by itself."""
+    if text[i] != "\\" or i + 1 >= len(text):
+        return ord(text[i]), i + 1
+    kind = text[i + 1]
+    if kind in _GBNF_HEX:
+        end = i + 2 + _GBNF_HEX[kind]
+        try:
+            return int(text[i + 2:end], 16), end
+        except ValueError:
+            return -1, i + 2
+    return _GBNF_ESCAPES.get(kind, -1), i + 2
+
+
+def _dead_terminal(gbnf: str) -> str | None:
+    """A terminal no token can match: a NUL (llama.cpp drops tokens whose text starts with
+    one, and a raw NUL cuts the grammar string short) or an empty character class."""
+    if "\0" in gbnf:
+        return "a raw NUL character"
+    i, n = 0, len(gbnf)
+    while i < n:
+        ch = gbnf[i]
+        if ch == '"':
+            i += 1
+            while i < n and gbnf[i] != '"':
+                code, i = _gbnf_char(gbnf, i)
+                if code == 0:
+                    return "a NUL character"
+            i += 1
+        elif ch == "[":
+            start, i = i, i + 1
+            negated = i < n and gbnf[i] == "^"
+            i += negated
+            ranges: list[tuple[int, int]] = []
+            while i < n and gbnf[i] != "]":
+                low, i = _gbnf_char(gbnf, i)
+                high = low
+                if i + 1 < n and gbnf[i] == "-" and gbnf[i + 1] != "]":
+                    high, i = _gbnf_char(gbnf, i + 1)
+                ranges.append((low, high))
+            i += 1
+            if _class_is_empty(ranges, negated):
+                return f"the character class {gbnf[start:i][:60]}"
+        else:
+            i += 1
+    return None
+
+
+def _class_is_empty(ranges: list[tuple[int, int]], negated: bool) -> bool:
+    # what a token can start with: code points 1..U+10FFFF
+    spans = sorted((max(low, 1), high) for low, high in ranges if high >= max(low, 1))
+    if not negated:
+        return not spans
+    reach = 1
+    for low, high in spans:
+        if low > reach:
+            return False
+        reach = max(reach, high + 1)
+    return reach > _MAX_CODE_POINT
 
 
 def _gbnf_depth(gbnf: str) -> int:

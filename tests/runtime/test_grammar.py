@@ -117,6 +117,18 @@ def test_bombs_over_http_get_400_and_the_daemon_keeps_serving(http: httpx.Client
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.parametrize("schema", [
+    {"const": "\u0000"}, {"type": "string", "pattern": "^a\\x00$"},
+    {"type": "string", "pattern": "^[^\\x01-\\U0010FFFF]$"}])
+def test_grammars_no_token_can_continue_are_refused(engine: Engine, schema: Any) -> None:
+    # llama.cpp masks every token there, samples one anyway and aborts: each of these killed
+    # the process mid-generation (SIGABRT) before
+    with pytest.raises(RequestError) as info:
+        engine.prepare(chat("x", schema), 10)
+    assert info.value.code == "invalid_request"
+    assert "which no token can produce" in info.value.message
+
+
 def test_a_grammar_that_crashes_llama_cpp_only_kills_the_child(default_model: Path) -> None:
     # with edgerunner's bounds lifted, maxLength 20000 reaches llama.cpp's parser and overflows
     # its stack — in the build's child process
