@@ -241,6 +241,14 @@ def test_raw_errors(raw: httpx.Client, daemon: RunningDaemon) -> None:
     assert missing.status_code == 404 and "/api/tags" in missing.json()["error"]
     no_model = raw.post("/api/chat", json={"messages": HELLO})
     assert no_model.status_code == 400 and "model" in no_model.json()["error"]
+    name = _name(daemon)
+    for body in (b"[]", b'{"model": "' + name.encode() + b'", "messages": ' + b"[" * 100
+                 + b"]" * 100 + b"}", b'{"model": "\\ud800"}',
+                 b'{"model": "' + name.encode() + b'", "format": "yaml"}'):
+        r = raw.post("/api/chat", content=body)
+        assert r.status_code == 400 and isinstance(r.json()["error"], str), body[:60]
+    huge = raw.post("/api/generate", content=b'{"prompt": "' + b"x" * 2_000_000 + b'"}')
+    assert huge.status_code == 400 and "max_body_bytes" in huge.json()["error"]
 
 
 def test_load_and_keep_alive(uds: ollama.Client, raw: httpx.Client,
