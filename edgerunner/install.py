@@ -71,6 +71,8 @@ class InstallReport(BaseModel):
     changes: list[str] = Field(default_factory=list, description="Each change, in order")
     commands: list[str] = Field(default_factory=list, description="systemctl steps to run")
     ran_commands: bool = Field(False, description="The commands were run (--enable)")
+    hints: list[str] = Field(default_factory=list,
+                             description="What the device needs besides the files (llama.cpp)")
 
     @property
     def changed(self) -> bool:
@@ -124,7 +126,29 @@ def install_bundle(
                 drain_timeout_s(config, etc_config))
     _write_file(report, _under(root, SYSUSERS_FILE), SYSUSERS_TEXT, dry_run, mode=0o644)
     _commands(report, root, enable)
+    report.hints = llama_hints(manifest)
     return report
+
+
+def llama_hints(manifest: BundleManifest) -> list[str]:
+    """How the device gets a llama.cpp that runs on its own CPU (printed after the commands)."""
+    version = manifest.llama_cpp_python_version
+    hints = [f"the service needs llama-cpp-python {version} built for this device's CPU: "
+             "a build made for a newer CPU (a Pi 5 build on a Pi 4) dies at the first "
+             "request, and the daemon's preflight exits 5 saying `built for another CPU?`"]
+    if manifest.profile.arch == "aarch64":
+        hints += [
+            "build it on the device (native for its own CPU): "
+            "`python3 tools/llama_build.py --install /path/to/venv/bin/python`",
+            "or one build for every Pi, with ggml's runtime CPU variants picked at load "
+            "(-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON, GGML_BACKEND_DIR set to where "
+            "the libraries go; GCC 14 for ggml's armv9.2 variants, or the three Pi variants "
+            "of tools/arm/cross_build.py): README, \"On the device\"",
+        ]
+    else:
+        hints.append("build it with portable flags: `python3 tools/llama_build.py --install "
+                     "/path/to/venv/bin/python` (README, \"The llama.cpp build\")")
+    return hints
 
 
 def rollback(

@@ -53,3 +53,5 @@ def install_cmd(bundle: Path | None, root: Path, dry_run: bool, enable: bool,
     out.print(f"the service listens on {report.socket} (group {group}: "
               f"`usermod -aG {group} USER` to let USER in); ask it with:")
     out.print(f"  edgerunner ask --socket {report.socket} 'Hello'")
+    for hint in report.hints:
+        out.print(hint)

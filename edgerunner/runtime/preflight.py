@@ -140,9 +140,44 @@ def preflight(model_path: Path, model_sha256: str, plan: RuntimePlan, n_threads:
         logger.warning("preflight: llama.cpp died decoding with %s (%s)",
                        "extra buffer types on" if path == "default" else
                        "extra buffer types off", died)
-    raise PreflightError(
+    raise _cannot_decode(failures)
+
+
+# llama_print_system_info's CPU feature names -> the profile vocabulary host.cpu reads
+_SYSTEM_INFO_FEATURES = {
+    "NEON": "neon", "FP16_VA": "fp16", "DOTPROD": "dotprod", "MATMUL_INT8": "i8mm",
+    "SVE": "sve", "AVX": "avx", "AVX2": "avx2", "AVX512": "avx512", "F16C": "f16c", "FMA": "fma",
+}
+
+
+def foreign_features(info: str, host: list[str]) -> list[str]:
+    """Features the llama.cpp build uses (its system info) that this CPU does not report."""
+    used = [_SYSTEM_INFO_FEATURES[key.strip()] for key, _, value in
+            (part.partition("=") for part in info.replace(":", "|").split("|"))
+            if key.strip() in _SYSTEM_INFO_FEATURES and value.strip() == "1"]
+    return [feature for feature in used if host and feature not in host]
+
+
+def _cannot_decode(failures: list[str]) -> PreflightError:
+    from edgerunner.host.cpu import host_cpu_features
+
+    info = system_info()
+    host = host_cpu_features()
+    foreign = foreign_features(info, host)
+    if foreign:
+        return PreflightError(
+            f"llama.cpp cannot decode on this CPU: {'; '.join(failures)}. Built for another "
+            f"CPU? This llama.cpp build uses {', '.join(foreign)}, which this CPU "
+            f"({', '.join(host)}) lacks: a build made for a newer CPU (a Pi 5 build on a Pi 4) "
+            f"dies like this at its first decode. Its CPU features: {info}",
+            "build llama.cpp on this device, which builds for its own CPU: `python3 "
+            "tools/llama_build.py --rebuild --install .venv/bin/python` (native on aarch64); "
+            "or install one build for every Pi, with ggml's runtime CPU variants "
+            "(CMAKE_ARGS='-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON ...'; README, "
+            "\"On the device\")")
+    return PreflightError(
         f"llama.cpp cannot decode on this CPU: {'; '.join(failures)}. "
-        f"The CPU features this llama.cpp build uses: {system_info()}",
+        f"The CPU features this llama.cpp build uses: {info}",
         f"rebuild llama-cpp-python for this host: `{REBUILD}` (portable flags; see "
         "tools/llama_build.py), or reinstall it with CMAKE_ARGS='-DGGML_NATIVE=OFF "
         "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' pip install --no-cache-dir "
