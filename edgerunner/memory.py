@@ -192,6 +192,17 @@ def repacked_bytes(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()
                for name in repacked_tensors(info, quant, cpu_features))
 
 
+def tied_copy_bytes(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> int:
+    """Bytes of the tied output copy when llama.cpp repacks it: an extra tensor in CPU_REPACK
+    next to the token_embd GET_ROWS reads, without mmap too (a Pi 5 loading SmolLM2 Q4_1
+    without mmap: `CPU model buffer size = 92.10 MiB` + `CPU_REPACK ... = 28.69 MiB`). A copy
+    no rule claims shares the original's buffer and costs nothing."""
+    if "token_embd.weight" not in repacked_tensors(info, quant, cpu_features):
+        return 0
+    embd = next(t for t in info.tensors if t.name == "token_embd.weight")
+    return tensor_bytes(tensor_types(info, quant)[embd.name], embd.shape)
+
+
 def _quantizer_order(t: TensorInfo) -> tuple[int, str]:
     """Where llama.cpp's quantizer writes a tensor: it walks the loader's weights_map, whose
     weight_name_comparer sorts by layer ("blk.%d.", -1 for none), then by name."""
@@ -221,8 +232,11 @@ def mapped_bytes(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) 
 
 
 def prefer_mmap(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> bool:
-    """mmap unless llama.cpp would repack weights: then the mapped copy stays resident too."""
-    return repacked_bytes(info, quant, cpu_features) == 0
+    """mmap unless it costs memory: repacked weights inside the mapped span stay resident
+    twice. A repacked tied output copy costs the same either way, and then mmap wins (its
+    pages are the page cache's, and load is faster)."""
+    facts = quant_facts(info, quant, cpu_features)
+    return facts.resident(mmap=True) <= facts.resident(mmap=False)
 
 
 def resident_weight_bytes(
@@ -231,7 +245,8 @@ def resident_weight_bytes(
     """Weights as RSS. With mmap the file is mapped and pre-faulted (llama-mmap.cpp,
     MAP_POPULATE) and the ends outside the used tensors are unmapped (mapped_bytes); repacked
     tensors inside that span exist twice, the mapped original and the anonymous copy. Without
-    mmap every tensor is read into an anonymous buffer once."""
+    mmap every tensor is read into an anonymous buffer once, plus a repacked tied output copy
+    (tied_copy_bytes)."""
     return quant_facts(info, quant, cpu_features).resident(mmap)
 
 
@@ -395,10 +410,13 @@ class QuantFacts:
     repacked_bytes: int  # weights llama.cpp copies into CPU_REPACK on this CPU
     mapped_bytes: int  # the CPU_Mapped span that stays mapped next to them
     dominant_type: str  # the type most weight elements end up in
+    copy_bytes: int = 0  # the tied output copy among the repacked: held twice, mmap or not
 
     def resident(self, mmap: bool) -> int:
         """Weights as RSS (see resident_weight_bytes)."""
-        return self.mapped_bytes + self.repacked_bytes if mmap else self.data_bytes
+        if mmap:
+            return self.mapped_bytes + self.repacked_bytes
+        return self.data_bytes + self.copy_bytes
 
 
 def quant_facts(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -> QuantFacts:
@@ -413,6 +431,7 @@ def quant_facts(info: ModelInfo, quant: str, cpu_features: Iterable[str] = ()) -
         data_bytes=file_bytes - header_bytes(info),
         repacked_bytes=repacked_bytes(info, quant, cpu_features),
         mapped_bytes=mapped_bytes(info, quant, cpu_features),
+        copy_bytes=tied_copy_bytes(info, quant, cpu_features),
         dominant_type=max(sizes, key=lambda k: sizes[k]) if sizes else quant.upper(),
     )
 

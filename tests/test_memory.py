@@ -22,6 +22,7 @@ from edgerunner.memory import (
     mapped_bytes,
     measure_weights_dry_run,
     predict_weights,
+    prefer_mmap,
     quant_facts,
     repacked_bytes,
     repacked_tensors,
@@ -228,6 +229,22 @@ def test_tied_embeddings_output_copy_is_repacked_on_arm(default_info: ModelInfo)
     assert "token_embd.weight" not in repacked_tensors(default_info, "Q4_0", ["avx2"])
     # i8mm takes the same Q8_0 rows (q8_0_4x8)
     assert "token_embd.weight" in repacked_tensors(default_info, "Q8_0", ["neon", "i8mm"])
+
+
+def test_without_mmap_the_repacked_tied_copy_still_counts(default_info: ModelInfo) -> None:
+    """llama.cpp under cortex-a76 with use_mmap=False: Q4_1 `CPU model buffer size = 92.10 MiB`
+    + `CPU_REPACK = 28.69 MiB`; Q4_0 28.82 + 85.64. The copy is held next to the original."""
+    for preset, (cpu_mib, repack_mib) in {"Q4_1": (92.10, 28.69), "Q4_0": (28.82, 85.64)}.items():
+        facts = quant_facts(default_info, preset, PI5)
+        assert facts.resident(mmap=False) / MIB == pytest.approx(cpu_mib + repack_mib, abs=0.01)
+    # on x86 (AVX2) the copy is not repacked: Q4_0 without mmap is the file's data once
+    # (measured: CPU 28.82 + CPU_REPACK 56.95 MiB)
+    facts = quant_facts(default_info, "Q4_0", ["avx2"])
+    assert facts.copy_bytes == 0
+    assert facts.resident(mmap=False) / MIB == pytest.approx(28.82 + 56.95, abs=0.01)
+    # Q4_1 on a Pi 5 costs the same mapped or not: mmap is kept; Q4_0 is cheaper unmapped
+    assert prefer_mmap(default_info, "Q4_1", PI5)
+    assert not prefer_mmap(default_info, "Q4_0", PI5)
 
 
 def test_untied_models_repack_their_output_matrix_not_the_embeddings(f16_llama: Path) -> None:
