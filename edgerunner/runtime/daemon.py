@@ -270,9 +270,10 @@ class Daemon:
         self.http = HttpTransport(app, config.socket_path(), config.socket_mode,
                                   config.http_host_port())
         await self.http.start()
+        # ready before MQTT connects, so its first info/state messages say so
+        self.state = "ready"
         if config.mqtt.url:
             self._start_mqtt()
-        self.state = "ready"
         if self.watchdog is not None:
             self.watchdog.start()
         self._notify("ready", self._status_line())

@@ -8,10 +8,9 @@ endpoints, so the same admission checks, guards and queue apply; errors come bac
 manage models (pull, push, create, copy, delete, blobs) and embeddings answer 501 saying so;
 `GET /` answers a plain line, as Ollama does for clients that probe for a server.
 
-Timings are measured here, in nanoseconds: the worker thread stamps the first token and the
-final event as it hands them over. A job's start is the later of its submission and the end
-of the previous Ollama job; a job from another transport queued ahead of it counts towards its
-prompt_eval_duration (the scheduler does not report when a job starts).
+Timings are measured in nanoseconds: the worker thread stamps the first token and the final
+event as it hands them over, and the scheduler stamps when it began the job (Job.started_ns),
+so time queued behind other requests is not counted as prompt evaluation.
 """
 
 from __future__ import annotations
@@ -107,34 +106,30 @@ class _Timed:
     """One request's sink: stamps tokens on the worker thread, then passes events on (text
     only when the client streams)."""
 
-    def __init__(self, api: OllamaApi, inbox: Inbox, stream: bool, submitted_ns: int) -> None:
-        self.api = api
+    def __init__(self, inbox: Inbox, stream: bool, submitted_ns: int) -> None:
         self.inbox = inbox
         self.stream = stream
         self.submitted_ns = submitted_ns
-        self.started_ns = 0
         self.first_ns = 0
         self.done_ns = 0
 
     def __call__(self, event: Event) -> None:
         now = time.monotonic_ns()
         if not self.first_ns:
-            # jobs run one at a time: this one began when the one before it ended
-            self.started_ns = max(self.submitted_ns, self.api.last_finish_ns)
             self.first_ns = now
         if isinstance(event, TextEvent):
             if self.stream:
                 self.inbox.put(event)
             return
         self.done_ns = now
-        self.api.last_finish_ns = now
         self.inbox.put(event)
 
-    def timings(self, received_ns: int, load_ns: int) -> dict[str, int]:
+    def timings(self, received_ns: int, load_ns: int, started_ns: int) -> dict[str, int]:
+        started_ns = started_ns or self.submitted_ns
         return {
             "total_duration": self.done_ns - received_ns,
             "load_duration": load_ns,
-            "prompt_eval_duration": max(0, self.first_ns - self.started_ns - load_ns),
+            "prompt_eval_duration": max(0, self.first_ns - started_ns - load_ns),
             "eval_duration": self.done_ns - self.first_ns,
         }
 
@@ -149,7 +144,6 @@ class OllamaApi:
         self.max_body_bytes = max_body_bytes
         self.stream_flush_s = stream_flush_s
         self.card = ModelCard.of(scheduler.model_name, scheduler.engine.model_path)
-        self.last_finish_ns = 0
 
     # -- model information ----------------------------------------------------------------
 
@@ -251,7 +245,7 @@ class OllamaApi:
                    parsed: AnyRequest, received_ns: int) -> Response:
         events = Inbox(asyncio.get_running_loop())
         was_loaded = self.scheduler.engine.loaded
-        sink = _Timed(self, events, body.stream, time.monotonic_ns())
+        sink = _Timed(events, body.stream, time.monotonic_ns())
         job = await run_in_threadpool(lambda: self.scheduler.submit(parsed, sink=sink))
         first = await _first_events(events, request, job)
         if first is None:
@@ -262,7 +256,7 @@ class OllamaApi:
         def done_body(event: DoneEvent, text: str) -> dict[str, Any]:
             load_ns = 0 if was_loaded else int(self.scheduler.engine.load_seconds * 1e9)
             return op.final(kind, body.model, text, event.finish_reason, event.usage,
-                            sink.timings(received_ns, load_ns))
+                            sink.timings(received_ns, load_ns, job.started_ns))
 
         if not body.stream:
             done = first[0]

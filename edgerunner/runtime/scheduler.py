@@ -71,6 +71,7 @@ class Job:
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     submitted: float = field(default_factory=time.monotonic)
+    started_ns: int = 0  # time.monotonic_ns() when the worker began it; 0 while it waits
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -329,6 +330,7 @@ class Scheduler:
         if job.overdue(time.monotonic()):
             self._finish(job, ErrorEvent(self._timeout(job, queued=True)))
             return
+        job.started_ns = time.monotonic_ns()
         if not self.engine.loaded:
             self._reload()
         if self.before_job is not None:
