@@ -234,8 +234,11 @@ class MqttTransport:
         if msg.topic == self.topics.cancel:
             self._cancel(payload)
             return False
-        if not payload:
-            logger.debug("mqtt: empty message on %s ignored", msg.topic)  # a retained clear
+        if not payload and getattr(getattr(msg, "properties", None), "ResponseTopic",
+                                   None) is None:
+            # a retained request being cleared (ours too) reaches subscribers as an empty
+            # message; one with a reply topic is a request, and is answered invalid below
+            logger.debug("mqtt: empty message on %s ignored", msg.topic)
             return False
         incoming = read_request(
             payload, getattr(msg, "properties", None), v5=link.v5,
