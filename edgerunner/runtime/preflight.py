@@ -166,7 +166,7 @@ def _cannot_decode(failures: list[str]) -> PreflightError:
     foreign = foreign_features(info, host)
     if foreign:
         return PreflightError(
-            f"llama.cpp cannot decode on this CPU: {'; '.join(failures)}. Built for another "
+            f"llama.cpp cannot decode on this CPU ({'; '.join(failures)}): built for another "
             f"CPU? This llama.cpp build uses {', '.join(foreign)}, which this CPU "
             f"({', '.join(host)}) lacks: a build made for a newer CPU (a Pi 5 build on a Pi 4) "
             f"dies like this at its first decode. Its CPU features: {info}",

@@ -65,7 +65,20 @@ def _keep_variants(cmakelists: Path) -> None:
 
 def libs() -> Path:
     """The directory of cross-built aarch64 libraries, built when missing (~16 min on 2 cores)."""
-    dest = lane_cache.root() / "llama-lib"
+    return _build(lane_cache.root() / "llama-lib", lane_cache.CMAKE_FLAGS,
+                  f"variants {', '.join(lane_cache.ARM_VARIANTS)} (~16 min on 2 cores)")
+
+
+def pi5_libs() -> Path:
+    """A monolithic build for the Pi 5's CPU only (what a Pi 5 builds natively), ~5 min.
+
+    The lane runs it on the Pi 4's CPU to see the daemon's preflight refuse it."""
+    flags = lane_cache.PI5_CMAKE_FLAGS
+    return _build(lane_cache.root() / f"llama-lib-pi5-{lane_cache.flags_hash(flags)}", flags,
+                  "for the Pi 5's CPU only (~5 min on 2 cores)")
+
+
+def _build(dest: Path, flags: tuple[str, ...], what: str) -> Path:
     if dest.is_dir():
         return dest
     src = sdist() / "vendor" / "llama.cpp"
@@ -76,11 +89,11 @@ def libs() -> Path:
         _keep_variants(tree / "ggml" / "src" / "CMakeLists.txt")
         (work / "aarch64.cmake").write_text(TOOLCHAIN)
         build = work / "build"
-        print(f"cross-building llama.cpp {lane_cache.LLAMA_VERSION} for aarch64, variants "
-              f"{', '.join(lane_cache.ARM_VARIANTS)} (~16 min on 2 cores)", flush=True)
+        print(f"cross-building llama.cpp {lane_cache.LLAMA_VERSION} for aarch64, {what}",
+              flush=True)
         subprocess.run(["cmake", "-S", str(tree), "-B", str(build),
                         f"-DCMAKE_TOOLCHAIN_FILE={work / 'aarch64.cmake'}",
-                        *lane_cache.CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL)
+                        *flags], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["cmake", "--build", str(build), "--target", "llama", "ggml",
                         "-j", str(os.cpu_count() or 2)], check=True, stdout=subprocess.DEVNULL)
         out = work / "lib"
@@ -91,7 +104,7 @@ def libs() -> Path:
         for lib in build.rglob("*.so*"):
             if lib.is_symlink():
                 (out / lib.name).symlink_to(os.readlink(lib))
-        (out / "CMAKE_FLAGS").write_text("\n".join(lane_cache.CMAKE_FLAGS) + "\n")
+        (out / "CMAKE_FLAGS").write_text("\n".join(flags) + "\n")
         os.replace(out, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -100,3 +113,4 @@ def libs() -> Path:
 
 if __name__ == "__main__":
     print(libs())
+    print(pi5_libs())

@@ -11,7 +11,9 @@ own sdist (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS), it checks:
   ISA features edgerunner reads there (equal to the printed MiB, or within 1%);
 - `edgerunner profiles detect` reads the board's ISA (and core);
 - `edgerunner serve` of a bundle packed for that board answers a short request (after its
-  decode preflight, on the emulated CPU).
+  decode preflight, on the emulated CPU);
+- on the Pi 4's CPU, a monolithic Pi 5 build (`-march=armv8.2-a+dotprod+fp16`, what a Pi 5
+  builds natively) is refused by the daemon's preflight: exit 5, "built for another CPU?".
 
 It prints a per-CPU table and exits 1 if any check fails. Everything it builds is cached under
 `$XDG_CACHE_HOME/edgerunner/arm-lane/<key>/` (lane_cache.py): cold ~35-45 min on 2 cores
@@ -36,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import chroot
 import cross_build
@@ -50,6 +53,7 @@ TOLERANCE = 0.01  # relative, when not equal to the MiB llama.cpp prints (2 deci
 BUFFERS = ("mapped", "repack", "kv", "compute", "output")
 PROBE_TIMEOUT_S = 900
 SERVE_TIMEOUT_S = 600
+FOREIGN_CPU = "cortex-a72"  # where the Pi 5 build is tried (the Pi 4)
 
 
 @dataclass
@@ -57,10 +61,11 @@ class CpuResult:
     """Everything the lane saw on one emulated CPU."""
 
     cpu: Cpu
-    rows: list[dict[str, object]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     detected: list[str] = field(default_factory=list)
     serve: str = "not run"
+    foreign: str = ""
     seconds: float = 0.0
 
 
@@ -88,7 +93,8 @@ def models() -> tuple[Path, dict[str, Path]]:
 def ready() -> bool:
     """Whether every cached item exists for the current key (a warm lane)."""
     root = lane_cache.root()
-    items = ["rootfs.tar", "llama-lib", "site-packages", "models"]
+    items = ["rootfs.tar", "llama-lib", "site-packages", "models",
+             f"llama-lib-pi5-{lane_cache.flags_hash(lane_cache.PI5_CMAKE_FLAGS)}"]
     quants = [f"models/*-{q}.gguf" for q in lane_cache.QUANTS]
     return all((root / item).exists() for item in items) and all(
         any(root.glob(pattern)) for pattern in quants)
@@ -125,7 +131,9 @@ def check_buffers(result: CpuResult, root: Path, binds: dict[str, Path], source:
                   quants: dict[str, Path]) -> None:
     """llama.cpp's buffers vs edgerunner.memory, every preset, on this CPU."""
     request = {"source": f"{chroot.MODELS}/{source.name}",
-               "models": {q: f"{chroot.MODELS}/{p.name}" for q, p in quants.items()}}
+               "models": {q: f"{chroot.MODELS}/{p.name}" for q, p in quants.items()},
+               # where weights are repacked, also load without mmap (the other residency)
+               "unmapped": "dotprod" in result.cpu.features}
     done = chroot.run(root, result.cpu, ["python3", f"{chroot.SRC}/tools/arm/probe.py",
                                          json.dumps(request)], binds, timeout=PROBE_TIMEOUT_S)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -143,7 +151,7 @@ def check_buffers(result: CpuResult, root: Path, binds: dict[str, Path], source:
                                    f"edgerunner {len(predicted)}; only llama.cpp: "
                                    f"{sorted(measured - predicted)[:4]}, only edgerunner: "
                                    f"{sorted(predicted - measured)[:4]}")
-        for part in BUFFERS:
+        for part in [*BUFFERS, *(["unmapped"] if "unmapped" in row["llama"] else [])]:
             measured, predicted = row["llama"][part], row["edgerunner"][part]
             if not _close(measured, predicted):
                 result.failures.append(f"{row['quant']} {part}: llama.cpp {measured} MiB, "
@@ -173,26 +181,61 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def check_serve(result: CpuResult, root: Path, binds: dict[str, Path], source: Path,
-                work: Path) -> None:
-    """`edgerunner serve` of a bundle packed for the board answers a short request."""
-    import httpx
-
-    bundles = work / f"bundles-{result.cpu.qemu}"
-    subprocess.run([sys.executable, "-m", "edgerunner", "pack", str(source), "--profile",
-                    result.cpu.profile, "-o", str(bundles)], check=True, capture_output=True)
+def _bundle(cpu: Cpu, source: Path, work: Path) -> Path:
+    """A bundle of the default model packed (on the host) for the board's profile."""
+    bundles = work / f"bundles-{cpu.qemu}"
+    if not bundles.is_dir():
+        subprocess.run([sys.executable, "-m", "edgerunner", "pack", str(source), "--profile",
+                        cpu.profile, "-o", str(bundles)], check=True, capture_output=True)
     (bundle,) = [p for p in bundles.iterdir() if p.is_dir()]
-    port = _free_port()
-    binds = {**binds, "/bundle": bundle}
-    cpuinfo = work / f"cpuinfo-{result.cpu.qemu}"
-    cpuinfo.write_text(result.cpu.cpuinfo())
-    log = work / f"serve-{result.cpu.qemu}.log"
+    return bundle
+
+
+def _start_serve(cpu: Cpu, root: Path, binds: dict[str, Path], port: int, work: Path,
+                 log: Path) -> subprocess.Popen[bytes]:
+    cpuinfo = work / f"cpuinfo-{cpu.qemu}"
+    cpuinfo.write_text(cpu.cpuinfo())
     # One thread: under emulation two threads on two shared cores decode slower than one.
     # qemu-user itself adds ~50 MB of RSS the prediction does not know of: lift the ceiling.
     argv = ["python3", "-m", "edgerunner", "serve", "/bundle", "--socket", "/tmp/er.sock",
             "--http", f"127.0.0.1:{port}", "--threads", "1", "--rss-ceiling-mb", "4096",
             "--no-verify"]
-    daemon = chroot.popen(root, result.cpu, argv, binds, cpuinfo, log)
+    return chroot.popen(root, cpu, argv, binds, cpuinfo, log)
+
+
+def check_foreign_build(result: CpuResult, root: Path, binds: dict[str, Path], source: Path,
+                        work: Path, pi5_lib: Path) -> None:
+    """A Pi 5 build on this (older) CPU: the daemon's preflight must refuse it, exit 5 naming
+    "built for another CPU?", instead of dying at the first request."""
+    bundle = _bundle(result.cpu, source, work)
+    log = work / f"foreign-{result.cpu.qemu}.log"
+    daemon = _start_serve(result.cpu, root, {**binds, chroot.LIB: pi5_lib, "/bundle": bundle},
+                          _free_port(), work, log)
+    try:
+        code = daemon.wait(SERVE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(daemon.pid, 9)
+        daemon.wait()
+        code = None
+    text = log.read_text(errors="replace")
+    if code == 5 and "built for another cpu?" in text.lower():
+        result.foreign = "Pi 5 build refused: exit 5, 'built for another CPU?'"
+        return
+    result.foreign = f"FAILED: exit {code}"
+    tail = " / ".join(text.strip().splitlines()[-3:])
+    result.failures.append(f"Pi 5 build on {result.cpu.qemu}: exit {code}, expected 5 with "
+                           f"'built for another CPU?': {tail}")
+
+
+def check_serve(result: CpuResult, root: Path, binds: dict[str, Path], source: Path,
+                work: Path) -> None:
+    """`edgerunner serve` of a bundle packed for the board answers a short request."""
+    import httpx
+
+    bundle = _bundle(result.cpu, source, work)
+    port = _free_port()
+    log = work / f"serve-{result.cpu.qemu}.log"
+    daemon = _start_serve(result.cpu, root, {**binds, "/bundle": bundle}, port, work, log)
     started = time.monotonic()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=SERVE_TIMEOUT_S) as client:
@@ -212,8 +255,12 @@ def check_serve(result: CpuResult, root: Path, binds: dict[str, Path], source: P
                                                          "max_tokens": 4, "temperature": 0})
             reply.raise_for_status()
             text = reply.json()["choices"][0]["text"]
-        result.serve = (f"{bundle.name.split('-')[-1]} ready {ready_s:.0f}s, "
-                        f"answered {text!r} in {time.monotonic() - started - ready_s:.0f}s")
+            answered_s = time.monotonic() - started - ready_s
+            memory = client.get("/health", timeout=30).json().get("memory", {})
+        # RSS under qemu-user includes the emulator's own (~50 MB): shown, not checked
+        result.serve = (f"{bundle.name.split('-')[-1]} ready {ready_s:.0f}s, answered "
+                        f"{text!r} in {answered_s:.0f}s, RSS {memory.get('rss_mb')} MiB "
+                        f"(predicted {memory.get('predicted_mb')})")
     except (RuntimeError, httpx.HTTPError, KeyError, ValueError) as exc:
         tail = " / ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         result.serve = f"FAILED: {exc}"
@@ -229,7 +276,7 @@ def check_serve(result: CpuResult, root: Path, binds: dict[str, Path], source: P
 
 
 def run_cpu(cpu: Cpu, rootfs_dir: Path, binds: dict[str, Path], source: Path,
-            quants: dict[str, Path], work: Path, serve: bool) -> CpuResult:
+            quants: dict[str, Path], work: Path, serve: bool, pi5_lib: Path) -> CpuResult:
     result = CpuResult(cpu)
     started = time.monotonic()
     try:
@@ -237,6 +284,8 @@ def run_cpu(cpu: Cpu, rootfs_dir: Path, binds: dict[str, Path], source: Path,
         check_buffers(result, rootfs_dir, binds, source, quants)
         if serve:
             check_serve(result, rootfs_dir, binds, source, work)
+        if serve and cpu.qemu == FOREIGN_CPU:
+            check_foreign_build(result, rootfs_dir, binds, source, work, pi5_lib)
     except (subprocess.SubprocessError, OSError) as exc:
         result.failures.append(f"{type(exc).__name__}: {exc}")
     result.seconds = time.monotonic() - started
@@ -247,17 +296,19 @@ def run_cpu(cpu: Cpu, rootfs_dir: Path, binds: dict[str, Path], source: Path,
 
 def table(results: list[CpuResult]) -> str:
     """The per-CPU table: llama.cpp's MiB / edgerunner's MiB per buffer."""
+    columns = [*BUFFERS, "unmapped"]
     head = f"{'cpu':<11} {'variant':<10} {'quant':<7}" + "".join(
-        f" {name + ' llama/pred':>22}" for name in BUFFERS)
+        f" {name + ' llama/pred':>22}" for name in columns)
     lines = [head, "-" * len(head)]
     for res in results:
         for row in res.rows:
             cells = "".join(
-                f" {row['llama'][p]!s:>10} / {row['edgerunner'][p]!s:<9}" for p in BUFFERS)
+                f" {row['llama'].get(p, '-')!s:>10} / {row['edgerunner'].get(p, '-')!s:<9}"
+                for p in columns)
             lines.append(f"{res.cpu.qemu:<11} {row['variant']!s:<10} {row['quant']!s:<7}{cells}")
         lines.append(f"{res.cpu.qemu:<11} detect: {', '.join(res.detected) or '?'} "
                      f"(expected {', '.join(res.cpu.features)}); serve: {res.serve}; "
-                     f"{res.seconds:.0f} s")
+                     f"{res.foreign + '; ' if res.foreign else ''}{res.seconds:.0f} s")
     return "\n".join(lines)
 
 
@@ -279,30 +330,35 @@ def main() -> int:
         return 0
     started = time.monotonic()
     qemu.ensure_binfmt()
-    tar = rootfs.tarball()
-    lib = cross_build.libs()
-    site = wheels.site()
-    source, quants = models()
+    # debootstrap runs one emulated process at a time: the cross builds overlap it
+    with ThreadPoolExecutor(max_workers=1) as background:
+        tar = background.submit(rootfs.tarball)
+        lib = cross_build.libs()
+        pi5_lib = cross_build.pi5_libs()
+        site = wheels.site()
+        source, quants = models()
+        tar.result()
     print(f"cache ready in {time.monotonic() - started:.0f} s", flush=True)
     cpus = [by_name(name) for name in opts.cpu] if opts.cpu else list(CPUS)
     with tempfile.TemporaryDirectory(prefix="arm-lane-") as tmp:
         work = Path(tmp)
         root = rootfs.restore(work / "rootfs")
-        del tar
         binds = _binds(lib, site, source.parent)
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
             results = list(pool.map(
-                lambda cpu: run_cpu(cpu, root, binds, source, quants, work, not opts.no_serve),
-                cpus))
+                lambda cpu: run_cpu(cpu, root, binds, source, quants, work, not opts.no_serve,
+                                    pi5_lib), cpus))
     print(table(results))
     failures = [f"{r.cpu.qemu}: {f}" for r in results for f in r.failures]
     if opts.json:
         Path(opts.json).write_text(json.dumps([
             {"cpu": r.cpu.qemu, "rows": r.rows, "detected": r.detected, "serve": r.serve,
+             "foreign_build": r.foreign,
              "failures": r.failures, "seconds": round(r.seconds)} for r in results], indent=1))
     for failure in failures:
         print(f"FAIL {failure}")
-    checks = sum(len(r.rows) * (len(BUFFERS) + 2) + 1 + (not opts.no_serve) for r in results)
+    checks = sum(sum(len(BUFFERS) + 2 + ("unmapped" in row["llama"]) for row in r.rows)
+                 + 1 + (not opts.no_serve) + bool(r.foreign) for r in results)
     print(f"ARM lane took {time.monotonic() - started:.0f} s")
     print(f"arm-lane: {checks - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0

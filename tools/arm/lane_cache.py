@@ -32,6 +32,14 @@ CMAKE_FLAGS = (
 # a Pi's own) knows no armv9.2-a, and no Pi has SVE or i8mm. armv8.0 serves the Pi Zero 2 W, 3
 # and 4 (Cortex-A53/A72), armv8.2 dotprod+fp16 the Pi 5 (Cortex-A76).
 ARM_VARIANTS = ("armv8.0_1", "armv8.2_1", "armv8.2_2")
+# A Pi 5's own build (GGML_NATIVE there means this -march), for the "built for another CPU"
+# check on the Pi 4's CPU. Kept under this key, in a directory named by its own flags' hash.
+PI5_CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF",
+    "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16", "-DGGML_OPENMP=ON", "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+)
 # The runtime deps of edgerunner (pyproject's, less llama-cpp-python whose libs are cross-built
 # and whose Python part comes from the sdist), pinned to what the lane was proven with.
 PY_DEPS = (
@@ -47,6 +55,11 @@ def key() -> str:
     """`<llama version>-<suite>-<hash of packages, flags and deps>`."""
     blob = json.dumps([ROOTFS_PACKAGES, CMAKE_FLAGS, ARM_VARIANTS, PY_DEPS, QUANTS], sort_keys=True)
     return f"{LLAMA_VERSION}-{SUITE}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def flags_hash(flags: tuple[str, ...]) -> str:
+    """A short hash of a flag list."""
+    return hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
 
 
 def root() -> Path:

@@ -4,7 +4,8 @@ For each requantized model: load it with llama-cpp-python (the cross-built libra
 buffer sizes llama.cpp logs (CPU_Mapped, CPU_REPACK, KV, compute, output) and the tensors it
 repacks, and put next to them what edgerunner.memory predicts from the source model's header
 and the ISA features edgerunner reads on this (emulated) CPU. One JSON object per model on
-stdout; no checking here, lane.py compares.
+stdout; no checking here, lane.py compares. With "unmapped", each model is loaded a second
+time without mmap (CPU + CPU_REPACK buffers vs QuantFacts.resident(mmap=False)).
 
     python3 probe.py '{"source": "/models/src.gguf", "models": {"Q4_0": "/models/Q4_0.gguf"}}'
 """
@@ -15,6 +16,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 N_CTX = 512
 _BUFFER = re.compile(r"(CPU_Mapped|CPU_REPACK|CPU) model buffer size =\s+([\d.]+) MiB")
@@ -26,7 +28,8 @@ def _mib(pattern: str, text: str) -> float | None:
     return float(match[1]) if match else None
 
 
-def probe(source: str, quant: str, path: str, features: list[str]) -> dict[str, object]:
+def probe(source: str, quant: str, path: str, features: list[str],
+          unmapped: bool = False) -> dict[str, Any]:
     """Load one model; llama.cpp's numbers and edgerunner's for the same settings."""
     import llama_cpp
 
@@ -40,17 +43,21 @@ def probe(source: str, quant: str, path: str, features: list[str]) -> dict[str, 
         reserved_compute_bytes,
     )
 
-    with capture_llama_log() as lines:
-        llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_batch=512, n_ubatch=512, n_threads=1,
-                              flash_attn=False, verbose=True)
-        llm.close()
-    text = "".join(lines)
-    buffers: dict[str, float] = {}
-    for name, size in _BUFFER.findall(text):
-        buffers[name] = buffers.get(name, 0.0) + float(size)
+    def load(mmap: bool) -> tuple[str, dict[str, float]]:
+        with capture_llama_log() as lines:
+            llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_batch=512, n_ubatch=512, n_threads=1,
+                                  flash_attn=False, use_mmap=mmap, verbose=True)
+            llm.close()
+        text = "".join(lines)
+        buffers: dict[str, float] = {}
+        for name, size in _BUFFER.findall(text):
+            buffers[name] = buffers.get(name, 0.0) + float(size)
+        return text, buffers
+
+    text, buffers = load(mmap=True)
     info = read_model_info(Path(source))
     facts = quant_facts(info, quant, features)
-    return {
+    result: dict[str, Any] = {
         "quant": quant,
         # ggml loads its backend once per process: only the first model's log names it
         "variant": (_VARIANT.findall(text) or [None])[-1],
@@ -71,6 +78,12 @@ def probe(source: str, quant: str, path: str, features: list[str]) -> dict[str, 
             "output": round(info.n_vocab * 4 / MIB, 2),
         },
     }
+    if unmapped:
+        # without mmap every weight is an anonymous buffer: CPU + CPU_REPACK
+        _, plain = load(mmap=False)
+        result["llama"]["unmapped"] = round(plain.get("CPU", 0.0) + plain.get("CPU_REPACK", 0.0), 2)
+        result["edgerunner"]["unmapped"] = round(facts.resident(mmap=False) / MIB, 2)
+    return result
 
 
 def main() -> int:
@@ -80,7 +93,7 @@ def main() -> int:
     features = host_cpu_features()
     variant = None
     for quant, path in request["models"].items():
-        result = probe(request["source"], quant, path, features)
+        result = probe(request["source"], quant, path, features, request.get("unmapped", False))
         variant = result["variant"] = result["variant"] or variant
         result["features"] = features
         print(json.dumps(result), flush=True)
