@@ -296,8 +296,8 @@ class MqttTransport:
             replier.send_error(route, error)
         else:
             logger.warning("mqtt: retained request on %s refused (no reply topic)", msg.topic)
-        if msg.topic in (self.topics.request,):
-            link.publish(msg.topic, b"", retain=True)  # clears it at the broker
+        if msg.topic == self.topics.request:  # ours to clean; other topics are not
+            link.publish(msg.topic, b"", retain=True)  # an empty retained message clears it
 
     def _enqueue(self, replier: Replier, route: ReplyRoute, request: ChatCompletionRequest,
                  expiry_s: float | None, seen_key: str = "",
