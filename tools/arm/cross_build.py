@@ -78,6 +78,15 @@ def pi5_libs() -> Path:
                   "for the Pi 5's CPU only (~5 min on 2 cores)")
 
 
+def _quiet(cmd: list[str], log: Path) -> None:
+    """Run a build step into log (the sdist's git warnings are noise); its tail if it fails."""
+    with log.open("a") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"{' '.join(cmd[:2])} failed (exit {done.returncode}):\n{tail}")
+
+
 def _build(dest: Path, flags: tuple[str, ...], what: str) -> Path:
     if dest.is_dir():
         return dest
@@ -91,11 +100,10 @@ def _build(dest: Path, flags: tuple[str, ...], what: str) -> Path:
         build = work / "build"
         print(f"cross-building llama.cpp {lane_cache.LLAMA_VERSION} for aarch64, {what}",
               flush=True)
-        subprocess.run(["cmake", "-S", str(tree), "-B", str(build),
-                        f"-DCMAKE_TOOLCHAIN_FILE={work / 'aarch64.cmake'}",
-                        *flags], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama", "ggml",
-                        "-j", str(os.cpu_count() or 2)], check=True, stdout=subprocess.DEVNULL)
+        _quiet(["cmake", "-S", str(tree), "-B", str(build),
+                f"-DCMAKE_TOOLCHAIN_FILE={work / 'aarch64.cmake'}", *flags], work / "cmake.log")
+        _quiet(["cmake", "--build", str(build), "--target", "llama", "ggml",
+                "-j", str(os.cpu_count() or 2)], work / "cmake.log")
         out = work / "lib"
         out.mkdir()
         for lib in build.rglob("*.so*"):

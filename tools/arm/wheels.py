@@ -33,7 +33,8 @@ def site() -> Path:
     try:
         platforms = [arg for name in PLATFORMS for arg in ("--platform", name)]
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
-                        "--disable-pip-version-check", "--no-cache-dir", *platforms,
+                        "--disable-pip-version-check", "--no-cache-dir", "--no-warn-conflicts",
+                        "--root-user-action=ignore", *platforms,
                         "--only-binary", ":all:", "--python-version", "3.11",
                         "--implementation", "cp", "--target", str(work / "site"),
                         *lane_cache.PY_DEPS], check=True)
