@@ -30,8 +30,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 # 1. RSS ceiling (EDGERUNNER_RSS_CEILING_MB) = predicted peak + max(10 %, 64 MiB): the margin
 #    covers the memory model's error and allocator growth over a long uptime; past it the daemon
 #    finishes in-flight work and exits non-zero, and Restart=on-failure brings it back clean.
-# 2. MemoryHigh = ceiling + max(5 %, 32 MiB): if the daemon's poll misses a fast climb, the
-#    kernel reclaims and throttles instead of killing.
+# 2. MemoryHigh = ceiling + max(5 %, 32 MiB) + one grammar child: if the daemon's poll misses a
+#    fast climb, the kernel reclaims and throttles instead of killing. A new json_schema is built
+#    in a child process of the daemon (runtime.grammar), in the same cgroup: ~70 MiB RSS while it
+#    runs (measured on x86_64; Python, llama_cpp and the vocabulary), two at most at once.
 # 3. MemoryMax = MemoryHigh + max(10 %, reserve): the hard OOM line inside the cgroup. The daemon
 #    measures headroom as memory.max - memory.current and wants its free-memory reserve on top of
 #    the plan, so a tighter MemoryMax would make it shrink n_ctx at start.
@@ -41,6 +43,7 @@ HIGH_MARGIN_FRACTION = 0.05
 HIGH_MARGIN_MIN_MB = 32
 MAX_MARGIN_FRACTION = 0.10
 RESERVE_MB = 128  # ServeConfig.memory_reserve_mb's default
+GRAMMAR_CHILD_MB = 80  # one grammar build's child process (a second one dips into MemoryMax)
 
 # TimeoutStartSec = base + 3 x (model size / storage read speed), at least the floor: mmap'd
 # weights fault in with scattered reads that run well below the card's sequential speed.
@@ -115,7 +118,8 @@ def unit_settings(manifest: BundleManifest, drain_timeout_s: float | None = None
     """
     predicted = manifest.prediction.memory.total_mb
     rss = math.ceil(predicted + max(predicted * CEILING_MARGIN_FRACTION, CEILING_MARGIN_MIN_MB))
-    high = math.ceil(rss + max(rss * HIGH_MARGIN_FRACTION, HIGH_MARGIN_MIN_MB))
+    high = math.ceil(rss + max(rss * HIGH_MARGIN_FRACTION, HIGH_MARGIN_MIN_MB)
+                     + GRAMMAR_CHILD_MB)
     ceiling = math.ceil(high + max(high * MAX_MARGIN_FRACTION, RESERVE_MB))
 
     model = manifest.files.get("model.gguf")

@@ -60,11 +60,12 @@ def values(text: str) -> dict[str, str]:
 def test_memory_limits_follow_the_prediction_with_margins() -> None:
     small = values(render_unit(make_manifest(total_mb=400)))
     big = values(render_unit(make_manifest(total_mb=4000)))
-    # 400 MiB: the fixed floors apply (64, 32, 128 MiB); 4000 MiB: the percentages do.
-    assert small["MemoryHigh"] == "496M"
-    assert small["MemoryMax"] == "624M"
-    assert big["MemoryHigh"] == "4620M"
-    assert big["MemoryMax"] == "5082M"
+    # 400 MiB: the fixed floors apply (64, 32, 128 MiB); 4000 MiB: the percentages do; both
+    # leave one grammar child (80 MiB) under MemoryHigh
+    assert small["MemoryHigh"] == "576M"
+    assert small["MemoryMax"] == "704M"
+    assert big["MemoryHigh"] == "4700M"
+    assert big["MemoryMax"] == "5170M"
 
 
 def test_the_daemon_ceiling_sits_below_the_cgroup_limits() -> None:
