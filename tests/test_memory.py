@@ -195,10 +195,15 @@ PI4 = ["neon"]  # Cortex-A72 / A53: the armv8.0 variant, which has no repack rul
 
 # What llama.cpp 0.3.36 logged for the default model under `make test-arm` (qemu-aarch64
 # -cpu cortex-a76, ggml's runtime CPU variants): MiB of `CPU_Mapped` and `CPU_REPACK model
-# buffer size`, and how many `repack tensor` lines it printed.
+# buffer size`, and how many `repack tensor` lines it printed (the lane's five presets, and
+# the other ten through tools/arm/probe.py once: every preset edgerunner offers).
 LANE_A76 = {
     "Q4_0": (85.30, 85.64, 211), "Q4_1": (92.10, 28.69, 1), "Q4_K_M": (98.87, 47.54, 45),
     "Q6_K": (129.37, 130.14, 211), "Q8_0": (135.50, 136.27, 211),
+    "Q2_K": (81.94, 71.40, 181), "Q3_K_S": (81.94, 71.40, 181), "Q3_K_M": (87.00, 78.63, 151),
+    "Q3_K_L": (90.84, 81.69, 151), "Q4_K_S": (95.61, 43.24, 31), "Q5_0": (98.43, 28.69, 1),
+    "Q5_1": (104.76, 28.69, 1), "Q5_K_S": (103.18, 46.09, 31), "Q5_K_M": (105.21, 49.23, 45),
+    "F16": (256.63, 0.0, 0),
 }
 
 
