@@ -35,7 +35,7 @@ pytest: $(STAMP) mosquitto
 test: lint pytest
 
 # The emulated-aarch64 lane (tools/arm/lane.py): Pi 5 / Pi 4 / Pi Zero 2 W CPUs under qemu-user.
-# Root only; cold ~35-45 min (debootstrap + cross build, cached), warm ~5 min.
+# Root only; cold ~20 min (debootstrap + cross builds, cached), warm ~5 min.
 test-arm: $(STAMP)
 	$(PY) tools/arm/lane.py
 

@@ -64,18 +64,18 @@ def _keep_variants(cmakelists: Path) -> None:
 
 
 def libs() -> Path:
-    """The directory of cross-built aarch64 libraries, built when missing (~16 min on 2 cores)."""
+    """The cross-built aarch64 libraries, built when missing (~11-16 min on 2 cores)."""
     return _build(lane_cache.root() / "llama-lib", lane_cache.CMAKE_FLAGS,
-                  f"variants {', '.join(lane_cache.ARM_VARIANTS)} (~16 min on 2 cores)")
+                  f"variants {', '.join(lane_cache.ARM_VARIANTS)} (~11-16 min on 2 cores)")
 
 
 def pi5_libs() -> Path:
-    """A monolithic build for the Pi 5's CPU only (what a Pi 5 builds natively), ~5 min.
+    """A monolithic build for the Pi 5's CPU only (what a Pi 5 builds natively), ~4 min.
 
     The lane runs it on the Pi 4's CPU to see the daemon's preflight refuse it."""
     flags = lane_cache.PI5_CMAKE_FLAGS
     return _build(lane_cache.root() / f"llama-lib-pi5-{lane_cache.flags_hash(flags)}", flags,
-                  "for the Pi 5's CPU only (~5 min on 2 cores)")
+                  "for the Pi 5's CPU only (~4 min on 2 cores)")
 
 
 def _quiet(cmd: list[str], log: Path) -> None:

@@ -16,8 +16,9 @@ own sdist (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS), it checks:
   builds natively) is refused by the daemon's preflight: exit 5, "built for another CPU?".
 
 It prints a per-CPU table and exits 1 if any check fails. Everything it builds is cached under
-`$XDG_CACHE_HOME/edgerunner/arm-lane/<key>/` (lane_cache.py): cold ~35-45 min on 2 cores
-(debootstrap ~17, cross build ~16), warm a few minutes. Runs as root (chroot, mounts, apt-get).
+`$XDG_CACHE_HOME/edgerunner/arm-lane/<key>/` (lane_cache.py). Measured on 2 shared cores: cold
+18 min (debootstrap overlapping the two cross builds, ~15 min, then the checks), warm ~5 min.
+Runs as root (chroot, mounts, apt-get).
 
     .venv/bin/python tools/arm/lane.py                 # all three CPUs
     .venv/bin/python tools/arm/lane.py --cpu cortex-a76 --no-serve

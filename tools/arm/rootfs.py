@@ -1,7 +1,7 @@
 """The ARM lane's arm64 Debian rootfs: debootstrap once, then a tarball that restores in seconds.
 
 `debootstrap --arch=arm64 --variant=minbase` runs its second stage under qemu-user (binfmt_misc),
-which takes ~17 minutes on 2 cores; the result is kept as `rootfs.tar` in the lane's cache.
+which takes 7-17 minutes on 2 cores; the result is kept as `rootfs.tar` in the lane's cache.
 The mirror is the host's own Debian mirror, read from its apt sources.
 """
 
@@ -36,7 +36,8 @@ def tarball() -> Path:
     qemu.ensure_binfmt()
     mirror = os.environ.get("EDGERUNNER_ARM_MIRROR") or host_mirror()
     work = Path(tempfile.mkdtemp(prefix=".rootfs-", dir=tar.parent))
-    print(f"debootstrap arm64 {lane_cache.SUITE} into {work} (~17 min under qemu-user)", flush=True)
+    print(f"debootstrap arm64 {lane_cache.SUITE} into {work} (7-17 min under qemu-user)",
+          flush=True)
     try:
         subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase",
                         "--include=" + ",".join(lane_cache.ROOTFS_PACKAGES),
