@@ -183,7 +183,9 @@ class _Planner:
         self, quant: str, facts: QuantFacts, kv: KVType, fa: bool, swa_full: bool
     ) -> Candidate:
         """The largest context that fits for this configuration (or the min_ctx estimate)."""
-        mmap = facts.repacked_bytes == 0
+        # mmap unless it costs memory (memory.prefer_mmap): a repacked tied output copy costs
+        # the same either way, and then mmap's page-cache pages and faster load win
+        mmap = facts.resident(mmap=True) <= facts.resident(mmap=False)
         grid = _context_grid(self.min_ctx, self.max_ctx)
 
         def tps(n_ctx: int) -> float:

@@ -76,13 +76,14 @@ def system_info() -> str:
 
 
 def build_id() -> str:
-    """sha256 of the llama.cpp libraries llama_cpp loads: another build, another key."""
+    """sha256 of the llama.cpp libraries llama_cpp loads (its own lib/, or LLAMA_CPP_LIB_PATH's,
+    runtime CPU variants below it included): another build, another key."""
     import llama_cpp
 
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
     digest = hashlib.sha256()
-    for lib in sorted(lib_dir.glob("*.so*")):
-        digest.update(lib.name.encode())
+    for lib in sorted(lib_dir.rglob("*.so*")):
+        digest.update(str(lib.relative_to(lib_dir)).encode())
         with lib.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
