@@ -67,17 +67,19 @@ class RepeatFilter(logging.Filter):
 
 
 def install(level: int = logging.INFO) -> None:
-    """Use logfmt on the root handlers, rate-limit repeated warnings, and let edgerunner's
-    INFO lines through."""
+    """Use logfmt on the root handlers, rate-limit repeated warnings on the one it creates, and
+    let edgerunner's INFO lines through."""
     root = logging.getLogger()
-    if not root.handlers:
+    created = not root.handlers
+    if created:
         logging.basicConfig()
     fmt = LogfmtFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    repeats = RepeatFilter()
     for handler in root.handlers:
         handler.setFormatter(fmt)
-        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
-            handler.addFilter(repeats)
+        # only on a handler of our own: a host's handlers (pytest's, an embedding app's) keep
+        # every record they are given
+        if created and not any(isinstance(f, RepeatFilter) for f in handler.filters):
+            handler.addFilter(RepeatFilter())
     edgerunner = logging.getLogger("edgerunner")
     if edgerunner.getEffectiveLevel() > level:
         edgerunner.setLevel(level)
