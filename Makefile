@@ -28,6 +28,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgerunner tests tools
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 pytest: $(STAMP) mosquitto
 	$(PY) -m pytest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerunner.models import ensure_default_model
+from edgerunner.pack.default_model import ensure_default_model
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def short_tmp() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def rpi5_bundle(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> Path:
     """The default model packed for rpi5 by edgerunner's own pack(); the bundle directory."""
-    from edgerunner.pack import pack
+    from edgerunner.pack.packer import pack
     from edgerunner.profiles import resolve_profile
 
     out = tmp_path_factory.mktemp("rpi5-bundle")

@@ -27,8 +27,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-import edgerunner.gguf_info
-from edgerunner.gguf_info import ModelInfo, read_model_info
+import edgerunner.pack.gguf_info
+from edgerunner.pack.gguf_info import ModelInfo, read_model_info
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def cached_info(
     reader's own source, so a change to gguf_info.py reads the GGUF again.
     """
     path = cached_source(shape, tokenizer_from, cache_dir, reused_vocab)
-    reader = Path(edgerunner.gguf_info.__file__).read_bytes()
+    reader = Path(edgerunner.pack.gguf_info.__file__).read_bytes()
     saved = path.with_name(f"{path.stem}-info-{hashlib.sha256(reader).hexdigest()[:12]}.json")
     if saved.exists():
         return ModelInfo.model_validate_json(saved.read_text())

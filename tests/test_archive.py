@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgerunner.archive import extract_archive, write_archive
-from edgerunner.bundle import load_bundle, verify_bundle
+from edgerunner.bundle.archive import extract_archive, write_archive
+from edgerunner.bundle.store import load_bundle, verify_bundle
 from edgerunner.errors import ArchiveError, BundleError
 
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from edgerunner.bundle import stage_bundle
+from edgerunner.bundle.store import stage_bundle
 from edgerunner.cli import main
 from edgerunner.errors import BundleError
-from edgerunner.quantize import quantize
+from edgerunner.pack.quantize import quantize
 
 
 def run(*args: str) -> Result:
@@ -190,7 +190,7 @@ def test_file_size_limit_while_writing_the_archive(default_model: Path, rpi5_bun
 def test_file_size_limit_while_writing_bundle_files(tmp_path: Path) -> None:
     code = (
         "from pathlib import Path\n"
-        "from edgerunner.bundle import stage_bundle\n"
+        "from edgerunner.bundle.store import stage_bundle\n"
         "from edgerunner.errors import BundleError\n"
         "try:\n"
         "    with stage_bundle(Path(sys.argv[1])) as stage:\n"

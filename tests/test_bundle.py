@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edgerunner import bundle as bundle_module
-from edgerunner.bundle import (
+from edgerunner._fs import sha256_file
+from edgerunner.bundle import store as bundle_module
+from edgerunner.bundle.store import (
     MANIFEST,
     load_bundle,
     read_manifest,
@@ -18,7 +19,7 @@ from edgerunner.bundle import (
     verify_bundle,
 )
 from edgerunner.errors import BundleError
-from edgerunner.models import DEFAULT_MODEL_SHA256, sha256_file
+from edgerunner.pack.default_model import DEFAULT_MODEL_SHA256
 
 
 @pytest.fixture

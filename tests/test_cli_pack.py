@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from edgerunner.bundle import read_manifest, verify_bundle
+from edgerunner.bundle.store import read_manifest, verify_bundle
 from edgerunner.cli import main
 
 

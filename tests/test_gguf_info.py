@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gguf
 
-from edgerunner.gguf_info import _HeaderReader, read_model_info
+from edgerunner.pack.gguf_info import _HeaderReader, read_model_info
 
 
 def test_fast_reader_matches_gguf_package(default_model: Path) -> None:
@@ -33,7 +33,7 @@ def test_model_info_of_default_model(default_model: Path) -> None:
 
 
 def test_swa_pattern_from_architecture_period() -> None:
-    from edgerunner.gguf_info import _swa_layers
+    from edgerunner.pack.gguf_info import _swa_layers
 
     gemma3 = _swa_layers("gemma3", 12, 1024, None)
     assert gemma3 == [True] * 5 + [False] + [True] * 5 + [False]

@@ -11,9 +11,9 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgerunner.gguf_info import ModelInfo, TensorInfo, read_model_info
-from edgerunner.llama_log import capture_llama_log
-from edgerunner.memory import (
+from edgerunner.pack.gguf_info import ModelInfo, TensorInfo, read_model_info
+from edgerunner.pack.llama_log import capture_llama_log
+from edgerunner.pack.memory import (
     MIB,
     context_shape,
     dry_run_types,
@@ -29,7 +29,7 @@ from edgerunner.memory import (
     reserved_compute_bytes,
     tied_embeddings,
 )
-from edgerunner.quant_rules import PRESETS, tensor_bytes, tensor_types
+from edgerunner.pack.quant_rules import PRESETS, tensor_bytes, tensor_types
 
 REAL_PRESETS = ["Q2_K", "Q4_K_M", "Q5_0", "Q8_0", "F16"]
 

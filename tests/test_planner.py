@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgerunner.errors import PlanError
-from edgerunner.gguf_info import ModelInfo, TensorInfo
-from edgerunner.memory import (
+from edgerunner.pack.gguf_info import ModelInfo, TensorInfo
+from edgerunner.pack.memory import (
     estimate_memory,
     measure_weights_dry_run,
     predict_weights,
@@ -18,7 +18,7 @@ from edgerunner.memory import (
     quant_facts,
     reserved_compute_bytes,
 )
-from edgerunner.planner import (
+from edgerunner.pack.planner import (
     EQUAL_QUALITY_KLD,
     KL_DIVERGENCE,
     Candidate,
@@ -27,8 +27,8 @@ from edgerunner.planner import (
     allowed_presets,
     make_plan,
 )
+from edgerunner.pack.quant_rules import tensor_bytes
 from edgerunner.profiles import CPUSpec, DeviceProfile, MemorySpec, resolve_profile
-from edgerunner.quant_rules import tensor_bytes
 from tests.shapes import LLAMA_3_2_1B, QWEN2_5_0_5B, Shape, cached_info, cached_source
 
 
@@ -228,7 +228,7 @@ def test_large_vocabulary_costs_memory_where_llama_cpp_spends_it() -> None:
 
 
 def test_suggested_profiles_count_the_user_reserve_once() -> None:
-    from edgerunner.planner import PlanOptions
+    from edgerunner.pack.planner import PlanOptions
     from edgerunner.profiles import resolve_profile
 
     zero = resolve_profile("rpi-zero2w")

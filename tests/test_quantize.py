@@ -1,4 +1,4 @@
-"""Real quantization of the test model with llama.cpp, through edgerunner.quantize."""
+"""Real quantization of the test model with llama.cpp, through edgerunner.pack.quantize."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import llama_cpp
 import pytest
 
 from edgerunner.errors import QuantizeError
-from edgerunner.quantize import ftype_for, quantize, supported_quants
+from edgerunner.pack.quantize import ftype_for, quantize, supported_quants
 
 PRESETS = ["Q4_0", "Q5_K_M", "Q8_0"]
 

@@ -3,7 +3,7 @@
 For the test model (or MODEL): quantize to a few presets into a temp dir with
 llama_model_quantize, then for every (preset, n_ctx, KV type) start a new Python process that
 loads the model with the plan's settings, runs one prompt filling half the context and reports
-its peak RSS (VmHWM). Prints the table and the worst error against edgerunner.memory.
+its peak RSS (VmHWM). Prints the table and the worst error against edgerunner.pack.memory.
 
     python tools/bench_memory.py                 # the grid
     python tools/bench_memory.py --overhead      # re-measure the constants in memory.py
@@ -22,11 +22,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgerunner.gguf_info import ModelInfo, read_model_info
 from edgerunner.host.cpu import host_cpu_features
-from edgerunner.memory import MIB, estimate_memory, prefer_mmap
-from edgerunner.models import ensure_default_model
-from edgerunner.quant_rules import PRESETS
+from edgerunner.pack.default_model import ensure_default_model
+from edgerunner.pack.gguf_info import ModelInfo, read_model_info
+from edgerunner.pack.memory import MIB, estimate_memory, prefer_mmap
+from edgerunner.pack.quant_rules import PRESETS
 
 CHILD = r"""
 import json, sys

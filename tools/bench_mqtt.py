@@ -28,9 +28,9 @@ from pathlib import Path
 
 import httpx
 
-from edgerunner.bundle import load_bundle
+from edgerunner.bundle.store import load_bundle
+from edgerunner.client.mqtt import MqttChat, wait_for_status
 from edgerunner.host.cpu import cpu_budget, decode_threads
-from edgerunner.mqtt_client import MqttChat, wait_for_status
 
 PROMPTS = [
     "Explain in a few sentences why the sky is blue.",
@@ -143,7 +143,7 @@ def pool_run(url: str, n: int) -> tuple[float, int]:
 
 
 def pack_default(workdir: Path) -> Path:
-    from edgerunner.pack import pack
+    from edgerunner.pack.packer import pack
     from edgerunner.profiles import resolve_profile
 
     print("packing the default model for rpi5 ...", flush=True)

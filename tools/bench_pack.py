@@ -2,8 +2,8 @@
 
 In one run, on the same input, with the same quant and thread count:
   bare   llama_cpp.llama_model_quantize(src, dst, params) and nothing else
-  pack   edgerunner.pack.pack(): read the header, plan, quantize, hash, render, write manifest,
-         fsync, rename
+  pack   edgerunner.pack.packer.pack(): read the header, plan, quantize, hash, render, write
+         the manifest, fsync, rename
 Trials alternate the order (bare first, then pack first) so neither always runs on a warmer
 page cache; the table reports medians and pack/bare, in wall time and in this process's CPU
 time (user+sys over all threads), which other load on a shared machine disturbs far less.
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import llama_cpp
 
-from edgerunner.gguf_info import read_model_info
-from edgerunner.models import ensure_default_model
-from edgerunner.pack import PackResult, pack
-from edgerunner.planner import PlanOptions
+from edgerunner.pack.default_model import ensure_default_model
+from edgerunner.pack.gguf_info import read_model_info
+from edgerunner.pack.packer import PackResult, pack
+from edgerunner.pack.planner import PlanOptions
+from edgerunner.pack.quantize import FLOAT_TYPES, ftype_for, quantize
 from edgerunner.profiles import resolve_profile
-from edgerunner.quantize import FLOAT_TYPES, ftype_for, quantize
 
 SIZE_PRESETS = ["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 

@@ -31,9 +31,9 @@ import llama_cpp
 from rich.console import Console
 from rich.table import Table
 
-from edgerunner.bundle import load_bundle
+from edgerunner.bundle.store import load_bundle
+from edgerunner.client.http import Client
 from edgerunner.host.cpu import cpu_budget, decode_threads
-from edgerunner.runtime.client import Client
 from edgerunner.runtime.engine import llama_kwargs
 
 PROMPTS = [
@@ -113,8 +113,8 @@ def start_daemon(bundle: Path, sock: Path, threads: int | None
 
 
 def default_bundle(tmp: Path) -> Path:
-    from edgerunner.models import ensure_default_model
-    from edgerunner.pack import pack
+    from edgerunner.pack.default_model import ensure_default_model
+    from edgerunner.pack.packer import pack
     from edgerunner.profiles import resolve_profile
 
     return Path(pack(ensure_default_model(), resolve_profile("rpi5"), tmp).path)

@@ -171,7 +171,7 @@ def send_http(http: httpx.Client, path: str, body: bytes) -> str:
 @contextmanager
 def daemon(bundle: Path, work: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     """`edgerunner serve` on work/f.sock, logging to work/serve.log, until the block ends."""
-    from edgerunner.runtime.client import Client
+    from edgerunner.client.http import Client
 
     sock = work / "f.sock"
     env = {**os.environ, "EDGERUNNER_DEFAULT_MAX_TOKENS": "4"}
@@ -334,8 +334,8 @@ def _free_port() -> int:
 
 
 def _pack_default(work: Path) -> Path:
-    from edgerunner.models import ensure_default_model
-    from edgerunner.pack import pack
+    from edgerunner.pack.default_model import ensure_default_model
+    from edgerunner.pack.packer import pack
     from edgerunner.profiles import resolve_profile
 
     return Path(pack(ensure_default_model(), resolve_profile("rpi5"), work / "out").path)

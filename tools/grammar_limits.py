@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from edgerunner.models import ensure_default_model
+from edgerunner.pack.default_model import ensure_default_model
 
 PROBE_TIMEOUT_S = 90.0
 PROBE_AS_BYTES = 4 << 30  # keep a runaway probe from taking the shared machine down

@@ -57,7 +57,7 @@ def ask_cmd(prompt: str, socket_path: Path | None, mqtt_url: str | None, device_
             mqtt_protocol: str, system: str | None, json_schema: Path | None,
             max_tokens: int | None, temperature: float | None, as_json: bool) -> None:
     """Ask the daemon PROMPT; the answer streams to the terminal (--json: the whole object)."""
-    from edgerunner.runtime.client import Client
+    from edgerunner.client.http import Client
 
     body = build_request(prompt, system, json_schema, max_tokens, temperature)
     if mqtt_url or device_id:
@@ -77,7 +77,7 @@ def ask_cmd(prompt: str, socket_path: Path | None, mqtt_url: str | None, device_
 
 def _ask_mqtt(url: str | None, device_id: str | None, protocol: str, body: dict[str, Any],
               as_json: bool) -> None:
-    from edgerunner.mqtt_client import MqttChat
+    from edgerunner.client.mqtt import MqttChat
 
     if not url or not device_id:
         raise click.UsageError("--mqtt URL and --device-id ID go together")

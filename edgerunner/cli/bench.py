@@ -24,8 +24,8 @@ from edgerunner.cli.output import console, json_option, print_json
 def bench_cmd(bundle: Path, prompt_tokens: int, decode_tokens: int, threads: int | None,
               calibrate: bool, as_json: bool) -> None:
     """Run the bundle here: load time, TTFT, prompt and decode tok/s, peak RSS vs the prediction."""
-    from edgerunner.benchmark import calibrated_profile, run_bench, write_calibration
-    from edgerunner.bundle import load_bundle
+    from edgerunner.bundle.store import load_bundle
+    from edgerunner.device.bench import calibrated_profile, run_bench, write_calibration
 
     loaded = load_bundle(bundle)
     result = run_bench(loaded, prompt_tokens, decode_tokens, threads)

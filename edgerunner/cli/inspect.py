@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from edgerunner.cli.output import console, json_option, print_json
-from edgerunner.gguf_info import ModelInfo, read_model_info
+from edgerunner.pack.gguf_info import ModelInfo, read_model_info
 
 
 def model_summary(info: ModelInfo) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from edgerunner.cli.output import console, json_option, print_json
 def install_cmd(bundle: Path | None, root: Path, dry_run: bool, enable: bool,
                 rollback: str | None, as_json: bool) -> None:
     """Lay a bundle out on a device: bundle dir, systemd unit, /etc/edgerunner/<name>.toml."""
-    from edgerunner import install
+    from edgerunner.device import install
 
     if (bundle is None) == (rollback is None):
         raise click.UsageError("pass either BUNDLE to install or --rollback NAME")

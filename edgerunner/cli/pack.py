@@ -12,13 +12,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgerunner.cli.output import console, json_option, print_json
+from edgerunner.pack.quantize import Progress as ProgressCallback
 from edgerunner.profiles import resolve_profile
-from edgerunner.quantize import Progress as ProgressCallback
 
 
 def plan_options(**values: Any) -> Any:
     """PlanOptions from the flags the user gave (unset flags keep the planner's defaults)."""
-    from edgerunner.planner import PlanOptions
+    from edgerunner.pack.planner import PlanOptions
 
     return PlanOptions(**{k: v for k, v in values.items() if v is not None})
 
@@ -71,7 +71,7 @@ def pack_cmd(
     **plan_values: Any,
 ) -> None:
     """Plan, quantize and write a verified bundle for a device (MODEL defaults to SmolLM2-135M)."""
-    from edgerunner.pack import pack
+    from edgerunner.pack.packer import pack
 
     profile = resolve_profile(profile_ref)
     options = plan_options(**plan_values)

@@ -10,15 +10,15 @@ from rich.table import Table
 
 from edgerunner.cli.output import console, json_option, print_json
 from edgerunner.cli.pack import plan_flags, plan_options
-from edgerunner.gguf_info import read_model_info
-from edgerunner.planner import PlanResult, make_plan
+from edgerunner.pack.gguf_info import read_model_info
+from edgerunner.pack.planner import PlanResult, make_plan
 from edgerunner.profiles import resolve_profile
 
 
 def _model_path(model: str | None) -> Path:
     if model:
         return Path(model)
-    from edgerunner.models import ensure_default_model
+    from edgerunner.pack.default_model import ensure_default_model
 
     return ensure_default_model()
 

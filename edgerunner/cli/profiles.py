@@ -53,7 +53,7 @@ def show_cmd(name: str, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the profile here.")
 def detect_cmd(as_json: bool, output: str | None) -> None:
     """Build a profile for the machine this runs on."""
-    from edgerunner.detect import detect_profile
+    from edgerunner.device.detect import detect_profile
 
     profile = detect_profile()
     text = tomli_w.dumps(profile.model_dump(mode="json"))

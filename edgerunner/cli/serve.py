@@ -58,11 +58,11 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
               device_id: str | None, mqtt_protocol: str | None, homeassistant: bool | None,
               forget: bool, **flags: object) -> None:
     """Serve BUNDLE over a unix socket (OpenAI-compatible HTTP) and optionally TCP and MQTT."""
-    from edgerunner.bundle import load_bundle
+    from edgerunner.bundle.settings import load_config
+    from edgerunner.bundle.store import load_bundle
     from edgerunner.errors import PlanError
-    from edgerunner.runtime.config import load_config
     from edgerunner.runtime.daemon import EXIT_NO_FIT, serve
-    from edgerunner.runtime.http_guard import raise_nofile_limit
+    from edgerunner.runtime.http.guard import raise_nofile_limit
     from edgerunner.runtime.logfmt import install
 
     install()
@@ -76,8 +76,8 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
         overrides["mqtt"] = mqtt
     config = load_config(loaded.config_path, config_file, overrides=overrides)
     if forget:
-        from edgerunner.runtime.homeassistant import forget_device
-        from edgerunner.runtime.mqtt import default_device_id
+        from edgerunner.runtime.mqtt.homeassistant import forget_device
+        from edgerunner.runtime.mqtt.transport import default_device_id
 
         device = config.mqtt.device_id or default_device_id()
         cleared = forget_device(config.mqtt, device)

@@ -11,7 +11,7 @@ import click
 from edgerunner.cli.output import console, json_option, print_json
 
 if TYPE_CHECKING:
-    from edgerunner.bundle import VerifyReport
+    from edgerunner.bundle.store import VerifyReport
 
 
 @click.command("verify")
@@ -25,8 +25,8 @@ def verify_cmd(bundle: Path, here: bool, as_json: bool) -> None:
     With --here, also whether it fits this machine's memory now, and which llama.cpp path
     decodes on this CPU (the daemon's preflight, cached).
     """
-    from edgerunner.archive import extract_archive
-    from edgerunner.bundle import verify_bundle
+    from edgerunner.bundle.archive import extract_archive
+    from edgerunner.bundle.store import verify_bundle
     from edgerunner.errors import BundleError
 
     if not bundle.exists():
@@ -56,7 +56,7 @@ def verify_cmd(bundle: Path, here: bool, as_json: bool) -> None:
 
 
 def _check_decode_here(path: Path, report: VerifyReport) -> None:
-    from edgerunner.bundle import MODEL_FILE
+    from edgerunner.bundle.store import MODEL_FILE
     from edgerunner.errors import EdgerunnerError
     from edgerunner.host.cpu import cpu_budget, decode_threads
     from edgerunner.runtime.preflight import preflight

@@ -22,21 +22,20 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from edgerunner import __version__
-from edgerunner.bundle import Bundle
+from edgerunner.bundle.manifest import BundleManifest
+from edgerunner.bundle.settings import ServeConfig
+from edgerunner.bundle.store import Bundle
 from edgerunner.errors import ConfigError
 from edgerunner.host.cpu import CpuBudget, cpu_budget, decode_threads
-from edgerunner.manifest import BundleManifest
-from edgerunner.runtime.config import ServeConfig
+from edgerunner.host.memory import MemoryProbe, MemorySnapshot
 from edgerunner.runtime.engine import Engine
 from edgerunner.runtime.guard import (
     Fit,
     MemoryGuard,
-    MemoryProbe,
-    MemorySnapshot,
     fit_plan,
     scaled_estimate,
 )
-from edgerunner.runtime.http import HttpTransport, create_app
+from edgerunner.runtime.http.app import HttpTransport, create_app
 from edgerunner.runtime.metrics import render_metrics
 from edgerunner.runtime.notify import (
     Heartbeat,
@@ -48,7 +47,7 @@ from edgerunner.runtime.notify import (
 from edgerunner.runtime.predict import predict_repacked_mb, predict_totals
 from edgerunner.runtime.preflight import PreflightError, Verdict, preflight
 from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
-from edgerunner.thermal import ThermalGovernor, ThrottleFlags, read_thermal
+from edgerunner.runtime.thermal import ThermalGovernor, ThrottleFlags, read_thermal
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class Transport(Protocol):
 def memory_estimator(bundle: Bundle) -> Callable[[int], float]:
     """Predicted MiB at another n_ctx, anchored at the manifest's own prediction.
 
-    Other sizes come from edgerunner.memory in a child process (see runtime/predict.py), asked
+    Other sizes come from edgerunner.pack.memory in a child process (see runtime/predict.py), asked
     only when a size other than the plan's is needed; if that fails, the manifest's KV cache
     is scaled instead.
     """
@@ -282,7 +281,7 @@ class Daemon:
 
     def _start_mqtt(self) -> None:
         assert self.scheduler is not None
-        from edgerunner.runtime import mqtt
+        from edgerunner.runtime.mqtt import transport as mqtt
 
         transport: Transport = mqtt.MqttTransport(self.config.mqtt, self.scheduler, self.info)
         transport.start()

@@ -24,8 +24,8 @@ import llama_cpp
 from llama_cpp import llama_chat_format, llama_grammar
 from llama_cpp._internals import LlamaModel
 
+from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.errors import ModelError
-from edgerunner.manifest import RuntimePlan
 from edgerunner.runtime.grammar import GrammarBuilder
 from edgerunner.runtime.protocol import (
     AnyRequest,

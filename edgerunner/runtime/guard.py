@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import psutil
-
+from edgerunner.bundle.manifest import MemoryEstimate, RuntimePlan
 from edgerunner.errors import PlanError
-from edgerunner.host.memory import cgroup_memory, meminfo_kb, psi_memory
-from edgerunner.manifest import MemoryEstimate, RuntimePlan
+from edgerunner.host.memory import MemoryProbe, MemorySnapshot
 from edgerunner.runtime.protocol import RequestError
 from edgerunner.runtime.ticker import Ticker
 
@@ -27,66 +23,6 @@ logger = logging.getLogger(__name__)
 
 MIB = 2**20
 MIN_CTX = 256  # below this a chat template plus a question no longer fits
-
-
-@dataclass(frozen=True)
-class MemorySnapshot:
-    """One reading of the machine's and the cgroup's memory, in MiB."""
-
-    available_mb: float
-    cgroup_free_mb: float | None
-    cgroup_path: str | None
-    psi_some_avg10: float | None
-    psi_full_avg10: float | None
-    rss_mb: float
-
-    @property
-    def headroom_mb(self) -> float:
-        """What this process could still allocate: min(MemAvailable, cgroup limit − usage).
-
-        The cgroup's usage leaves out clean, unmapped page cache (see _reclaimable_file_bytes).
-        """
-        if self.cgroup_free_mb is None:
-            return self.available_mb
-        return min(self.available_mb, self.cgroup_free_mb)
-
-    @property
-    def source(self) -> str:
-        if self.cgroup_free_mb is not None and self.cgroup_free_mb < self.available_mb:
-            return f"cgroup {self.cgroup_path}"
-        return "MemAvailable"
-
-
-class MemoryProbe:
-    """Reads memory state under `root` ("/" on a real machine) through edgerunner.host.memory."""
-
-    def __init__(self, root: Path = Path("/"), pid: int | None = None) -> None:
-        self.root = Path(root)
-        self._process = psutil.Process(pid if pid is not None else os.getpid())
-
-    def read(self) -> MemorySnapshot:
-        """Take one snapshot."""
-        group = cgroup_memory(self.root)
-        some, full = psi_memory(self.root)
-        return MemorySnapshot(
-            available_mb=self.mem_available_mb(),
-            cgroup_free_mb=group.free_mb if group is not None else None,
-            cgroup_path=group.path if group is not None else None,
-            psi_some_avg10=some,
-            psi_full_avg10=full,
-            rss_mb=self.rss_mb(),
-        )
-
-    def rss_mb(self) -> float:
-        """This process's resident set size."""
-        return float(self._process.memory_info().rss) / MIB
-
-    def mem_available_mb(self) -> float:
-        """MemAvailable from <root>/proc/meminfo (psutil's view when the file is absent)."""
-        available = meminfo_kb(self.root).get("MemAvailable")
-        if available is None:
-            return float(psutil.virtual_memory().available) / MIB
-        return available / 1024
 
 
 # ------------------------------------------------------------------------------ start-up fit

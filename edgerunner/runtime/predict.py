@@ -13,14 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgerunner.manifest import RuntimePlan
+from edgerunner.bundle.manifest import RuntimePlan
 
 logger = logging.getLogger(__name__)
 
 
 def predict_totals(model_path: Path, plan: RuntimePlan, n_ctxs: list[int],
                    timeout: float = 120.0) -> dict[int, float]:
-    """edgerunner.memory's predicted total MiB for each n_ctx (run in a child process)."""
+    """edgerunner.pack.memory's predicted total MiB for each n_ctx (run in a child process)."""
     request = json.dumps({"model": str(model_path), "plan": plan.model_dump(), "n_ctx": n_ctxs})
     done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.predict"], input=request,
                           capture_output=True, text=True, timeout=timeout, check=True)
@@ -40,8 +40,8 @@ def predict_repacked_mb(model_path: Path, plan: RuntimePlan, cpu_features: list[
 def main() -> None:
     """Read {"model", "plan", "n_ctx": [...]} on stdin, print {n_ctx: total_mb}; or with
     "repacked_for": [features] instead of "n_ctx", print {"repacked_mb": ...}."""
-    from edgerunner.gguf_info import read_model_info
-    from edgerunner.memory import MIB, estimate_memory, repacked_bytes
+    from edgerunner.pack.gguf_info import read_model_info
+    from edgerunner.pack.memory import MIB, estimate_memory, repacked_bytes
 
     request = json.loads(sys.stdin.read())
     plan = RuntimePlan.model_validate(request["plan"])

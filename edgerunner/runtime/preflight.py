@@ -33,8 +33,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgerunner._fs import atomic_write_text
+from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.errors import EdgerunnerError, ModelError
-from edgerunner.manifest import RuntimePlan
 from edgerunner.paths import cache_dir
 
 logger = logging.getLogger(__name__)

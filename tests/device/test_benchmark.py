@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgerunner.benchmark import (
+from edgerunner.bundle.store import load_bundle
+from edgerunner.cli import main
+from edgerunner.device.bench import (
     BenchResult,
     calibrated_profile,
     proc_status_mb,
@@ -16,8 +18,6 @@ from edgerunner.benchmark import (
     run_bench,
     write_calibration,
 )
-from edgerunner.bundle import load_bundle
-from edgerunner.cli import main
 from edgerunner.errors import EdgerunnerError
 from edgerunner.host.cpu import cpu_budget, decode_threads
 from edgerunner.profiles import resolve_profile
@@ -54,9 +54,9 @@ def test_bench_measures_the_real_model(measured: BenchResult, rpi5_bundle: Path)
 def test_bench_holds_the_peak_against_a_prediction_for_the_same_run(
     measured: BenchResult, rpi5_bundle: Path
 ) -> None:
-    from edgerunner.gguf_info import read_model_info
     from edgerunner.host.cpu import host_cpu_features
-    from edgerunner.memory import estimate_memory
+    from edgerunner.pack.gguf_info import read_model_info
+    from edgerunner.pack.memory import estimate_memory
 
     plan = load_bundle(rpi5_bundle).manifest.plan
     same_run = estimate_memory(
@@ -132,8 +132,8 @@ def test_later_plans_predict_the_calibrated_speed(
     measured: BenchResult, rpi5_bundle: Path, default_model: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from edgerunner.gguf_info import read_model_info
-    from edgerunner.planner import PlanOptions, make_plan
+    from edgerunner.pack.gguf_info import read_model_info
+    from edgerunner.pack.planner import PlanOptions, make_plan
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     manifest = load_bundle(rpi5_bundle).manifest

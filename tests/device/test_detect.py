@@ -9,7 +9,7 @@ import psutil
 from click.testing import CliRunner
 
 from edgerunner.cli import main
-from edgerunner.detect import detect_profile, measure_bandwidth_gbs
+from edgerunner.device.detect import detect_profile, measure_bandwidth_gbs
 
 PI5_FEATURES = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm "
                 "lrcpc dcpop asimddp")

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgerunner.archive import write_archive
+from edgerunner.bundle.archive import write_archive
+from edgerunner.bundle.manifest import BundleManifest, FileEntry
+from edgerunner.bundle.unit import unit_name
 from edgerunner.cli import main
+from edgerunner.device.install import install_bundle, rollback
 from edgerunner.errors import InstallError
-from edgerunner.install import install_bundle, rollback
-from edgerunner.manifest import BundleManifest, FileEntry
-from edgerunner.systemd_unit import unit_name
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, str]]:
@@ -114,7 +114,7 @@ def test_upgrade_keeps_a_locally_edited_config(rpi5_bundle: Path, tmp_path: Path
 
 def test_unit_stop_timeout_follows_the_installed_config(rpi5_bundle: Path,
                                                        tmp_path: Path) -> None:
-    from edgerunner.systemd_unit import STOP_MARGIN_S
+    from edgerunner.bundle.unit import STOP_MARGIN_S
 
     root = tmp_path / "root"
     name = name_of(rpi5_bundle)
@@ -196,7 +196,7 @@ def test_cli_install_json_and_rollback(rpi5_bundle: Path, tmp_path: Path) -> Non
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed on this machine")
 def test_installed_unit_passes_systemd_analyze(rpi5_bundle: Path, tmp_path: Path) -> None:
-    from edgerunner.systemd_unit import verify_unit
+    from edgerunner.bundle.unit import verify_unit
 
     root = tmp_path / "root"
     # verify insists the ExecStart binary exists: use this interpreter's module entry point.

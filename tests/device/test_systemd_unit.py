@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerunner.errors import InstallError
-from edgerunner.manifest import (
+from edgerunner.bundle.manifest import (
     BundleManifest,
     FileEntry,
     MemoryEstimate,
@@ -20,15 +19,16 @@ from edgerunner.manifest import (
     RuntimePlan,
     SourceModel,
 )
-from edgerunner.profiles import resolve_profile
-from edgerunner.runtime.config import ServeConfig
-from edgerunner.systemd_unit import (
+from edgerunner.bundle.settings import ServeConfig
+from edgerunner.bundle.unit import (
     STOP_MARGIN_S,
     render_unit,
     unit_name,
     unit_settings,
     verify_unit,
 )
+from edgerunner.errors import InstallError
+from edgerunner.profiles import resolve_profile
 
 HAVE_ANALYZE = shutil.which("systemd-analyze") is not None
 
@@ -103,8 +103,8 @@ def _default(func: object, parameter: str) -> float:
 
 
 def test_stop_timeout_outlasts_the_daemons_whole_stop() -> None:
-    from edgerunner.runtime.http import HttpTransport
-    from edgerunner.runtime.mqtt import MqttTransport
+    from edgerunner.runtime.http.app import HttpTransport
+    from edgerunner.runtime.mqtt.transport import MqttTransport
 
     drain = ServeConfig().drain_timeout_s
     stop = int(values(render_unit(make_manifest()))["TimeoutStopSec"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgerunner.profiles import ThermalSpec
-from edgerunner.thermal import (
+from edgerunner.runtime.thermal import (
     ThermalGovernor,
     ThermalReading,
     ThrottleFlags,

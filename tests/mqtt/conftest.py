@@ -23,11 +23,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgerunner.manifest import BundleManifest
-from edgerunner.runtime.config import MqttConfig
+from edgerunner.bundle.manifest import BundleManifest
+from edgerunner.bundle.settings import MqttConfig
 from edgerunner.runtime.engine import Engine
-from edgerunner.runtime.mqtt import MqttTransport
-from edgerunner.runtime.mqtt_session import SessionOptions, connect_async, new_client
+from edgerunner.runtime.mqtt.session import SessionOptions, connect_async, new_client
+from edgerunner.runtime.mqtt.transport import MqttTransport
 from edgerunner.runtime.scheduler import Scheduler
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgerunner.cli import main
-from edgerunner.mqtt_client import wait_for_status
+from edgerunner.client.mqtt import wait_for_status
 
 pytestmark = pytest.mark.mqtt
 

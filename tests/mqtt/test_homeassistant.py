@@ -16,12 +16,12 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from edgerunner.bundle.manifest import BundleManifest
+from edgerunner.bundle.settings import MqttConfig
 from edgerunner.cli import main
+from edgerunner.client.mqtt import wait_for_status
 from edgerunner.errors import ConfigError
-from edgerunner.manifest import BundleManifest
-from edgerunner.mqtt_client import wait_for_status
-from edgerunner.runtime.config import MqttConfig
-from edgerunner.runtime.homeassistant import (
+from edgerunner.runtime.mqtt.homeassistant import (
     ENTITIES,
     DeviceCard,
     Discovery,

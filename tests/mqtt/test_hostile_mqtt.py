@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edgerunner.mqtt_client import MqttChat, RemoteError, wait_for_status
+from edgerunner.client.mqtt import MqttChat, RemoteError, wait_for_status
 from edgerunner.runtime.protocol import MAX_JSON_DEPTH
 from tests.mqtt.test_transport import COUNT, HELLO
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgerunner.mqtt_client import MqttChat, RemoteError, wait_for_status
-from edgerunner.runtime.config import load_config
-from edgerunner.runtime.mqtt_topics import redact_url
+from edgerunner.bundle.settings import load_config
+from edgerunner.client.mqtt import MqttChat, RemoteError, wait_for_status
+from edgerunner.runtime.mqtt.topics import redact_url
 
 pytestmark = pytest.mark.mqtt
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from edgerunner.mqtt_client import MqttChat, RemoteError, wait_for_status
-from edgerunner.runtime.mqtt_session import SessionOptions, connect_async, new_client
+from edgerunner.client.mqtt import MqttChat, RemoteError, wait_for_status
+from edgerunner.runtime.mqtt.session import SessionOptions, connect_async, new_client
 from tests.mqtt.conftest import REFUSALS
 
 pytestmark = pytest.mark.mqtt
@@ -56,7 +56,7 @@ def test_v5_falls_back_to_311_when_the_broker_refuses_v5(
     broker, serve, probe, v311_gate, refusal: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     gate = v311_gate(refusal)
-    caplog.set_level(logging.WARNING, logger="edgerunner.runtime.mqtt_link")
+    caplog.set_level(logging.WARNING, logger="edgerunner.runtime.mqtt.link")
     p = probe(broker.url, "edgerunner/dev1/info")
     transport = serve(gate.url)  # protocol "5", the default
     assert not transport.device.v5 and transport.pool is not None and not transport.pool.v5

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from edgerunner.errors import ConfigError
-from edgerunner.runtime.mqtt_reply import Replier, ReplyBacklogFull, ReplyRoute, ReplyStream
-from edgerunner.runtime.mqtt_request import read_request
-from edgerunner.runtime.mqtt_topics import (
+from edgerunner.runtime.mqtt.reply import Replier, ReplyBacklogFull, ReplyRoute, ReplyStream
+from edgerunner.runtime.mqtt.request import read_request
+from edgerunner.runtime.mqtt.topics import (
     SeenIds,
     check_device_id,
     parse_broker_url,

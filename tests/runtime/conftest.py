@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
-from edgerunner.bundle import Bundle, load_bundle
+from edgerunner.bundle.manifest import BundleManifest
+from edgerunner.bundle.settings import ServeConfig
+from edgerunner.bundle.store import Bundle, load_bundle
+from edgerunner.client.http import Client
 from edgerunner.errors import ClientError
-from edgerunner.manifest import BundleManifest
-from edgerunner.runtime.client import Client
-from edgerunner.runtime.config import ServeConfig
 from edgerunner.runtime.daemon import Daemon
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent
 from edgerunner.runtime.scheduler import Scheduler
@@ -32,7 +32,7 @@ from edgerunner.runtime.scheduler import Scheduler
 @pytest.fixture
 def bundle_manifest() -> BundleManifest:
     """A manifest as pack writes one (no model file behind it)."""
-    from edgerunner.manifest import Prediction, RuntimePlan, SourceModel
+    from edgerunner.bundle.manifest import Prediction, RuntimePlan, SourceModel
     from edgerunner.profiles import resolve_profile
 
     return BundleManifest(

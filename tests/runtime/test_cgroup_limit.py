@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgerunner.bundle import Bundle
-from edgerunner.runtime.client import Client
+from edgerunner.bundle.store import Bundle
+from edgerunner.client.http import Client
 from edgerunner.runtime.daemon import EXIT_NO_FIT
 
 LIMIT_FRACTION = 0.8  # of the plan's prediction: the plan cannot fit, a shrunk context can

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgerunner.cli import main
+from edgerunner.client.http import Client
 from edgerunner.errors import ClientError
-from edgerunner.runtime.client import Client
 from tests.runtime.conftest import RunningDaemon
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from edgerunner.bundle.settings import ServeConfig, load_config
 from edgerunner.errors import ConfigError
 from edgerunner.paths import default_socket_path, runtime_socket_path
-from edgerunner.runtime.config import ServeConfig, load_config
 from edgerunner.runtime.protocol import (
     BusyError,
     ChatCompletionRequest,
@@ -56,7 +56,7 @@ def test_bad_setting_names_its_source(tmp_path: Path) -> None:
 
 
 def test_rendered_config_toml_loads_back_to_the_defaults(tmp_path: Path, bundle_manifest) -> None:
-    from edgerunner.runtime.config import render_config_toml
+    from edgerunner.bundle.settings import render_config_toml
 
     text = render_config_toml(bundle_manifest)
     assert "# Headroom (MiB) that must stay free" in text

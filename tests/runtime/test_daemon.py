@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from edgerunner.bundle import Bundle
+from edgerunner.bundle.store import Bundle
 from edgerunner.runtime.daemon import EXIT_ERROR
 from edgerunner.runtime.logfmt import LogfmtFormatter
 from edgerunner.runtime.metrics import render_metrics

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edgerunner.manifest import RuntimePlan
+from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.runtime.engine import Engine
 from edgerunner.runtime.protocol import (
     DoneEvent,

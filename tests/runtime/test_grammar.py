@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edgerunner.manifest import RuntimePlan
+from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.runtime.engine import Engine
 from edgerunner.runtime.grammar import GrammarBuilder, GrammarLimits
 from edgerunner.runtime.protocol import DoneEvent, RequestError, parse_request

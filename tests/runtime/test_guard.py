@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from edgerunner.bundle.manifest import MemoryEstimate, RuntimePlan
 from edgerunner.errors import PlanError
-from edgerunner.manifest import MemoryEstimate, RuntimePlan
-from edgerunner.runtime.guard import MemoryGuard, MemoryProbe, fit_plan, scaled_estimate
+from edgerunner.host.memory import MemoryProbe
+from edgerunner.runtime.guard import MemoryGuard, fit_plan, scaled_estimate
 from edgerunner.runtime.protocol import RequestError
 
 MIB = 2**20

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from edgerunner.bundle import Bundle
+from edgerunner.bundle.store import Bundle
 
 LONG = {"type": "json_schema", "json_schema": {"name": "nums", "schema": {
     "type": "array", "items": {"type": "integer"}, "minItems": 1000}}}

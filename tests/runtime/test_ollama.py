@@ -17,8 +17,8 @@ import httpx
 import ollama
 import pytest
 
-from edgerunner.bundle import Bundle
-from edgerunner.runtime import ollama_protocol as op
+from edgerunner.bundle.store import Bundle
+from edgerunner.runtime.http import ollama_protocol as op
 from edgerunner.runtime.protocol import CompletionRequest, RequestError
 from tests.runtime.conftest import RunningDaemon, make_config
 

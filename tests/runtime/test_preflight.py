@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from edgerunner.bundle import MODEL_FILE, Bundle
-from edgerunner.manifest import RuntimePlan
+from edgerunner.bundle.manifest import RuntimePlan
+from edgerunner.bundle.store import MODEL_FILE, Bundle
 from edgerunner.runtime.daemon import EXIT_PREFLIGHT
 from edgerunner.runtime.preflight import PreflightError, preflight
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerunner.bundle import Bundle
+from edgerunner.bundle.store import Bundle
 from edgerunner.runtime.daemon import Daemon
 
 from .conftest import make_config

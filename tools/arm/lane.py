@@ -7,7 +7,7 @@ edgerunner reads a Pi's ISA right. Under `qemu-aarch64 -cpu cortex-a76`, `cortex
 own sdist (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS), it checks:
 
 - for Q4_0, Q4_1, Q4_K_M, Q6_K and Q8_0 of the default model: the CPU_Mapped, CPU_REPACK, KV,
-  compute and output buffers llama.cpp logs against edgerunner.memory's prediction for the
+  compute and output buffers llama.cpp logs against edgerunner.pack.memory's prediction for the
   ISA features edgerunner reads there (equal to the printed MiB, or within 1%);
 - `edgerunner profiles detect` reads the board's ISA (and core);
 - `edgerunner serve` of a bundle packed for that board answers a short request (after its
@@ -72,8 +72,8 @@ class CpuResult:
 
 def models() -> tuple[Path, dict[str, Path]]:
     """The default model and its requantizations (cached; quantized here on the host)."""
-    from edgerunner.models import ensure_default_model
-    from edgerunner.quantize import quantize
+    from edgerunner.pack.default_model import ensure_default_model
+    from edgerunner.pack.quantize import quantize
 
     source = ensure_default_model()
     dest = lane_cache.root() / "models"
@@ -130,7 +130,7 @@ def _binds(lib: Path, site: Path, model_dir: Path) -> dict[str, Path]:
 
 def check_buffers(result: CpuResult, root: Path, binds: dict[str, Path], source: Path,
                   quants: dict[str, Path]) -> None:
-    """llama.cpp's buffers vs edgerunner.memory, every preset, on this CPU."""
+    """llama.cpp's buffers vs edgerunner.pack.memory, every preset, on this CPU."""
     request = {"source": f"{chroot.MODELS}/{source.name}",
                "models": {q: f"{chroot.MODELS}/{p.name}" for q, p in quants.items()},
                # where weights are repacked, also load without mmap (the other residency)

@@ -2,7 +2,7 @@
 
 For each requantized model: load it with llama-cpp-python (the cross-built libraries), read the
 buffer sizes llama.cpp logs (CPU_Mapped, CPU_REPACK, KV, compute, output) and the tensors it
-repacks, and put next to them what edgerunner.memory predicts from the source model's header
+repacks, and put next to them what edgerunner.pack.memory predicts from the source model's header
 and the ISA features edgerunner reads on this (emulated) CPU. One JSON object per model on
 stdout; no checking here, lane.py compares. With "unmapped", each model is loaded a second
 time without mmap (CPU + CPU_REPACK buffers vs QuantFacts.resident(mmap=False)).
@@ -33,9 +33,9 @@ def probe(source: str, quant: str, path: str, features: list[str],
     """Load one model; llama.cpp's numbers and edgerunner's for the same settings."""
     import llama_cpp
 
-    from edgerunner.gguf_info import read_model_info
-    from edgerunner.llama_log import capture_llama_log
-    from edgerunner.memory import (
+    from edgerunner.pack.gguf_info import read_model_info
+    from edgerunner.pack.llama_log import capture_llama_log
+    from edgerunner.pack.memory import (
         MIB,
         kv_bytes,
         quant_facts,

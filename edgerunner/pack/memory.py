@@ -31,10 +31,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgerunner.bundle.manifest import KVType, MemoryEstimate
 from edgerunner.errors import ModelError, QuantizeError
-from edgerunner.gguf_info import ModelInfo, TensorInfo
-from edgerunner.manifest import KVType, MemoryEstimate
-from edgerunner.quant_rules import PRESETS, check_preset, row_bytes, tensor_bytes, tensor_types
+from edgerunner.pack.gguf_info import ModelInfo, TensorInfo
+from edgerunner.pack.quant_rules import PRESETS, check_preset, row_bytes, tensor_bytes, tensor_types
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def dry_run_types(path: Path, quant: str) -> dict[str, str]:
     """The type of every tensor, as llama.cpp's own quantizer decides it (dry_run, no output)."""
     import llama_cpp
 
-    from edgerunner.llama_log import capture_llama_log
+    from edgerunner.pack.llama_log import capture_llama_log
 
     preset = check_preset(quant)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -117,7 +117,7 @@ def dry_run_types(path: Path, quant: str) -> dict[str, str]:
 
 def measure_weights_dry_run(path: Path, quant: str) -> int:
     """Bytes of the quantized file, from the tensor types llama.cpp's dry_run reports."""
-    from edgerunner.gguf_info import read_model_info
+    from edgerunner.pack.gguf_info import read_model_info
 
     info = read_model_info(path)
     types = dry_run_types(path, quant)

@@ -10,7 +10,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from edgerunner.bundle import disk_error
+from edgerunner.bundle.store import disk_error
 from edgerunner.errors import ArchiveError, BundleError
 from edgerunner.paths import cache_dir
 

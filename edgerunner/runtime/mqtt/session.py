@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgerunner.errors import ConfigError
-from edgerunner.runtime.mqtt_topics import BrokerAddress, parse_broker_url, redact_url
+from edgerunner.runtime.mqtt.topics import BrokerAddress, parse_broker_url, redact_url
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgerunner import __version__
-from edgerunner.bundle import (
+from edgerunner._fs import sha256_file
+from edgerunner.bundle.manifest import SCHEMA_VERSION, BundleManifest, FileEntry, SourceModel
+from edgerunner.bundle.store import (
     CONFIG_FILE,
     MODEL_FILE,
     UNIT_FILE,
@@ -23,12 +25,11 @@ from edgerunner.bundle import (
     utc_now,
 )
 from edgerunner.errors import BundleError
-from edgerunner.gguf_info import ModelInfo, read_model_info
-from edgerunner.manifest import SCHEMA_VERSION, BundleManifest, FileEntry, SourceModel
-from edgerunner.models import DEFAULT_MODEL_SHA256, ensure_default_model, sha256_file
-from edgerunner.planner import PlanOptions, PlanResult, make_plan
+from edgerunner.pack.default_model import DEFAULT_MODEL_SHA256, ensure_default_model
+from edgerunner.pack.gguf_info import ModelInfo, read_model_info
+from edgerunner.pack.planner import PlanOptions, PlanResult, make_plan
+from edgerunner.pack.quantize import Progress, check_architecture, quantize
 from edgerunner.profiles import DeviceProfile
-from edgerunner.quantize import Progress, check_architecture, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _pack(
         )
         _render_side_files(stage, manifest)
         if archive:
-            from edgerunner.archive import write_archive
+            from edgerunner.bundle.archive import write_archive
 
             final = stage.finalize(manifest, known={MODEL_FILE: model_entry})
             write_archive(stage.path, dest, arcname=name)
@@ -229,8 +230,8 @@ class _SourceHash:
 
 
 def _render_side_files(stage: BundleStage, manifest: BundleManifest) -> None:
-    from edgerunner.runtime.config import render_config_toml
-    from edgerunner.systemd_unit import render_unit
+    from edgerunner.bundle.settings import render_config_toml
+    from edgerunner.bundle.unit import render_unit
 
     stage.write_text(CONFIG_FILE, render_config_toml(manifest))
     stage.write_text(UNIT_FILE, render_unit(manifest))

@@ -27,9 +27,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgerunner.errors import BundleError, InstallError
-from edgerunner.manifest import BundleManifest
-from edgerunner.systemd_unit import (
+from edgerunner.bundle.manifest import BundleManifest
+from edgerunner.bundle.unit import (
     BUNDLES_DIR,
     CONFIG_DIR,
     SERVICE_USER,
@@ -38,6 +37,7 @@ from edgerunner.systemd_unit import (
     socket_path,
     unit_name,
 )
+from edgerunner.errors import BundleError, InstallError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -209,7 +209,7 @@ def _stage(source: Path, parent: Path) -> tuple[Path, Path]:
     holder = Path(tempfile.mkdtemp(prefix=".install-", dir=parent))
     try:
         if source.is_file():
-            from edgerunner.archive import extract_archive
+            from edgerunner.bundle.archive import extract_archive
 
             return holder, extract_archive(source, holder)
         if not source.is_dir():
@@ -237,7 +237,7 @@ def _read_config(bundle: Path) -> str:
 
 def _verified(bundle: Path) -> BundleManifest:
     # Verify the copy that will actually run, not the source: it also catches copy errors.
-    from edgerunner.bundle import verify_bundle
+    from edgerunner.bundle.store import verify_bundle
 
     report = verify_bundle(bundle)
     try:
@@ -311,7 +311,7 @@ def drain_timeout_s(*configs: str) -> float | None:
 
     None when none sets a valid one: the unit then covers ServeConfig's default.
     """
-    from edgerunner.runtime.config import ServeConfig
+    from edgerunner.bundle.settings import ServeConfig
 
     value = None
     for text in configs:

@@ -1,7 +1,7 @@
 """`bench`: load a bundle as the daemon would, measure it, and set it next to the plan's prediction.
 
 Measured: load time, time to first token, prompt and decode tokens/s, and peak RSS (the kernel's
-VmHWM, reset before loading). The memory prediction it is held against is edgerunner.memory's for
+VmHWM, reset before loading). The memory prediction it is held against is pack.memory's for
 the same settings and the tokens this run actually put in the context; the plan's full-context
 prediction is reported beside it. `calibrate` turns measured / predicted decode speed into the
 profile's decode_efficiency, so later plans for that profile predict what this device does.
@@ -18,9 +18,9 @@ from pathlib import Path
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgerunner.bundle import Bundle
+from edgerunner.bundle.manifest import RuntimePlan
+from edgerunner.bundle.store import Bundle
 from edgerunner.errors import EdgerunnerError, ModelError
-from edgerunner.manifest import RuntimePlan
 from edgerunner.paths import user_profiles_dir
 from edgerunner.profiles import DeviceProfile
 
@@ -60,7 +60,7 @@ class BenchResult(BaseModel):
         "VmHWM", description="VmHWM, or 'VmHWM (process lifetime)' where it could not be reset"
     )
     predicted_for_this_run_mb: float = Field(
-        ..., ge=0, description="edgerunner.memory's peak RSS for this run: same settings, "
+        ..., ge=0, description="edgerunner.pack.memory's peak RSS for this run: same settings, "
         "filled_tokens in the context, this machine's CPU features"
     )
     predicted_full_context_mb: float = Field(
@@ -177,13 +177,13 @@ def run_bench(bundle: Bundle, prompt_tokens: int = 128, decode_tokens: int = 64,
 
 
 def predicted_for_run(model_path: Path, plan: RuntimePlan, filled: int) -> float:
-    """edgerunner.memory's peak RSS, MiB, for the plan's settings with `filled` tokens evaluated.
+    """The memory model's peak RSS, MiB, for the plan's settings with `filled` tokens evaluated.
 
     The CPU features are this machine's: they decide which weights llama.cpp repacks here.
     """
-    from edgerunner.gguf_info import read_model_info
     from edgerunner.host.cpu import host_cpu_features
-    from edgerunner.memory import estimate_memory
+    from edgerunner.pack.gguf_info import read_model_info
+    from edgerunner.pack.memory import estimate_memory
 
     # The settings llama_kwargs hands llama.cpp, as estimate_memory spells them.
     return estimate_memory(

@@ -30,10 +30,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import BaseRoute, Route
 
 from edgerunner import __version__
-from edgerunner.manifest import BundleManifest
-from edgerunner.runtime import ollama_protocol as op
+from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.runtime import protocol
-from edgerunner.runtime.http import Inbox
+from edgerunner.runtime.http import ollama_protocol as op
+from edgerunner.runtime.http.app import Inbox
 from edgerunner.runtime.protocol import (
     AnyRequest,
     DoneEvent,

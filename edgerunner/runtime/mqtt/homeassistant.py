@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgerunner import __version__
+from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.errors import ConfigError
-from edgerunner.manifest import BundleManifest
-from edgerunner.runtime.mqtt_topics import ROOT, DeviceTopics
+from edgerunner.runtime.mqtt.topics import ROOT, DeviceTopics
 
 if TYPE_CHECKING:
-    from edgerunner.runtime.config import MqttConfig
+    from edgerunner.bundle.settings import MqttConfig
     from edgerunner.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -229,8 +229,8 @@ def publish_state(discovery: Discovery, publish: Publish, info: dict[str, Any],
 def forget_device(config: MqttConfig, device_id: str, timeout: float = 10.0) -> list[str]:
     """Connect to the broker and clear `device_id`'s retained discovery configs and state (HA
     then deletes the device); the topics cleared. ConfigError if the broker cannot be reached."""
-    from edgerunner.runtime.mqtt_session import SessionOptions, connect_async, new_client
-    from edgerunner.runtime.mqtt_topics import redact_url
+    from edgerunner.runtime.mqtt.session import SessionOptions, connect_async, new_client
+    from edgerunner.runtime.mqtt.topics import redact_url
 
     if not config.url:
         raise ConfigError("no MQTT broker to remove the device from",

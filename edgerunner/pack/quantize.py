@@ -14,9 +14,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from edgerunner.bundle import reached_size_limit, too_large_error
+from edgerunner.bundle.store import reached_size_limit, too_large_error
 from edgerunner.errors import BundleError, QuantizeError
-from edgerunner.llama_log import llama_log_hook
+from edgerunner.pack.llama_log import llama_log_hook
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def quantize(
     if not src.is_file():
         raise QuantizeError(f"model file {src} does not exist", hint="check the path")
     if source_type is None:
-        from edgerunner.gguf_info import read_model_info
+        from edgerunner.pack.gguf_info import read_model_info
 
         source_type = read_model_info(src).file_type
     requantize = source_type.upper() not in FLOAT_TYPES

@@ -30,13 +30,13 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edgerunner import __version__
-from edgerunner.runtime import homeassistant
-from edgerunner.runtime.config import MqttConfig
-from edgerunner.runtime.mqtt_link import Link
-from edgerunner.runtime.mqtt_reply import Replier, ReplyRoute, ReplyStream, encode
-from edgerunner.runtime.mqtt_request import read_request
-from edgerunner.runtime.mqtt_session import SessionOptions
-from edgerunner.runtime.mqtt_topics import (
+from edgerunner.bundle.settings import MqttConfig
+from edgerunner.runtime.mqtt import homeassistant
+from edgerunner.runtime.mqtt.link import Link
+from edgerunner.runtime.mqtt.reply import Replier, ReplyRoute, ReplyStream, encode
+from edgerunner.runtime.mqtt.request import read_request
+from edgerunner.runtime.mqtt.session import SessionOptions
+from edgerunner.runtime.mqtt.topics import (
     POOL_SUBSCRIPTION,
     DeviceTopics,
     SeenIds,

@@ -8,13 +8,13 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgerunner.bundle.manifest import KVType, MemoryEstimate, Prediction, RuntimePlan
 from edgerunner.errors import EdgerunnerError, PlanError
-from edgerunner.gguf_info import ModelInfo
-from edgerunner.manifest import KVType, MemoryEstimate, Prediction, RuntimePlan
-from edgerunner.memory import CTX_PAD, QuantFacts, estimate_memory, kv_bytes, quant_facts
-from edgerunner.plan_reasons import choice_reasons, explain_rejections
+from edgerunner.pack.gguf_info import ModelInfo
+from edgerunner.pack.memory import CTX_PAD, QuantFacts, estimate_memory, kv_bytes, quant_facts
+from edgerunner.pack.plan_reasons import choice_reasons, explain_rejections
+from edgerunner.pack.quant_rules import PRESETS, check_preset
 from edgerunner.profiles import DeviceProfile
-from edgerunner.quant_rules import PRESETS, check_preset
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.errors import InstallError
-from edgerunner.manifest import BundleManifest
 from edgerunner.paths import SERVICE_RUNTIME_DIR, SERVICE_SOCKET_NAME, systemd_dir
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def socket_path(bundle_name: str) -> str:
 
 def default_drain_timeout_s() -> float:
     """The drain timeout `edgerunner serve` uses unless its config says otherwise."""
-    from edgerunner.runtime.config import ServeConfig
+    from edgerunner.bundle.settings import ServeConfig
 
     return ServeConfig().drain_timeout_s
 

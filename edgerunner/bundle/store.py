@@ -20,9 +20,10 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgerunner._fs import sha256_file
+from edgerunner.bundle.manifest import SCHEMA_VERSION, BundleManifest, FileEntry
 from edgerunner.errors import BundleError
-from edgerunner.manifest import SCHEMA_VERSION, BundleManifest, FileEntry
-from edgerunner.models import sha256_file
+from edgerunner.host.memory import MemoryProbe
 
 logger = logging.getLogger(__name__)
 
@@ -366,8 +367,6 @@ def _check_files(path: Path, manifest: BundleManifest, report: VerifyReport) -> 
 
 
 def _check_memory_here(manifest: BundleManifest, report: VerifyReport, root: Path) -> None:
-    from edgerunner.runtime.guard import MemoryProbe
-
     needed = manifest.prediction.memory.total_mb
     snapshot = MemoryProbe(root).read()
     free = snapshot.headroom_mb
@@ -406,7 +405,7 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     """Open a bundle directory (or a .tar of one); by default refuse it unless it verifies."""
     path = Path(path)
     if path.is_file():
-        from edgerunner.archive import extract_cached
+        from edgerunner.bundle.archive import extract_cached
 
         path = extract_cached(path)
     if not path.exists():

@@ -27,14 +27,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgerunner.errors import ClientError
-from edgerunner.runtime.mqtt_session import (
+from edgerunner.runtime.mqtt.session import (
     Protocol,
     SessionOptions,
     connect_async,
     new_client,
     refuses_v5,
 )
-from edgerunner.runtime.mqtt_topics import (
+from edgerunner.runtime.mqtt.topics import (
     DEFAULT_REPLY_PREFIX,
     POOL_TOPIC,
     BrokerAddress,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from edgerunner.errors import PlanError
-from edgerunner.gguf_info import ModelInfo, TensorInfo
+from edgerunner.pack.gguf_info import ModelInfo, TensorInfo
 
 # Preset name -> llama_ftype value (include/llama.h), which llama_model_quantize takes.
 PRESETS: dict[str, int] = {

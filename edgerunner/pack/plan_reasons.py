@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edgerunner.planner import Candidate
+    from edgerunner.pack.planner import Candidate
 
 
 def explain_rejections(

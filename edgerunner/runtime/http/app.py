@@ -30,10 +30,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive
 
+from edgerunner.bundle.settings import ServeConfig
 from edgerunner.errors import ConfigError
 from edgerunner.runtime import protocol
-from edgerunner.runtime.config import ServeConfig
-from edgerunner.runtime.http_guard import (
+from edgerunner.runtime.http.guard import (
     Access,
     AccessMiddleware,
     CatchAllMiddleware,
@@ -283,7 +283,7 @@ def create_app(
     access: Access | None = None,
 ) -> Starlette:
     """The ASGI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
-    from edgerunner.runtime import ollama  # imports Inbox from here
+    from edgerunner.runtime.http import ollama  # imports Inbox from here
 
     app = _App(scheduler, info, metrics, max_body_bytes, stream_flush_s)
 

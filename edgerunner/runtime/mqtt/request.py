@@ -11,8 +11,8 @@ from typing import Any
 
 from paho.mqtt.properties import Properties
 
-from edgerunner.runtime.mqtt_reply import ReplyRoute
-from edgerunner.runtime.mqtt_topics import reply_topic_problem
+from edgerunner.runtime.mqtt.reply import ReplyRoute
+from edgerunner.runtime.mqtt.topics import reply_topic_problem
 from edgerunner.runtime.protocol import (
     ChatCompletionRequest,
     RequestError,

@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 if TYPE_CHECKING:
-    from edgerunner.manifest import BundleManifest
+    from edgerunner.bundle.manifest import BundleManifest
 
 logger = logging.getLogger(__name__)
 

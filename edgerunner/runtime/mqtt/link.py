@@ -30,8 +30,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgerunner.runtime.mqtt_reply import ReplyBacklogFull
-from edgerunner.runtime.mqtt_session import (
+from edgerunner.runtime.mqtt.reply import ReplyBacklogFull
+from edgerunner.runtime.mqtt.session import (
     PROTOCOL_MAX_PACKET,
     SessionOptions,
     announced_max_packet,
@@ -39,7 +39,7 @@ from edgerunner.runtime.mqtt_session import (
     new_client,
     refuses_v5,
 )
-from edgerunner.runtime.mqtt_topics import BrokerAddress
+from edgerunner.runtime.mqtt.topics import BrokerAddress
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The bundle contract: manifest, config.toml settings, systemd unit, write, verify, archive."""

@@ -1,0 +1,1 @@
+"""Clients of a running daemon: HTTP over its unix socket, and MQTT."""

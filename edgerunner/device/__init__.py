@@ -1,0 +1,1 @@
+"""On the device: detect a profile, install a bundle, benchmark it."""

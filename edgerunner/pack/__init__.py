@@ -1,0 +1,1 @@
+"""Workstation side: read a GGUF header, plan for a device, quantize, write the bundle."""

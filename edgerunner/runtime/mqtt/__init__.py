@@ -1,0 +1,1 @@
+"""The MQTT transport: session, link, topics, requests, replies, Home Assistant discovery."""
