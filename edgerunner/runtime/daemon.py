@@ -35,7 +35,7 @@ from edgerunner.runtime.guard import (
     fit_plan,
     scaled_estimate,
 )
-from edgerunner.runtime.http.app import HttpTransport, create_app
+from edgerunner.runtime.http.app import HttpTransport, transport_from_config
 from edgerunner.runtime.metrics import render_metrics
 from edgerunner.runtime.notify import (
     Heartbeat,
@@ -263,11 +263,8 @@ class Daemon:
         )
         self.guard.start()
         self.scheduler.start()
-        app = create_app(self.scheduler, self.info, self.metrics,
-                         max_body_bytes=config.max_body_bytes,
-                         stream_flush_s=config.stream_flush_s)
-        self.http = HttpTransport(app, config.socket_path(), config.socket_mode,
-                                  config.http_host_port())
+        # the API key, Host/Origin checks and connection cap from the config apply here
+        self.http = transport_from_config(config, self.scheduler, self.info, self.metrics)
         await self.http.start()
         # ready before MQTT connects, so its first info/state messages say so
         self.state = "ready"
