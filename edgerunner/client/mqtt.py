@@ -84,6 +84,7 @@ class MqttChat:
             "username": username, "password": password, "ca_file": ca_file}
         self._client, self._address = self._new_client(protocol)
         self._published: dict[int, str] = {}  # mid → request id, until the broker acknowledges
+        self._early_acks: dict[int, int] = {}  # mid → reason, acknowledged before it was mapped
         self._subscribed = threading.Event()
         self._answered = threading.Event()  # the broker accepted or refused a CONNECT
         self._refused: ReasonCode | None = None
@@ -168,10 +169,16 @@ class MqttChat:
                 props.MessageExpiryInterval = expiry_s
         else:
             payload.update(reply_to=topic, id=request_id)
+        # not under self._lock: paho calls on_publish holding its own message lock, and
+        # on_publish takes self._lock — publishing under it deadlocked against a fast PUBACK
+        info = self._client.publish(self.request_topic, json.dumps(payload), qos=1,
+                                    properties=props)
         with self._lock:
-            info = self._client.publish(self.request_topic, json.dumps(payload), qos=1,
-                                        properties=props)
-            self._published[info.mid] = request_id
+            early = self._early_acks.pop(info.mid, None)
+            if early is None:
+                self._published[info.mid] = request_id
+        if early is not None:  # the broker answered before publish() returned
+            self._acknowledged(request_id, early)
         return request_id
 
     def replies(self, request_id: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
@@ -270,9 +277,18 @@ class MqttChat:
                     properties: Any) -> None:
         with self._lock:
             request_id = self._published.pop(mid, None)
-            inbox = self._inboxes.get(request_id) if request_id else None
+            if request_id is None:
+                if len(self._early_acks) > 1024:  # acks of publishes that are not requests
+                    self._early_acks.clear()
+                self._early_acks[mid] = reason.value
+                return
+        self._acknowledged(request_id, reason.value)
+
+    def _acknowledged(self, request_id: str, reason: int) -> None:
+        with self._lock:
+            inbox = self._inboxes.get(request_id)
         # v5 brokers say when nobody subscribes to the request topic: the request is gone
-        if inbox is not None and reason.value == NO_MATCHING_SUBSCRIBERS:
+        if inbox is not None and reason == NO_MATCHING_SUBSCRIBERS:
             where = f"device {self.device_id}" if self.device_id else "the pool"
             inbox.put({"error": {
                 "type": "not_delivered", "code": "no_subscribers",
