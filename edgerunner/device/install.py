@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgerunner._fs import atomic_write_text
 from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.bundle.unit import (
     BUNDLES_DIR,
@@ -371,18 +372,15 @@ def _write_file(report: InstallReport, path: Path, text: str, dry_run: bool, mod
     if dry_run:
         return
     _mkdir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+
+    def permissions(tmp: Path) -> None:
         os.chmod(tmp, mode)
         if mode & 0o040 and not mode & 0o004:
-            _chgrp_service(Path(tmp))
-        os.replace(tmp, path)
+            _chgrp_service(tmp)
+
+    try:
+        atomic_write_text(path, text, before_rename=permissions)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise InstallError(f"could not write {path}: {exc.strerror or exc}",
                            hint="run as root, or pass --root DIR") from exc
 
