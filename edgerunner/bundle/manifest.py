@@ -11,6 +11,8 @@ from edgerunner.profiles import DeviceProfile
 SCHEMA_VERSION = 1
 
 KVType = Literal["f16", "q8_0"]
+MAX_PARALLEL = 16
+PREFIX_CACHE_ENTRIES = 4  # prompts the shared-prefix cache keeps at most (LRU)
 
 
 class _Model(BaseModel):
@@ -44,13 +46,28 @@ class RuntimePlan(_Model):
     n_ubatch: int = Field(512, ge=1, description="Physical batch")
     mmap: bool = Field(True, description="Memory-map the weights")
     mlock: bool = Field(False, description="Lock weights in RAM")
+    n_parallel: int = Field(1, ge=1, le=MAX_PARALLEL,
+                            description="Requests decoded together in one batch (continuous "
+                            "batching); they share the n_ctx KV cells")
+    prefix_cache_cells: int = Field(0, ge=0, description="KV cells the shared-prefix cache may "
+                                    "hold for recent prompts (part of n_ctx; 0: no cache)")
+
+    @property
+    def n_seq_max(self) -> int:
+        """Sequences the llama.cpp context is created for: one per parallel slot, plus the
+        prefix cache's own (each cached prompt is a sequence whose cells others copy)."""
+        return self.n_parallel + (PREFIX_CACHE_ENTRIES if self.prefix_cache_cells else 0)
 
 
 class Prediction(_Model):
     """What the plan predicts for this device."""
 
     memory: MemoryEstimate = Field(default_factory=MemoryEstimate)
-    decode_tps: float = Field(0.0, ge=0, description="Predicted decode tokens/s")
+    decode_tps: float = Field(0.0, ge=0, description="Predicted decode tokens/s (one stream)")
+    stream_tps: float = Field(0.0, ge=0, description="Predicted tokens/s of each stream when "
+                              "n_parallel decode together")
+    aggregate_tps: float = Field(0.0, ge=0, description="Predicted tokens/s summed over "
+                                 "n_parallel streams")
     file_size: int = Field(0, ge=0, description="Predicted model.gguf size in bytes")
 
 

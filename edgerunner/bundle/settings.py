@@ -177,7 +177,7 @@ class ServeConfig(_Settings):
         "seconds (also the keep-alive timeout between requests)",
     )
     queue_depth: int = Field(
-        8, ge=1, le=1024, description="Requests waiting beyond the running one"
+        8, ge=1, le=1024, description="Requests waiting beyond the running ones"
     )
     request_timeout_s: float = Field(
         300.0, gt=0, le=86_400, description="A request not finished this long after arrival fails"
@@ -225,6 +225,10 @@ class ServeConfig(_Settings):
     )
     n_threads: int | None = Field(
         None, ge=1, le=256, description="Override the plan's decode threads"
+    )
+    n_parallel: int | None = Field(
+        None, ge=1, le=16,
+        description="Requests decoded together (continuous batching); unset = the plan's",
     )
     mqtt: MqttConfig = Field(
         default_factory=lambda: MqttConfig.model_validate({}), description="MQTT transport"

@@ -52,6 +52,8 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
               help="Serve a smaller context than the plan (uses less memory).")
 @click.option("--threads", "n_threads", type=click.IntRange(1, 256),
               help="Override the plan's thread count.")
+@click.option("--parallel", "n_parallel", type=click.IntRange(1, 16),
+              help="Requests decoded together [default: the plan's n_parallel].")
 @click.option("--log-prompts", is_flag=True, default=None, help="Log prompts and outputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's hash check (faster start).")
 def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url: str | None,
