@@ -13,12 +13,20 @@ llama.cpp), so it holds for any architecture llama.cpp runs, not only the test m
   process touches is the live set of the largest graph it runs: a full ubatch attending over
   the whole context with one output row. That live set is modelled tensor by tensor below,
   plus ggml-cpu's separate work buffer (matmul operands converted to the weights' dot type).
-- logits: llama.cpp's output buffer (n_vocab floats per output row). llama-cpp-python also
+- logits: llama.cpp's output buffer (n_vocab floats per output row). llama_context's
+  output_reserve sizes it for max(n_outputs, n_seq_max) rows and clears it, so a context made
+  for n_seq_max sequences holds n_seq_max rows from the start. llama-cpp-python also
   allocates a `scores` array of n_batch × n_vocab floats, but with logits_all=False it never
   writes it (llama.py `eval`), so those pages are never backed; with logits_all=True it holds
   n_ctx rows and fills them.
 - overhead: Python, numpy, the llama.cpp libraries and the vocabulary's host structures,
-  measured (see OVERHEAD_* below).
+  measured (see OVERHEAD_* below), plus the sampler state of each extra parallel stream.
+
+With n_parallel streams (continuous batching) the context is created with n_seq_max
+sequences and a unified KV cache (kv_unified): the streams share the n_ctx cells, so the KV
+cache does not grow. What grows is the output buffer (above), the sampler state, the touched
+compute graph's output stage (one logits row per stream) and, slightly, the reserve: graph_reserve
+rounds the ubatch up to a multiple of n_seq_max tokens.
 """
 
 from __future__ import annotations
@@ -55,6 +63,15 @@ CTX_PAD = 256
 OVERHEAD_BASE_MB = 61.5
 OVERHEAD_PER_VOCAB_BYTES = 354
 OVERHEAD_REQUEST_MB = 4.0
+
+# Each stream of a batch samples with its own llama_sampler chain (runtime/batch.py), which
+# keeps, once it has sampled, a token-data buffer of n_vocab × sizeof(llama_token_data) = 12
+# bytes (llama-sampler.h, llama_sampler_chain::cur), plus small fixed state: the dist
+# sampler's two std::mt19937 (5 KB each), the penalties ring of last_n tokens and its count
+# map (< 4 KB at last_n = 64). The first stream's sampler is in OVERHEAD_REQUEST_MB already.
+# The n_vocab × 12 candidates a sampler call builds outside a chain are transient (freed per call).
+SAMPLER_TOKEN_DATA_BYTES = 12
+SAMPLER_FIXED_BYTES = 16 << 10
 
 
 def _pad(value: int, to: int) -> int:
@@ -356,13 +373,18 @@ def graph_bytes(
 
 def reserved_compute_bytes(
     info: ModelInfo, n_ctx: int, n_batch: int = 512, n_ubatch: int = 512,
-    flash_attn: bool = False, swa_full: bool = True,
+    flash_attn: bool = False, swa_full: bool = True, n_seq_max: int = 1,
 ) -> int:
     """What llama.cpp reserves (and logs as `CPU compute buffer size`): the prompt graph over
-    the full cache with a logits row for every token of the ubatch. Virtual, not resident."""
+    the full cache with a logits row for every token of the ubatch. Virtual, not resident.
+
+    With a unified KV cache the graph's shapes do not depend on the sequences, but
+    llama_context::graph_reserve rounds the ubatch's tokens up to a multiple of n_seq_max
+    (its outputs stay min(n_ubatch, n_outputs_max) = n_ubatch)."""
     shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full)
+    tokens = _pad(shape.n_ubatch, max(1, n_seq_max))
     compute, _ = graph_bytes(
-        info, shape.n_ubatch, shape.n_ctx, shape.n_ctx_swa, shape.n_ubatch, flash_attn
+        info, tokens, shape.n_ctx, shape.n_ctx_swa, shape.n_ubatch, flash_attn
     )
     return compute
 
@@ -395,10 +417,24 @@ def touched_compute_bytes(
 # --- the estimate --------------------------------------------------------------------------
 
 
-def overhead_bytes(info: ModelInfo) -> int:
-    """Python + libraries + the vocabulary's host structures + per-request slack (measured)."""
+def output_buffer_bytes(info: ModelInfo, n_seq_max: int = 1, n_outputs: int = 1) -> int:
+    """llama.cpp's output buffer: output_reserve allocates max(n_outputs, n_seq_max) logits rows
+    of n_vocab floats, and clears them (resident from context creation)."""
+    return info.n_vocab * 4 * max(n_outputs, n_seq_max)
+
+
+def sampler_state_bytes(info: ModelInfo, n_parallel: int = 1) -> int:
+    """The samplers of the streams beyond the first (the first is in the measured overhead)."""
+    per_stream = info.n_vocab * SAMPLER_TOKEN_DATA_BYTES + SAMPLER_FIXED_BYTES
+    return max(0, n_parallel - 1) * per_stream
+
+
+def overhead_bytes(info: ModelInfo, n_parallel: int = 1) -> int:
+    """Python + libraries + the vocabulary's host structures + per-request slack (measured),
+    and the sampler state of each extra parallel stream."""
     mb = OVERHEAD_BASE_MB + OVERHEAD_REQUEST_MB
-    return int(mb * MIB) + OVERHEAD_PER_VOCAB_BYTES * info.n_vocab
+    vocab = OVERHEAD_PER_VOCAB_BYTES * info.n_vocab
+    return int(mb * MIB) + vocab + sampler_state_bytes(info, n_parallel)
 
 
 @dataclass(frozen=True)
@@ -440,7 +476,8 @@ def estimate_memory(
     info: ModelInfo, quant: str, n_ctx: int, kv_type: KVType = "f16", n_batch: int = 512,
     n_ubatch: int = 512, flash_attn: bool = False, swa_full: bool = True,
     filled: int | None = None, logits_all: bool = False, cpu_features: Iterable[str] = (),
-    mmap: bool = True, facts: QuantFacts | None = None,
+    mmap: bool = True, facts: QuantFacts | None = None, n_parallel: int = 1,
+    n_seq_max: int | None = None,
 ) -> MemoryEstimate:
     """Predicted peak RSS, by part, of serving `info` quantized to `quant` with these settings.
 
@@ -448,6 +485,9 @@ def estimate_memory(
     a full context, is the worst case a server reaches. `cpu_features` (the profile's ISA
     features) decide which weights llama.cpp repacks; `mmap` whether the file is mapped.
     `facts` (from quant_facts) saves recomputing the weights side for many contexts.
+    `n_parallel` streams decode together in a context made for `n_seq_max` sequences
+    (RuntimePlan.n_seq_max: the streams plus the prefix cache's; default n_parallel), all
+    sharing the n_ctx cells.
     """
     if kv_type != "f16" and not flash_attn:
         raise ValueError("a quantized KV cache needs flash attention in llama.cpp")
@@ -456,8 +496,11 @@ def estimate_memory(
     facts = facts or quant_facts(info, quant, cpu_features)
     weights = facts.resident(mmap)
     kv = kv_bytes(info, n_ctx, kv_type, n_batch, n_ubatch, swa_full)
-    compute = touched_compute_bytes(info, shape, used, flash_attn, facts.dominant_type)
-    logits = info.n_vocab * 4  # llama.cpp output buffer: one row when only the last token asks
+    seqs = max(n_parallel, n_seq_max or n_parallel)
+    # a batch step asks one logits row of each stream (the last prompt token or the next one)
+    compute = touched_compute_bytes(info, shape, used, flash_attn, facts.dominant_type,
+                                    n_outputs=n_parallel)
+    logits = output_buffer_bytes(info, seqs)
     if logits_all:
         logits = info.n_vocab * 4 * shape.n_batch + info.n_vocab * 4 * used
     return MemoryEstimate(
@@ -465,7 +508,7 @@ def estimate_memory(
         kv_mb=round(kv / MIB, 2),
         compute_mb=round(compute / MIB, 2),
         logits_mb=round(logits / MIB, 2),
-        overhead_mb=round(overhead_bytes(info) / MIB, 2),
+        overhead_mb=round(overhead_bytes(info, n_parallel) / MIB, 2),
     )
 
 
