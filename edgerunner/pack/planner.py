@@ -8,10 +8,18 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgerunner.bundle.manifest import KVType, MemoryEstimate, Prediction, RuntimePlan
+from edgerunner.bundle.manifest import (
+    MAX_PARALLEL,
+    KVType,
+    MemoryEstimate,
+    Prediction,
+    RuntimePlan,
+)
+from edgerunner.bundle.unit import PROMPT_SPEEDUP
 from edgerunner.errors import EdgerunnerError, PlanError
 from edgerunner.pack.gguf_info import ModelInfo
 from edgerunner.pack.memory import CTX_PAD, QuantFacts, estimate_memory, kv_bytes, quant_facts
+from edgerunner.pack.parallel import ParallelChoice, choose_parallel
 from edgerunner.pack.plan_reasons import choice_reasons, explain_rejections
 from edgerunner.pack.quant_rules import PRESETS, check_preset
 from edgerunner.profiles import DeviceProfile
@@ -66,6 +74,10 @@ class PlanOptions(BaseModel):
     quant: str | None = Field(None, description="Force this quantization preset, e.g. Q4_K_M")
     reserve_mb: int | None = Field(
         None, ge=0, description="Extra MiB kept free on top of the profile's OS reserve",
+    )
+    parallel: int | None = Field(
+        None, ge=1, le=MAX_PARALLEL, description="Force this many streams decoded together "
+        "(default: the most the device's speed, memory and context allow, of 1, 2, 4, 8)",
     )
 
 
@@ -129,11 +141,20 @@ def allowed_presets(info: ModelInfo) -> list[str]:
 
 def decode_tps(
     profile: DeviceProfile, facts: QuantFacts, info: ModelInfo, n_ctx: int, kv_type: KVType,
-    swa_full: bool,
+    swa_full: bool, n_parallel: int = 1,
 ) -> float:
-    """Decoding is memory-bound: every token reads the weights and, on average, half the KV."""
-    bytes_per_token = facts.data_bytes + kv_bytes(info, n_ctx, kv_type, swa_full=swa_full) / 2
-    return profile.memory.bandwidth_gbs * 1e9 / bytes_per_token * profile.decode_efficiency
+    """Tokens/s of each of `n_parallel` streams decoding together (1: a lone stream).
+
+    Decoding is memory-bound: a step reads the weights once, for every stream in it, plus
+    each stream's KV cells. The streams share the n_ctx cells of one unified cache, so
+    together they hold what one stream would, on average half of it. A batch of n streams
+    does n tokens' arithmetic, though, and a CPU runs out of it after a few: prompt
+    processing (the same matmuls over many tokens) runs only PROMPT_SPEEDUP times faster per
+    token than decode, so a step of n streams takes at least n / PROMPT_SPEEDUP lone steps.
+    """
+    bytes_per_step = facts.data_bytes + kv_bytes(info, n_ctx, kv_type, swa_full=swa_full) / 2
+    lone = profile.memory.bandwidth_gbs * 1e9 / bytes_per_step * profile.decode_efficiency
+    return lone / max(1.0, n_parallel / PROMPT_SPEEDUP)
 
 
 def _context_grid(min_ctx: int, max_ctx: int) -> list[int]:
@@ -216,6 +237,25 @@ class _Planner:
             ),
         )
 
+    def parallel(self, chosen: Candidate) -> ParallelChoice:
+        """n_parallel and the prefix cache for the chosen quant and context."""
+        facts = quant_facts(self.info, chosen.quant, self.features)
+
+        def memory(n_parallel: int, n_seq_max: int) -> MemoryEstimate:
+            return estimate_memory(
+                self.info, chosen.quant, chosen.n_ctx, kv_type=chosen.kv_type,
+                flash_attn=chosen.flash_attn, swa_full=chosen.swa_full,
+                cpu_features=self.features, mmap=chosen.mmap, facts=facts,
+                n_parallel=n_parallel, n_seq_max=n_seq_max,
+            )
+
+        def stream_tps(n_parallel: int) -> float:
+            return decode_tps(self.profile, facts, self.info, chosen.n_ctx, chosen.kv_type,
+                              chosen.swa_full, n_parallel)
+
+        return choose_parallel(chosen.n_ctx, self.budget_mb, self.options.min_tps, stream_tps,
+                               memory, forced=self.options.parallel)
+
     def candidates(self, presets: Iterable[str]) -> list[Candidate]:
         swa_options = (True, False) if self.info.has_swa else (True,)
         found = []
@@ -297,11 +337,15 @@ def make_plan(
     unquantized = info.file_type.upper() in _UNQUANTIZED_SOURCES
     band = EQUAL_QUALITY_KLD if unquantized else 0.0
     chosen, equal = _pick(fits, options.min_tps, planner.warnings, band)
+    parallel = planner.parallel(chosen)
+    chosen.memory = parallel.memory  # the choice as it will serve: with its streams
+    planner.warnings.extend(parallel.warnings)
     explain_rejections(cands, chosen, options.min_tps, equal)
     rivals = [_best_config([c for c in fits if c.quant == q and c.decode_tps >= options.min_tps])
               for q in sorted(equal - {chosen.quant})]
     reasons = choice_reasons(cands, chosen, rivals, options.min_tps, planner.budget_mb,
                              planner.max_ctx, band, forced=options.quant is not None)
+    reasons.extend(parallel.reasons)
     if not unquantized:
         planner.warnings.append(
             f"the source is already quantized ({info.file_type}): the bundle is a "
@@ -312,13 +356,15 @@ def make_plan(
         quant=chosen.quant, n_ctx=chosen.n_ctx, kv_type=chosen.kv_type,
         flash_attn=chosen.flash_attn, swa_full=chosen.swa_full, n_threads=profile.threads,
         n_batch=512, n_ubatch=512, mmap=chosen.mmap, mlock=False,
+        n_parallel=parallel.n_parallel, prefix_cache_cells=parallel.prefix_cache_cells,
     )
     return PlanResult(
         model=info.name, profile=profile.name, budget_mb=planner.budget_mb,
         min_ctx=planner.min_ctx, max_ctx=planner.max_ctx, candidates=cands, chosen=chosen,
         reasons=reasons, runtime=runtime,
         prediction=Prediction(
-            memory=chosen.memory, decode_tps=chosen.decode_tps, file_size=chosen.file_size
+            memory=chosen.memory, decode_tps=chosen.decode_tps, file_size=chosen.file_size,
+            stream_tps=parallel.stream_tps, aggregate_tps=parallel.aggregate_tps,
         ),
         warnings=planner.warnings,
     )
