@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from edgerunner.bundle.manifest import MAX_PARALLEL
 from edgerunner.cli.output import console, json_option, print_json
 from edgerunner.pack.quantize import Progress as ProgressCallback
 from edgerunner.profiles import resolve_profile
@@ -32,6 +33,8 @@ def plan_flags(func: Any) -> Any:
         click.option("--quant", help="Force this quantization preset, e.g. Q4_K_M."),
         click.option("--reserve-mb", type=click.IntRange(min=0),
                      help="Extra memory to leave free on the device, MiB."),
+        click.option("--parallel", type=click.IntRange(1, MAX_PARALLEL),
+                     help="Streams decoded together (default: what the device allows)."),
     ]
     for flag in reversed(flags):
         func = flag(func)
@@ -96,13 +99,17 @@ def pack_cmd(
         out.print(f"[yellow]warning:[/] {warning}")
     out.print(
         f"plan for {profile.name}: {plan.quant}, context {plan.n_ctx}, KV {plan.kv_type}"
-        f"{', flash attention' if plan.flash_attn else ''}, {plan.n_threads} threads"
+        f"{', flash attention' if plan.flash_attn else ''}, {plan.n_threads} threads, "
+        f"{plan.n_parallel} parallel stream{'s' if plan.n_parallel > 1 else ''}, "
+        f"prefix cache {plan.prefix_cache_cells} cells"
     )
     out.print(
         f"predicted peak memory {pred.memory.total_mb:.0f} MiB of {profile.usable_mb} MiB usable "
         f"(weights {pred.memory.weights_mb:.0f}, KV {pred.memory.kv_mb:.0f}, "
         f"compute {pred.memory.compute_mb:.0f}, logits {pred.memory.logits_mb:.0f}, "
-        f"overhead {pred.memory.overhead_mb:.0f}); decode ≈ {pred.decode_tps:.1f} tok/s"
+        f"overhead {pred.memory.overhead_mb:.0f}); decode ≈ {pred.decode_tps:.1f} tok/s, "
+        f"{pred.stream_tps:.1f} per stream and {pred.aggregate_tps:.1f} in all with "
+        f"{plan.n_parallel}"
     )
     error = f" ({100 * result.size_error:+.2f}%)" if result.predicted_size else ""
     out.print(

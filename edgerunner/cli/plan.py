@@ -28,29 +28,34 @@ def render_plan(result: PlanResult) -> None:
     out = console()
     table = Table(
         "quant", "KLD", "KV cache", "n_ctx", "MiB", "weights+KV+compute+other", "tok/s",
-        "verdict",
+        "streams", "verdict",
         title=f"{result.model} on {result.profile}: {result.budget_mb:.0f} MiB budget, "
         f"context {result.min_ctx}–{result.max_ctx}",
     )
+    r, p = result.runtime, result.prediction
     for c in result.candidates:
         m = c.memory
         kv = c.kv_type + ("+FA" if c.flash_attn else "") + ("" if c.swa_full else " SWA-trim")
         chosen = c == result.chosen
+        # candidates are compared as one stream; the choice is shown as it will serve
+        streams = f"{r.n_parallel}×{p.stream_tps:.1f}={p.aggregate_tps:.1f}" if chosen else "1"
         table.add_row(
             c.quant, f"{c.kl_divergence:.4f}", kv, str(c.n_ctx), f"{m.total_mb:.0f}",
             f"{m.weights_mb:.0f}+{m.kv_mb:.0f}+{m.compute_mb:.0f}+"
             f"{m.logits_mb + m.overhead_mb:.0f}",
-            f"{c.decode_tps:.1f}", "[bold green]chosen[/]" if chosen else (c.rejected or ""),
+            f"{c.decode_tps:.1f}", streams,
+            "[bold green]chosen[/]" if chosen else (c.rejected or ""),
             style="bold" if chosen else None,
         )
     out.print(table)
-    r, p = result.runtime, result.prediction
     out.print(
         f"chosen: [bold]{r.quant}[/], n_ctx {r.n_ctx}, KV {r.kv_type}"
         f"{', flash attention' if r.flash_attn else ''}"
         f"{'' if r.swa_full else ', sliding-window cache trimmed'}, {r.n_threads} threads, "
-        f"mmap {'on' if r.mmap else 'off'}; predicted peak {p.memory.total_mb:.0f} MiB, "
-        f"{p.decode_tps:.1f} tok/s, file {p.file_size / 2**20:.0f} MiB"
+        f"mmap {'on' if r.mmap else 'off'}, n_parallel {r.n_parallel}, prefix cache "
+        f"{r.prefix_cache_cells} cells; predicted peak {p.memory.total_mb:.0f} MiB, "
+        f"{p.decode_tps:.1f} tok/s alone, {p.stream_tps:.1f} per stream and "
+        f"{p.aggregate_tps:.1f} in all with {r.n_parallel}, file {p.file_size / 2**20:.0f} MiB"
     )
     for reason in result.reasons:
         out.print(f"  why: {reason}")
