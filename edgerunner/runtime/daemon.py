@@ -242,7 +242,8 @@ class Daemon:
         self._notify("status", f"loading {self.manifest.name}")
         self._notify("extend_timeout", self._expected_load_s() + 30)
         self.engine = Engine(self.bundle.model_path, fit.plan, name=self.manifest.name,
-                             n_threads=self.n_threads, extra_bufts=verdict.extra_bufts)
+                             n_threads=self.n_threads, extra_bufts=verdict.extra_bufts,
+                             n_parallel=self.config.n_parallel)
         await asyncio.to_thread(self.engine.load)
         self._setup_watchdog()
         self._setup_thermal()
@@ -416,13 +417,28 @@ class Daemon:
             "queue": {
                 "depth": scheduler.depth if scheduler else 0,
                 "max": self.config.queue_depth,
-                "running": scheduler.busy if scheduler else False,
+                "running": scheduler.running if scheduler else 0,
+                "slots": scheduler.slots if scheduler else self._n_parallel(),
             },
+            "prefix_cache": self._prefix_cache_info(),
             "temperature_c": self.temperature_c,
             # the Pi firmware's get_throttled word and its bits (None where there is none)
             "throttled": self.throttle.model_dump() if self.throttle is not None else None,
             "thermal": (self.governor.state.model_dump() if self.governor is not None else None),
             "cpu": self._cpu_info(),
+        }
+
+    def _n_parallel(self) -> int:
+        return self.config.n_parallel or self.manifest.plan.n_parallel
+
+    def _prefix_cache_info(self) -> dict[str, Any]:
+        engine, scheduler = self.engine, self.scheduler
+        stats = scheduler.stats if scheduler else None
+        return {
+            "cells": engine.prefix_cache_cells if engine else self.manifest.plan.prefix_cache_cells,
+            "hits": stats.prefix_cache_hits if stats else 0,
+            "misses": stats.prefix_cache_misses if stats else 0,
+            "tokens_reused": stats.prefix_cache_tokens if stats else 0,
         }
 
     def _cpu_info(self) -> dict[str, Any]:

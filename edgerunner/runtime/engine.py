@@ -15,7 +15,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ import llama_cpp
 from llama_cpp import llama_chat_format, llama_grammar
 from llama_cpp._internals import LlamaModel
 
-from edgerunner.bundle.manifest import RuntimePlan
+from edgerunner.bundle.manifest import PREFIX_CACHE_ENTRIES, RuntimePlan
 from edgerunner.errors import ModelError
+from edgerunner.runtime.batch import Batcher, Generation, sampler_chain
 from edgerunner.runtime.grammar import GrammarBuilder
 from edgerunner.runtime.protocol import (
     AnyRequest,
@@ -63,6 +64,7 @@ class Outcome:
     completion_tokens: int
     text: str
     prompt_evaluated: int = 0  # prompt tokens in the context; fewer when stopped mid-prompt
+    cached_tokens: int = 0  # of those, the ones the shared-prefix cache supplied
 
 
 def llama_kwargs(plan: RuntimePlan, n_threads: int | None = None) -> dict[str, Any]:
@@ -91,13 +93,18 @@ class Engine:
 
     def __init__(
         self, model_path: Path, plan: RuntimePlan, *, name: str, n_threads: int | None = None,
-        extra_bufts: bool = True,
+        extra_bufts: bool = True, n_parallel: int | None = None,
+        prefix_cache_cells: int | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.plan = plan
         self.name = name
         self.n_threads = n_threads
         self.extra_bufts = extra_bufts  # False: no AMX, no weight repacking (the preflight's)
+        self.n_parallel = n_parallel or plan.n_parallel
+        self.prefix_cache_cells = (plan.prefix_cache_cells if prefix_cache_cells is None
+                                   else prefix_cache_cells)
+        self._batcher: Batcher | None = None
         self._llm: _TrackedLlama | None = None
         self._vocab_only: LlamaModel | None = None
         self._formatter: Callable[..., llama_chat_format.ChatFormatterResponse] | None = None
@@ -154,8 +161,9 @@ class Engine:
                                  "check free memory and the bundle's plan (n_ctx, kv_type)"
                                  ) from exc
             self.load_seconds = time.perf_counter() - started
+            batcher = self._open_batcher(llm)
             with self._lock:
-                self._llm = llm
+                self._llm, self._batcher = llm, batcher
                 # the full model carries its own vocabulary; a second copy would only cost RSS
                 vocab_only, self._vocab_only = self._vocab_only, None
             if vocab_only is not None:
@@ -163,8 +171,21 @@ class Engine:
         logger.info("model loaded", extra={"event": "model_loaded", "seconds": self.load_seconds,
                                            "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
 
+    @property
+    def n_seq_max(self) -> int:
+        """Sequences in the context: the parallel slots, then the prefix cache's."""
+        cache = PREFIX_CACHE_ENTRIES if self.prefix_cache_cells else 0
+        return self.n_parallel + cache
+
     def _open_model(self, kwargs: dict[str, Any]) -> _TrackedLlama:
-        return _TrackedLlama(str(self.model_path), **kwargs, use_extra_bufts=self.extra_bufts)
+        return _TrackedLlama(str(self.model_path), **kwargs, use_extra_bufts=self.extra_bufts,
+                             n_seq_max=self.n_seq_max)
+
+    def _open_batcher(self, llm: _TrackedLlama) -> Batcher:
+        cache_ids = list(range(self.n_parallel, self.n_seq_max))
+        return Batcher(llm._model, llm._ctx, n_ctx=llm.n_ctx(), n_batch=llm.n_batch,
+                       n_parallel=self.n_parallel, cache_seq_ids=cache_ids,
+                       cache_cells=min(self.prefix_cache_cells, llm.n_ctx()))
 
     def set_threads(self, n_threads: int) -> None:
         """Change decode threads between requests (the thermal governor's lever)."""
@@ -178,6 +199,10 @@ class Engine:
         with self._load_lock:
             with self._lock:
                 llm, self._llm = self._llm, None
+                batcher, self._batcher = self._batcher, None
+            if batcher is not None:
+                batcher.clear()
+                batcher.close()
             if llm is not None:
                 llm.close()  # swapped out under the lock: nobody is using it
         if llm is not None:
@@ -318,85 +343,76 @@ class Engine:
 
     # -- generating (worker thread only) ------------------------------------------------------
 
+    @property
+    def batcher(self) -> Batcher:
+        """The loaded context's sequences (loads the weights if keep_alive unloaded them)."""
+        if self._batcher is None:
+            self.load()
+        assert self._batcher is not None
+        return self._batcher
+
+    def start(self, prepared: Prepared, on_text: Callable[[str], None] | None) -> Generation:
+        """Begin generating `prepared` beside whatever else runs (check `batcher.room_for`
+        first); `on_text` gets each released piece of text from inside `step()`."""
+        batcher = self.batcher
+        assert self._llm is not None
+        sampler = sampler_chain(self._llm._model, prepared.sampling, prepared.grammar)
+        return batcher.add(prepared.prompt_tokens, prepared.max_tokens, sampler,
+                           prepared.stop, on_text)
+
+    def step(self) -> list[Generation]:
+        """One decode for every running sequence; the ones that ended in it."""
+        return self.batcher.step()
+
+    def end(self, seq: Generation) -> Outcome:
+        """Take a sequence out of the batch (its KV cells freed) and say how it went."""
+        if self._batcher is not None:
+            self._batcher.remove(seq)
+        return Outcome(
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.completion),
+            text=seq.tail.text,
+            prompt_evaluated=seq.prompt_evaluated,
+            cached_tokens=seq.cached,
+        )
+
     def run(
         self,
         prepared: Prepared,
         on_text: Callable[[str], None] | None,
         should_stop: Callable[[], bool],
     ) -> Outcome:
-        """Generate; `on_text` gets each decoded piece; `should_stop` is polled per token."""
-        if self._llm is None:
-            self.load()
-        llm = self._llm
-        assert llm is not None
-        llm.tracked = []
-        llm.aborted_at = None
-        llm.should_stop = should_stop
-        pieces: list[str] = []
-        finish: FinishReason | None = None
-        stream = llm.create_completion(
-            prompt=prepared.prompt_tokens,
-            max_tokens=prepared.max_tokens,
-            stop=prepared.stop,
-            stream=True,
-            grammar=prepared.grammar,
-            **prepared.sampling,
-        )
-        assert isinstance(stream, Generator)
+        """Generate one request alone (nothing else may be running); `should_stop` is polled
+        between steps, so it stops within a token (or one n_batch chunk of its prompt)."""
+        if self.batcher.active:
+            raise RuntimeError("Engine.run needs the batch to itself")
+        seq = self.start(prepared, on_text)
         try:
-            with contextlib.closing(stream):
-                for chunk in stream:
-                    choice = chunk["choices"][0]
-                    piece = choice["text"]
-                    if piece and not llm.interrupted:
-                        pieces.append(piece)
-                        if on_text is not None:
-                            on_text(piece)
-                    if choice["finish_reason"] is not None:
-                        finish = choice["finish_reason"]
-                    if llm.interrupted:
-                        break
-        except RuntimeError:
-            # llama_cpp raises "llama_decode returned 2" when our abort callback stopped it
-            if llm.aborted_at is None:
-                raise
-            llm.forget_context()
+            while not seq.done and not should_stop():
+                self.step()
         finally:
-            llm.should_stop = None
-        n_prompt = len(prepared.prompt_tokens)
-        eog = sum(1 for t in llm.tracked if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
-        return Outcome(
-            finish_reason=None if llm.interrupted else (finish or "length"),
-            prompt_tokens=n_prompt,
-            completion_tokens=len(llm.tracked) - eog,
-            text="".join(pieces),
-            # a sampled token means the whole prompt was in; else the abort cut its evaluation
-            prompt_evaluated=(n_prompt if llm.tracked or llm.aborted_at is None
-                              else min(llm.aborted_at, n_prompt)),
-        )
+            outcome = self.end(seq)
+        if seq.error is not None:
+            raise seq.error
+        return outcome
 
 
 class _TrackedLlama(llama_cpp.Llama):
-    """Llama that records each sampled token and can be stopped between any two tokens, and
-    inside a decode (the prompt's too) through llama.cpp's abort callback."""
+    """Llama whose model and context parameters take what llama-cpp-python has no keyword for:
+    `use_extra_bufts` (the preflight's fallback) and `n_seq_max` with a unified KV cache (the
+    sequences continuous batching decodes together). Only its model and context are used: the
+    batch API (runtime.batch) generates, not Llama's single-sequence calls."""
 
-    tracked: list[int]
-    should_stop: Callable[[], bool] | None = None
-    interrupted = False
-    aborted_at: int | None = None  # n_tokens when the abort callback stopped a decode
-
-    def __init__(self, *args: Any, use_extra_bufts: bool = True, **kwargs: Any) -> None:
-        # read by the model_params setter, which Llama.__init__ goes through before loading
+    def __init__(self, *args: Any, use_extra_bufts: bool = True, n_seq_max: int = 1,
+                 **kwargs: Any) -> None:
+        # read by the setters below, which Llama.__init__ goes through before loading
         self._use_extra_bufts = use_extra_bufts
+        self._n_seq_max = n_seq_max
         super().__init__(*args, **kwargs)
-        # llama.cpp polls this between graph nodes, so a long prompt stops within one ubatch;
-        # the ctypes object must outlive the context, hence the attribute
-        self._abort_callback = llama_cpp.ggml_abort_callback(self._abort_requested)
-        self._no_abort_callback = llama_cpp.ggml_abort_callback()  # NULL: nothing to call
-        self._abort_armed = False
 
-    # llama-cpp-python has no keyword for llama_model_params.use_extra_bufts; Llama.__init__
-    # assigns self.model_params once and then fills it in, so the assignment sets it
+    # Llama.__init__ assigns self.model_params / self.context_params once and then fills them
+    # in, so the assignment is where these fields can be set
     @property
     def model_params(self) -> llama_cpp.llama_model_params:
         return self._model_params
@@ -406,46 +422,12 @@ class _TrackedLlama(llama_cpp.Llama):
         params.use_extra_bufts = self._use_extra_bufts
         self._model_params = params
 
-    def eval(self, tokens: Sequence[int]) -> None:
-        # Arm the abort callback only for prompt batches: llama.cpp calls it after every graph
-        # node, each call taking the GIL, which cost ~5% of decode speed in the daemon while
-        # the event loop held the GIL. Single-token decodes are stopped between tokens instead.
-        batch = len(tokens) > 1
-        if batch != self._abort_armed:
-            callback = self._abort_callback if batch else self._no_abort_callback
-            llama_cpp.llama_set_abort_callback(self.ctx, callback, None)
-            self._abort_armed = batch
-        super().eval(tokens)
+    @property
+    def context_params(self) -> llama_cpp.llama_context_params:
+        return self._context_params
 
-    def _abort_requested(self, _data: Any) -> bool:
-        should_stop = self.should_stop
-        if should_stop is None:
-            return False
-        try:
-            stop = should_stop()
-        except Exception:  # an exception cannot cross into C; keep decoding
-            logger.exception("should_stop failed inside llama_decode")
-            return False
-        if stop:
-            self.interrupted = True
-            self.aborted_at = self.n_tokens
-        return stop
-
-    def forget_context(self) -> None:
-        """After an aborted decode: drop the KV cache and the token history, so the next request
-        evaluates its prompt from scratch on a clean context."""
-        self.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Iterator[int]:  # type: ignore[override]
-        self.interrupted = False
-        inner = super().generate(*args, **kwargs)
-        try:
-            for token in inner:
-                if self.should_stop is not None and self.should_stop():
-                    self.interrupted = True
-                    return
-                self.tracked.append(token)
-                yield token
-        finally:
-            inner.close()
+    @context_params.setter
+    def context_params(self, params: llama_cpp.llama_context_params) -> None:
+        params.n_seq_max = self._n_seq_max
+        params.kv_unified = True  # all sequences share the n_ctx cells
+        self._context_params = params

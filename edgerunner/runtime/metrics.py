@@ -65,6 +65,17 @@ def render_metrics(stats: Stats, health: dict[str, Any]) -> str:
     w.metric("queue_depth", "gauge", "Requests waiting", [({}, queue.get("depth"))])
     w.metric("queue_capacity", "gauge", "Queue depth limit", [({}, queue.get("max"))])
     w.metric("busy", "gauge", "1 while generating", [({}, float(bool(queue.get("running"))))])
+    w.metric("slots_in_use", "gauge", "Requests decoding together now",
+             [({}, queue.get("running"))])
+    w.metric("slots", "gauge", "Requests that can decode together (n_parallel)",
+             [({}, queue.get("slots"))])
+    w.metric("prefix_cache_hits_total", "counter",
+             "Prompts that reused a cached prefix's KV cells", [({}, stats.prefix_cache_hits)])
+    w.metric("prefix_cache_misses_total", "counter",
+             "Prompts that found no cached prefix to reuse", [({}, stats.prefix_cache_misses)])
+    w.metric("prefix_cache_tokens_total", "counter",
+             "Prompt tokens taken from the prefix cache instead of evaluated",
+             [({}, stats.prefix_cache_tokens)])
     w.metric("rss_bytes", "gauge", "Resident set size now", [({}, mib("rss_mb"))])
     w.metric("rss_peak_bytes", "gauge", "Highest RSS seen", [({}, mib("peak_rss_mb"))])
     w.metric("rss_predicted_bytes", "gauge", "Plan's predicted peak RSS",

@@ -227,17 +227,20 @@ def _write_cached(path: Path, verdict: Verdict) -> None:
 
 def main() -> None:
     """The child: load with the plan's settings (n_ctx capped), decode a few tokens."""
-    from edgerunner.runtime.engine import _TrackedLlama, llama_kwargs
+    from edgerunner.runtime.engine import Engine
+    from edgerunner.runtime.protocol import CompletionRequest
 
     request = json.loads(sys.stdin.read())
     plan = RuntimePlan.model_validate(request["plan"])
     plan = plan.model_copy(update={"n_ctx": min(plan.n_ctx, PREFLIGHT_CTX)})
-    llm = _TrackedLlama(request["model"], **llama_kwargs(plan, request["threads"]),
-                       use_extra_bufts=request["extra_bufts"])
-    llm.tracked = []
-    # a prompt batch (the matrix-matrix kernels) and single-token steps (matrix-vector)
-    llm.create_completion(PREFLIGHT_PROMPT, max_tokens=PREFLIGHT_TOKENS, temperature=0.0)
-    llm.close()
+    engine = Engine(Path(request["model"]), plan, name="preflight", n_threads=request["threads"],
+                    extra_bufts=request["extra_bufts"])
+    # the daemon's own path: a prompt batch (the matrix-matrix kernels), then single-token
+    # steps (matrix-vector) through the batch API
+    prepared = engine.prepare(CompletionRequest(prompt=PREFLIGHT_PROMPT, temperature=0.0,
+                                                max_tokens=PREFLIGHT_TOKENS), PREFLIGHT_TOKENS)
+    engine.run(prepared, None, lambda: False)
+    engine.close()
 
 
 if __name__ == "__main__":

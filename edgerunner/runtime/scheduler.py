@@ -1,4 +1,5 @@
-"""One inference worker, a bounded FIFO queue, deadlines and cancellation.
+"""One inference worker decoding up to n_parallel requests together, a bounded FIFO queue,
+deadlines and cancellation.
 
 Contract for transports (HTTP, MQTT, anything else):
 
@@ -15,8 +16,13 @@ Contract for transports (HTTP, MQTT, anything else):
   one final event — a job is never dropped silently. The sink must be quick and thread-safe
   (e.g. `loop.call_soon_threadsafe(queue.put_nowait, event)` for asyncio, or a paho publish). If
   the sink raises, the job is cancelled.
-* `job.cancel()` (any thread) stops generation within one token (within one ubatch while the
-  prompt is evaluated); the final event is then `ErrorEvent(code="cancelled")`.
+* Up to `engine.n_parallel` jobs run at once (continuous batching: the worker's every step
+  decodes a token of each, and a chunk of a newcomer's prompt). A job starts when a slot is free
+  and the KV cells it may need (prompt + max_tokens) are not reserved by the running ones;
+  until then it waits in the queue, in order.
+* `job.cancel()` (any thread) stops generation within one step (a token, or one n_batch chunk
+  while the prompt is evaluated) and frees its KV cells; the final event is then
+  `ErrorEvent(code="cancelled")`. The other running jobs are not affected.
 * Every job has the daemon's `request_timeout_s`; `deadline=` (absolute `time.monotonic()`,
   e.g. from MQTT Message Expiry) can only make it earlier. A job whose deadline passes while
   queued is answered with `ErrorEvent(code="timeout")` without generating (the message says
@@ -38,6 +44,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgerunner.runtime.batch import Generation
 from edgerunner.runtime.engine import Engine, Prepared
 from edgerunner.runtime.protocol import (
     AnyRequest,
@@ -72,8 +79,14 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     submitted: float = field(default_factory=time.monotonic)
     started_ns: int = 0  # time.monotonic_ns() when the worker began it; 0 while it waits
+    started: float = 0.0  # time.monotonic() of the same moment
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def cells(self) -> int:
+        """KV cells this job may come to hold."""
+        return len(self.prepared.prompt_tokens) + self.prepared.max_tokens
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -111,12 +124,18 @@ class Stats:
     refused: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    generation_seconds: float = 0.0
+    generation_seconds: float = 0.0  # summed over jobs (overlapping when they run together)
     avg_job_seconds: float = 2.0  # moving average, seeds the Retry-After hint
+    prefix_cache_hits: int = 0
+    prefix_cache_misses: int = 0
+    prefix_cache_tokens: int = 0  # prompt tokens the prefix cache supplied
 
 
 class Scheduler:
     """Owns the Engine through one worker thread; transports only call submit/cancel."""
+
+    # The worker alone touches the engine and the jobs in `_active`; `_cond` guards the queue,
+    # `_active`'s membership and the flags submit/drain/shutdown read.
 
     def __init__(
         self,
@@ -148,7 +167,7 @@ class Scheduler:
         self.stats = Stats()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._active: dict[Generation, Job] = {}
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -160,14 +179,24 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        """Jobs waiting (not counting the running one)."""
+        """Jobs waiting (not counting the running ones)."""
         with self._cond:
             return len(self._queue)
 
     @property
-    def busy(self) -> bool:
+    def running(self) -> int:
+        """Jobs decoding now (slots in use)."""
         with self._cond:
-            return self._running is not None
+            return len(self._active)
+
+    @property
+    def slots(self) -> int:
+        """Jobs that can decode together."""
+        return self.engine.n_parallel
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
     @property
     def accepting(self) -> bool:
@@ -232,9 +261,9 @@ class Scheduler:
         return job
 
     def _retry_after(self) -> float:
-        # waiting jobs plus the running one, at the recent average job length
-        return float(max(1, min(120, math.ceil(self.stats.avg_job_seconds
-                                               * (len(self._queue) + 1)))))
+        # the waiting jobs and a running one, n_parallel at a time, at the recent average length
+        rounds = (len(self._queue) + 1) / self.slots
+        return float(max(1, min(120, math.ceil(self.stats.avg_job_seconds * rounds))))
 
     def stop_accepting(self) -> None:
         """New submits fail with `cancelled`; queued and running work continues."""
@@ -245,7 +274,7 @@ class Scheduler:
         self.stop_accepting()
         end = time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._running is not None:
+            while self._queue or self._active:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -260,15 +289,15 @@ class Scheduler:
     def shutdown(self, drain_timeout: float = 0.0, join_timeout: float = WORKER_STOP_S) -> bool:
         """Drain, cancel whatever is left, stop the worker; True if nothing had to be cancelled.
 
-        A cancelled job stops within one token (or one ubatch of its prompt); a worker still
-        running `join_timeout` seconds later is stuck, and `stopped` stays False.
+        A cancelled job stops within one step (a token, or one n_batch chunk of its prompt); a
+        worker still running `join_timeout` seconds later is stuck, and `stopped` stays False.
         """
         clean = self.drain(drain_timeout)
         with self._cond:
             leftovers = list(self._queue)
             self._queue.clear()
-            if self._running is not None:
-                self._running.cancel()
+            for running in self._active.values():
+                running.cancel()
             self._stopping = True
             self._cond.notify_all()
         for job in leftovers:
@@ -283,9 +312,24 @@ class Scheduler:
 
     # -- worker ---------------------------------------------------------------------------
 
-    def _next(self) -> Job | None:
+    def _work(self) -> None:
+        while self._wait_for_work():
+            try:
+                if self._queue and not self.engine.loaded:
+                    self._reload()
+                while (job := self._admit()) is not None:
+                    self._begin(job)
+                if self._active:
+                    self._step()
+            except Exception as exc:  # the worker must survive anything a step does
+                logger.exception("inference step failed")
+                self._fail_active(RequestError(
+                    "internal_error", f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _wait_for_work(self) -> bool:
+        """Block while there is nothing to do (unloading after keep_alive); False: stop."""
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._queue and not self._active and not self._stopping:
                 idle_for = time.monotonic() - self._last_activity
                 if self.keep_alive_s > 0 and self.engine.loaded and idle_for >= self.keep_alive_s:
                     self._cond.release()
@@ -299,31 +343,21 @@ class Scheduler:
                     wait = min(wait, max(0.05, self.keep_alive_s - idle_for))
                 self._cond.wait(wait)
                 self.heartbeat()
-            if self._stopping:
+            # stopping: the running jobs were cancelled; they end over the next step
+            return not (self._stopping and not self._active)
+
+    def _admit(self) -> Job | None:
+        """The queue's head, once a slot and its KV cells are free (or it ends unrun)."""
+        with self._cond:
+            if not self._queue or self._stopping:
                 return None
-            job = self._queue.popleft()
-            self._running = job
-        self.heartbeat()
-        return job
+            job = self._queue[0]
+            ends_unrun = job.cancelled or job.overdue(time.monotonic())
+            if not ends_unrun and not self.engine.batcher.room_for(job.cells):
+                return None  # it waits, and the jobs behind it, until running ones end
+            return self._queue.popleft()
 
-    def _work(self) -> None:
-        while True:
-            job = self._next()
-            if job is None:
-                return
-            try:
-                self._run(job)
-            except Exception as exc:  # the worker must survive anything one job does
-                logger.exception("job %s failed", job.id)
-                self._finish(job, ErrorEvent(RequestError(
-                    "internal_error", f"generation failed: {type(exc).__name__}: {exc}")))
-            finally:
-                with self._cond:
-                    self._running = None
-                    self._last_activity = time.monotonic()
-                    self._cond.notify_all()
-
-    def _run(self, job: Job) -> None:
+    def _begin(self, job: Job) -> None:
         if job.cancelled:
             self._finish(job, ErrorEvent(RequestError("cancelled", "request was cancelled")))
             return
@@ -331,12 +365,10 @@ class Scheduler:
             self._finish(job, ErrorEvent(self._timeout(job, queued=True)))
             return
         job.started_ns = time.monotonic_ns()
-        if not self.engine.loaded:
-            self._reload()
+        job.started = time.monotonic()
+        self.heartbeat()
         if self.before_job is not None:
             self.before_job(self.engine)
-        started = time.monotonic()
-        stream = job.request.stream
 
         def on_text(text: str) -> None:
             try:
@@ -345,16 +377,55 @@ class Scheduler:
                 logger.warning("sink of %s failed; cancelling it", job.id, exc_info=True)
                 job.cancel()
 
-        def should_stop() -> bool:
-            self.heartbeat()
-            return job.cancelled or job.overdue(time.monotonic())
+        try:
+            generation = self.engine.start(job.prepared, on_text if job.request.stream else None)
+        except Exception as exc:
+            logger.exception("job %s could not start", job.id)
+            self._finish(job, ErrorEvent(RequestError(
+                "internal_error", f"generation failed to start: {type(exc).__name__}: {exc}")))
+            return
+        with self._cond:
+            self._active[generation] = job
 
-        outcome = self.engine.run(job.prepared, on_text if stream else None, should_stop)
-        elapsed = time.monotonic() - started
+    def _step(self) -> None:
+        ended = set(self.engine.step())
+        self.heartbeat()
+        now = time.monotonic()
+        for generation, job in list(self._active.items()):
+            if generation in ended:
+                self._complete(generation, job)
+            elif job.cancelled or job.overdue(now):
+                self._complete(generation, job)  # stopped: its KV cells go back now
+
+    def _fail_active(self, error: RequestError) -> None:
+        for generation, job in list(self._active.items()):
+            with self._cond:
+                del self._active[generation]
+            try:
+                self.engine.end(generation)
+            except Exception:
+                logger.exception("could not free the sequence of %s", job.id)
+            self._finish(job, ErrorEvent(error))
+        self._idle_if_empty()
+
+    def _complete(self, generation: Generation, job: Job) -> None:
+        """Take a job's sequence out of the batch and send its final event."""
+        outcome = self.engine.end(generation)
+        with self._cond:
+            del self._active[generation]
+        elapsed = time.monotonic() - job.started
         self.stats.avg_job_seconds = 0.8 * self.stats.avg_job_seconds + 0.2 * elapsed
         self.stats.prompt_tokens += outcome.prompt_evaluated
         self.stats.completion_tokens += outcome.completion_tokens
         self.stats.generation_seconds += elapsed
+        cache = self.engine.batcher.cache
+        self.stats.prefix_cache_hits = cache.hits
+        self.stats.prefix_cache_misses = cache.misses
+        self.stats.prefix_cache_tokens = cache.hit_tokens
+        self._idle_if_empty()
+        if generation.error is not None:
+            self._finish(job, ErrorEvent(generation.error))
+            return
         if outcome.finish_reason is None:
             error = (RequestError("cancelled", "request was cancelled") if job.cancelled else
                      self._timeout(job, queued=False))
@@ -365,10 +436,17 @@ class Scheduler:
                       total_tokens=outcome.prompt_tokens + outcome.completion_tokens)
         logger.info("done", extra={"event": "done", "job": job.id, "seconds": elapsed,
                                    "finish_reason": outcome.finish_reason,
-                                   "completion_tokens": outcome.completion_tokens})
+                                   "completion_tokens": outcome.completion_tokens,
+                                   "cached_tokens": outcome.cached_tokens})
         if self.log_prompts:
             logger.info("output %s: %r", job.id, outcome.text)
         self._finish(job, DoneEvent(outcome.text, outcome.finish_reason, usage))
+
+    def _idle_if_empty(self) -> None:
+        with self._cond:
+            if not self._active:
+                self._last_activity = time.monotonic()
+            self._cond.notify_all()
 
     def _reload(self) -> None:
         # mapping the weights again can outlast the watchdog's silence limit: beat meanwhile,

@@ -112,7 +112,7 @@ def test_cancel_stops_within_one_token(engine: Engine) -> None:
     assert out.prompt_evaluated == out.prompt_tokens
 
 
-def test_cancel_during_a_long_prompt_stops_within_a_ubatch(default_model: Path) -> None:
+def test_cancel_during_a_long_prompt_stops_within_a_batch(default_model: Path) -> None:
     plan = PLAN.model_copy(update={"n_ctx": 2048})
     eng = Engine(default_model, plan, name="smol")
     eng.load()
@@ -124,15 +124,15 @@ def test_cancel_during_a_long_prompt_stops_within_a_ubatch(default_model: Path) 
         assert 1400 < len(long.prompt_tokens) < plan.n_ctx - 8
         calls = 0
 
-        def stop_soon() -> bool:  # true from the fourth poll on: inside the first ubatch
+        def stop_soon() -> bool:  # polled before each step: true from the second on
             nonlocal calls
             calls += 1
-            return calls > 3
+            return calls > 1
 
         out = eng.run(long, None, stop_soon)
         assert out.finish_reason is None and out.completion_tokens == 0 and out.text == ""
-        # without the abort callback the whole prompt would be evaluated before the first poll
-        assert out.prompt_evaluated < plan.n_ubatch
+        # the prompt goes in by n_batch chunks, one per step: one chunk went in, not all six
+        assert out.prompt_evaluated == plan.n_batch
         # the aborted decode left a usable context: the next request answers as before
         after = eng.run(short, None, lambda: False)
         assert after.finish_reason is not None and after.completion_tokens >= 1
@@ -144,23 +144,19 @@ def test_cancel_during_a_long_prompt_stops_within_a_ubatch(default_model: Path) 
 def test_job_cancelled_during_its_prompt_ends_cancelled_and_the_next_one_runs(
     engine: Engine,
 ) -> None:
-    beats_while_busy = 0
-    in_decode = threading.Event()
+    jobs: list[Job] = []
 
     def heartbeat() -> None:
-        # the worker beats once as it takes the job, then on every poll from inside llama.cpp
-        nonlocal beats_while_busy
-        if scheduler.busy:
-            beats_while_busy += 1
-            if beats_while_busy >= 3:
-                in_decode.set()
+        # the worker beats after every step: cancel at the first one the job ran in, while
+        # its prompt (four n_batch chunks) is a quarter in
+        if scheduler.busy and jobs:
+            jobs[0].cancel()
 
     with started(Scheduler(engine, heartbeat=heartbeat)) as scheduler:
         sink = Collector()
         job = scheduler.submit(parse_request("completion", {"prompt": "word " * 900,
                                                             "max_tokens": 8}), sink=sink)
-        assert in_decode.wait(60)
-        job.cancel()
+        jobs.append(job)
         final = sink.final()
         assert isinstance(final, ErrorEvent) and final.error.code == "cancelled"
         assert scheduler.stats.completion_tokens == 0

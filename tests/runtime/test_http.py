@@ -129,7 +129,8 @@ def test_health_and_metrics(http: httpx.Client, served: RunningDaemon) -> None:
     health = http.get("/health").json()
     assert health["state"] == "ready" and health["model"] == served.daemon.manifest.name
     assert health["plan"]["n_ctx"] == served.daemon.manifest.plan.n_ctx
-    assert set(health["queue"]) == {"depth", "max", "running"}
+    assert health["queue"] == {"depth": 0, "max": 8, "running": 0,
+                               "slots": served.daemon.manifest.plan.n_parallel}
     assert "temperature_c" in health
     memory = health["memory"]
     assert memory["predicted_mb"] == pytest.approx(
@@ -142,6 +143,8 @@ def test_health_and_metrics(http: httpx.Client, served: RunningDaemon) -> None:
     assert float(completed.split()[1]) >= 1
     assert any(ln.startswith("edgerunner_rss_predicted_bytes ") for ln in lines)
     assert any(ln.startswith("edgerunner_queue_capacity 8") for ln in lines)
+    assert f"edgerunner_slots {served.daemon.manifest.plan.n_parallel}" in lines
+    assert "edgerunner_slots_in_use 0" in lines
 
 
 @pytest.mark.parametrize(
