@@ -187,9 +187,6 @@ class PrefixCache:
         self._free = list(seq_ids)
         self.budget = budget if seq_ids else 0
         self._entries: list[_Entry] = []
-        self.hits = 0
-        self.misses = 0
-        self.hit_tokens = 0
 
     @property
     def cells(self) -> int:
@@ -209,12 +206,9 @@ class PrefixCache:
                 best = (entry, n)
         n = 0 if best is None else min(best[1], len(prompt) - 1)
         if best is None or n < MIN_CACHED_PREFIX:
-            self.misses += 1
             return None
         entry = best[0]
         entry.used = time.monotonic()
-        self.hits += 1
-        self.hit_tokens += n
         return entry, n
 
     def store(self, seq_id: int, prompt: list[int]) -> None:

@@ -418,10 +418,11 @@ class Scheduler:
         self.stats.prompt_tokens += outcome.prompt_evaluated
         self.stats.completion_tokens += outcome.completion_tokens
         self.stats.generation_seconds += elapsed
-        cache = self.engine.batcher.cache
-        self.stats.prefix_cache_hits = cache.hits
-        self.stats.prefix_cache_misses = cache.misses
-        self.stats.prefix_cache_tokens = cache.hit_tokens
+        if outcome.cached_tokens:
+            self.stats.prefix_cache_hits += 1
+            self.stats.prefix_cache_tokens += outcome.cached_tokens
+        elif self.engine.prefix_cache_cells:
+            self.stats.prefix_cache_misses += 1
         self._idle_if_empty()
         if generation.error is not None:
             self._finish(job, ErrorEvent(generation.error))
