@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64  # llama-cpp-python's Llama(last_n_tokens_size) default, so penalties agree
 MIN_CACHED_PREFIX = 32  # shorter shared prefixes are cheaper to evaluate than to track
+REEVALUATED = 2  # prompt tokens evaluated again even when the cache holds the whole prompt
 
 
 def prefill_chunks(start: int, end: int, n_batch: int) -> list[tuple[int, int]]:
@@ -198,13 +199,16 @@ class PrefixCache:
 
     def lookup(self, prompt: list[int]) -> tuple[_Entry, int] | None:
         """The entry sharing the longest prefix with `prompt`, and how much of it to reuse:
-        all but the prompt's last token at most (its logits give the first sample)."""
+        all but the prompt's last REEVALUATED tokens at most. Its last token's logits give
+        the first sample; and evaluated as a batch of one row, llama.cpp's flash attention
+        takes its split-KV path, which rounds differently from the batch that evaluated it
+        cold: a repeated request would not sample its first token from the same numbers."""
         best: tuple[_Entry, int] | None = None
         for entry in self._entries:
             n = _common_prefix(entry.tokens, prompt)
             if best is None or n > best[1]:
                 best = (entry, n)
-        n = 0 if best is None else min(best[1], len(prompt) - 1)
+        n = 0 if best is None else min(best[1], len(prompt) - REEVALUATED)
         if best is None or n < MIN_CACHED_PREFIX:
             return None
         entry = best[0]

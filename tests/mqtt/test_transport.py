@@ -402,3 +402,24 @@ def test_requests_waiting_for_admission_are_answered_on_stop(broker, serve, prob
         assert "shutting down" in body["error"]["message"]
     assert not stopping.is_alive()
     assert transport.scheduler.stats.submitted == 0
+
+
+def test_device_topic_requests_decode_together(broker, serve, probe) -> None:
+    transport = serve(broker.url, stream_interval_s=0)
+    scheduler = transport.scheduler
+    slots = scheduler.slots
+    assert slots > 1, "the rpi5 bundle's plan decodes several requests together"
+    p = probe(broker.url, "edgerunner/reply/par/#")
+    body = {**COUNT, "max_tokens": 24}
+    for i in range(slots):
+        p.publish("edgerunner/dev1/request", json.dumps(body),
+                  response_topic=f"edgerunner/reply/par/{i}", correlation=str(i).encode())
+    most, finals = 0, {}
+    while len(finals) < slots:
+        msg = p.next()
+        most = max(most, scheduler.running)
+        chunk = json.loads(msg.payload)
+        if chunk["choices"][0]["finish_reason"] is not None:
+            finals[msg.topic] = chunk
+    assert most == slots  # all of them were in the batch at once
+    assert all(c["usage"]["completion_tokens"] == 24 for c in finals.values())
