@@ -315,8 +315,8 @@ class Scheduler:
     def _work(self) -> None:
         while self._wait_for_work():
             try:
-                if self._queue and not self.engine.loaded:
-                    self._reload()
+                if self._queue and not self.engine.loaded and not self._reloaded():
+                    continue
                 while (job := self._admit()) is not None:
                     self._begin(job)
                 if self._active:
@@ -325,6 +325,21 @@ class Scheduler:
                 logger.exception("inference step failed")
                 self._fail_active(RequestError(
                     "internal_error", f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _reloaded(self) -> bool:
+        """Load the weights keep_alive unloaded; if that fails, the queue's head gets the error
+        (the next one tries again) and False is returned."""
+        try:
+            self._reload()
+            return True
+        except Exception as exc:
+            logger.exception("reloading the model failed")
+            with self._cond:
+                job = self._queue.popleft() if self._queue else None
+            if job is not None:
+                self._finish(job, ErrorEvent(RequestError(
+                    "internal_error", f"the model failed to load: {type(exc).__name__}: {exc}")))
+            return False
 
     def _wait_for_work(self) -> bool:
         """Block while there is nothing to do (unloading after keep_alive); False: stop."""

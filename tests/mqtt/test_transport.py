@@ -194,14 +194,19 @@ def test_reply_topic_injection_is_refused(broker, serve, probe) -> None:
 def test_request_expiring_in_the_queue_is_not_generated(broker, serve, probe) -> None:
     transport = serve(broker.url)
     with MqttChat(broker.url, "dev1", timeout=60) as chat:
-        long_id = chat.send(COUNT)
-        next(chat.replies(long_id, timeout=60))  # the long request is running
+        # long requests in every slot (together within the engine's 1,024 KV cells): the
+        # next one has to wait in the queue
+        long_ids = [chat.send({**COUNT, "max_tokens": 200})
+                    for _ in range(transport.scheduler.slots)]
+        for long_id in long_ids:
+            next(chat.replies(long_id, timeout=60))  # running
         p = probe(broker.url, "edgerunner/reply/exp")
         p.publish("edgerunner/dev1/request", json.dumps(HELLO),
                   response_topic="edgerunner/reply/exp", correlation=b"e", expiry=1)
-        time.sleep(1.5)  # let it expire while it waits behind the long request
-        assert not transport.scheduler.stats.completed, "the long request ended too early"
-        chat.cancel(long_id)
+        time.sleep(1.5)  # let it expire while it waits behind the long requests
+        assert not transport.scheduler.stats.completed, "a long request ended too early"
+        for long_id in long_ids:
+            chat.cancel(long_id)
     reply = p.json()
     assert reply["error"]["code"] == "timeout"
     assert "expired before it could run" in reply["error"]["message"]
