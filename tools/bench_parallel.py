@@ -3,11 +3,12 @@
 Loads the bundle's model in this process with exactly the daemon's settings (`llama_kwargs`,
 the thread count bench_serve picks, plus n_seq_max = the number of sequences and kv_unified),
 drives it through llama.cpp's low-level API only (llama_batch / llama_decode / a greedy
-llama_sampler chain), and starts `edgerunner serve BUNDLE --parallel 8` with a config whose
-stream_flush_s is 0, so each SSE chunk leaves when its token is made. Prompts are rendered with
-the daemon's own chat template (Engine.prepare), so raw and daemon evaluate the same tokens.
-Raw and daemon measurements alternate (raw, daemon, daemon, raw, ...) so machine-load drift
-hits both; every ratio is taken per round, then the median.
+llama_sampler chain), and starts `edgerunner serve BUNDLE --parallel 8` as a user would (the
+bundle's config: SSE tokens after the first gather for stream_flush_s per write; `--flush S`
+sets it, 0 sends a chunk per token, which costs decode speed on a 2-core machine). Prompts are
+rendered with the daemon's own chat template (Engine.prepare), so raw and daemon evaluate the
+same tokens. Raw and daemon measurements alternate (raw, daemon, daemon, raw, ...) so
+machine-load drift hits both; every ratio is taken per round, then the median.
 
 - batched: for 1, 2, 4, 8 sequences, raw prefills all of them in one batch and then decodes
   one token per sequence per llama_decode for max_tokens (greedy, EOS ignored, so the count is
@@ -375,7 +376,8 @@ def measure(args: argparse.Namespace, bundle_path: Path, tmp: Path, say: Console
         return raws[n]
 
     config = tmp / "bench.toml"
-    config.write_text("stream_flush_s = 0.0\n")  # a chunk per token: token times, not writes
+    # the daemon as configured, or with --flush's stream_flush_s (token counts come from usage)
+    config.write_text("" if args.flush is None else f"stream_flush_s = {args.flush}\n")
     sock = tmp / "p.sock"
     say.print(f"starting the daemon (--parallel {max(seqs)}) and raw contexts for {seqs} ...")
     proc = start_daemon(bundle.dir, sock, config, max(seqs), args.threads, tmp / "daemon.log")
@@ -623,6 +625,8 @@ def main() -> None:
                         help="sequences (raw) and concurrent clients (daemon) to compare")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--flush", type=float, default=None,
+                        help="the daemon's stream_flush_s [default: the bundle's config]")
     parser.add_argument("--sys-rounds", type=int, default=5,
                         help="cold/seen-before pairs for the system prompt TTFT")
     parser.add_argument("--arrival-rounds", type=int, default=2)
