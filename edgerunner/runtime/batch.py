@@ -35,7 +35,7 @@ from edgerunner.runtime.protocol import FinishReason, RequestError
 logger = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64  # llama-cpp-python's Llama(last_n_tokens_size) default, so penalties agree
-MIN_CACHED_PREFIX = 32  # shorter shared prefixes are cheaper to evaluate than to track
+MIN_CACHED_PREFIX = 8  # a shorter shared prefix is not worth a cache entry
 REEVALUATED = 2  # prompt tokens evaluated again even when the cache holds the whole prompt
 
 
