@@ -232,3 +232,33 @@ def test_prefill_chunks_cut_where_the_whole_prompt_would_be_cut() -> None:
     assert prefill_chunks(0, 600, 256) == [(0, 256), (256, 512), (512, 600)]
     assert prefill_chunks(300, 600, 256) == [(300, 512), (512, 600)]
     assert prefill_chunks(10, 20, 256) == [(10, 20)]
+
+
+def test_drain_finishes_every_running_request_and_shutdown_cancels_the_rest(
+    engine: Engine,
+) -> None:
+    scheduler = Scheduler(engine, queue_depth=8)
+    scheduler.start()
+    try:
+        sinks: list[Collector] = []
+        for q in QUESTIONS:
+            sink = Collector()
+            scheduler.submit(chat(q, max_tokens=12), sink=sink)
+            sinks.append(sink)
+        assert scheduler.drain(60)  # all four, decoding together, ran to their end
+        assert all(isinstance(s.final(), DoneEvent) for s in sinks)
+        with pytest.raises(RequestError):  # draining: nothing new is taken
+            scheduler.submit(chat("late"), sink=Collector())
+    finally:
+        scheduler.shutdown(0)
+    scheduler = Scheduler(engine, queue_depth=8)
+    with started(scheduler):
+        long = [Collector() for _ in range(6)]  # four decode (their cells fit), two wait
+        for sink in long:
+            scheduler.submit(chat("Write a long story.", max_tokens=200), sink=sink)
+        while scheduler.running < 4:
+            time.sleep(0.01)
+        assert not scheduler.shutdown(0)  # nothing drained in 0 s: all six cancelled
+    finals = [s.final() for s in long]
+    assert all(isinstance(f, ErrorEvent) and f.error.code == "cancelled" for f in finals)
+    assert engine.batcher.reserved_cells == 0
