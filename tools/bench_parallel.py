@@ -58,7 +58,7 @@ from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.bundle.store import load_bundle
 from edgerunner.client.http import Client
 from edgerunner.host.cpu import cpu_budget, decode_threads
-from edgerunner.runtime.engine import Engine, llama_kwargs
+from edgerunner.runtime.engine import BatchLlama, Engine, llama_kwargs
 from edgerunner.runtime.protocol import ChatCompletionRequest
 
 # prompts that keep a small model talking well past max_tokens
@@ -105,26 +105,6 @@ def filler(count_tokens: Callable[[str], int], tokens: int, seed: int = 0) -> st
 
 # -- raw llama.cpp, low-level API -------------------------------------------------------------
 
-class _BatchLlama(llama_cpp.Llama):
-    """Llama whose context holds `n_seq_max` sequences in one unified KV cache."""
-
-    def __init__(self, *args: Any, n_seq_max: int, **kwargs: Any) -> None:
-        # read by the context_params setter, which Llama.__init__ goes through before it
-        # creates the context (llama-cpp-python has no keyword for either field)
-        self._n_seq_max = n_seq_max
-        super().__init__(*args, **kwargs)
-
-    @property
-    def context_params(self) -> llama_cpp.llama_context_params:
-        return self._context_params
-
-    @context_params.setter
-    def context_params(self, params: llama_cpp.llama_context_params) -> None:
-        params.n_seq_max = self._n_seq_max
-        params.kv_unified = True
-        self._context_params = params
-
-
 @dataclass
 class RawRun:
     """One raw batched generation: prefill (to the first token of every sequence), then steps."""
@@ -152,7 +132,7 @@ class RawBatch:
 
     def __init__(self, model_path: Path, plan: RuntimePlan, threads: int, n: int) -> None:
         self.n = n
-        self.llm = _BatchLlama(str(model_path), **llama_kwargs(plan, threads), n_seq_max=n)
+        self.llm = BatchLlama(str(model_path), **llama_kwargs(plan, threads), n_seq_max=n)
         self.n_batch = self.llm.n_batch
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.sampler = llama_cpp.llama_sampler_chain_init(

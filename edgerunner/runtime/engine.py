@@ -105,7 +105,7 @@ class Engine:
         self.prefix_cache_cells = (plan.prefix_cache_cells if prefix_cache_cells is None
                                    else prefix_cache_cells)
         self._batcher: Batcher | None = None
-        self._llm: _TrackedLlama | None = None
+        self._llm: BatchLlama | None = None
         self._vocab_only: LlamaModel | None = None
         self._formatter: Callable[..., llama_chat_format.ChatFormatterResponse] | None = None
         self._lock = threading.RLock()  # guards swapping the model under the tokenizer
@@ -177,11 +177,11 @@ class Engine:
         cache = PREFIX_CACHE_ENTRIES if self.prefix_cache_cells else 0
         return self.n_parallel + cache
 
-    def _open_model(self, kwargs: dict[str, Any]) -> _TrackedLlama:
-        return _TrackedLlama(str(self.model_path), **kwargs, use_extra_bufts=self.extra_bufts,
+    def _open_model(self, kwargs: dict[str, Any]) -> BatchLlama:
+        return BatchLlama(str(self.model_path), **kwargs, use_extra_bufts=self.extra_bufts,
                              n_seq_max=self.n_seq_max)
 
-    def _open_batcher(self, llm: _TrackedLlama) -> Batcher:
+    def _open_batcher(self, llm: BatchLlama) -> Batcher:
         cache_ids = list(range(self.n_parallel, self.n_seq_max))
         return Batcher(llm._model, llm._ctx, n_ctx=llm.n_ctx(), n_batch=llm.n_batch,
                        n_parallel=self.n_parallel, cache_seq_ids=cache_ids,
@@ -398,7 +398,7 @@ class Engine:
         return outcome
 
 
-class _TrackedLlama(llama_cpp.Llama):
+class BatchLlama(llama_cpp.Llama):
     """Llama whose model and context parameters take what llama-cpp-python has no keyword for:
     `use_extra_bufts` (the preflight's fallback) and `n_seq_max` with a unified KV cache (the
     sequences continuous batching decodes together). Only its model and context are used: the

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
-import llama_cpp
 import pytest
 
 from edgerunner.bundle.manifest import PREFIX_CACHE_ENTRIES
@@ -25,32 +23,14 @@ from edgerunner.pack.memory import (
 from edgerunner.pack.parallel import MIN_SLOT_CELLS, prefix_cache_cells
 from edgerunner.pack.planner import PlanOptions, make_plan
 from edgerunner.profiles import resolve_profile
+from edgerunner.runtime.engine import BatchLlama
 from tests.shapes import LLAMA_3_2_1B, cached_info, cached_source
-
-
-class _SeqLlama(llama_cpp.Llama):
-    """Llama whose context is made for n_seq_max sequences with a unified KV cache, as the
-    batching engine makes it (llama-cpp-python has no keyword for either)."""
-
-    def __init__(self, *args: Any, n_seq_max: int = 1, **kwargs: Any) -> None:
-        self._n_seq_max = n_seq_max
-        super().__init__(*args, **kwargs)
-
-    @property
-    def context_params(self) -> llama_cpp.llama_context_params:
-        return self._context_params
-
-    @context_params.setter
-    def context_params(self, params: llama_cpp.llama_context_params) -> None:
-        params.n_seq_max = self._n_seq_max
-        params.kv_unified = True
-        self._context_params = params
 
 
 def _buffers(model: Path, n_ctx: int, n_seq_max: int) -> tuple[float, float, str]:
     """(output buffer MiB, compute buffer MiB, the log) as llama.cpp reports them."""
     with capture_llama_log() as lines:
-        llm = _SeqLlama(str(model), n_ctx=n_ctx, n_seq_max=n_seq_max, flash_attn=False,
+        llm = BatchLlama(str(model), n_ctx=n_ctx, n_seq_max=n_seq_max, flash_attn=False,
                         n_threads=1, verbose=True)
         llm.close()
     text = "".join(lines)
