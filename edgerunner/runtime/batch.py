@@ -18,7 +18,6 @@ Only the scheduler's worker thread uses a Batcher.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import random
 import time
@@ -39,11 +38,20 @@ MIN_CACHED_PREFIX = 8  # a shorter shared prefix is not worth a cache entry
 REEVALUATED = 2  # prompt tokens evaluated again even when the cache holds the whole prompt
 
 
+def chunk_end(start: int, end: int, n_batch: int) -> int:
+    """Where the llama_decode batch of prompt positions from `start` stops: at the next
+    multiple of n_batch (where evaluating the whole prompt from 0 cuts it, as Llama.eval
+    does), or at the prompt's `end`."""
+    return min(end, (start // n_batch + 1) * n_batch)
+
+
 def prefill_chunks(start: int, end: int, n_batch: int) -> list[tuple[int, int]]:
-    """Prompt positions [start, end) as llama_decode batches, cut where evaluating the whole
-    prompt from 0 would cut it (every n_batch), as Llama.eval does."""
-    cuts = [start, *range((start // n_batch + 1) * n_batch, end, n_batch), end]
-    return list(itertools.pairwise(cuts))
+    """Prompt positions [start, end) as the llama_decode batches `chunk_end` cuts them into."""
+    chunks = []
+    while start < end:
+        chunks.append((start, chunk_end(start, end, n_batch)))
+        start = chunks[-1][1]
+    return chunks
 
 
 def sampler_chain(model: LlamaModel, sampling: dict[str, Any],
@@ -152,11 +160,10 @@ class Generation:
     pending: int | None = None  # the last sampled token, decoded in the next step
     finish_reason: FinishReason | None = None
     error: RequestError | None = None
-    first_token_ns: int = 0
 
     @property
     def prefilling(self) -> bool:
-        return self.pending is None and self.finish_reason is None
+        return self.pending is None and not self.done
 
     @property
     def done(self) -> bool:
@@ -267,12 +274,10 @@ class Batcher:
 
     def __init__(self, model: LlamaModel, ctx: LlamaContext, *, n_ctx: int, n_batch: int,
                  n_parallel: int, cache_seq_ids: list[int], cache_cells: int) -> None:
-        self._model = model
         self._ctx = ctx
         self._vocab = model.vocab
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        self.n_parallel = n_parallel
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._closed = False
@@ -352,7 +357,7 @@ class Batcher:
         generating = [seq for seq in self.active if seq.pending is not None]
         if generating:
             ended += self._decode_tokens(generating)
-        prefilling = next((seq for seq in self.active if seq.prefilling and not seq.done), None)
+        prefilling = next((seq for seq in self.active if seq.prefilling), None)
         if prefilling is not None:
             ended += self._prefill(prefilling)
         return ended
@@ -376,8 +381,7 @@ class Batcher:
 
     def _prefill(self, seq: Generation) -> list[Generation]:
         batch = self._batch
-        start, end = prefill_chunks(seq.n_past, len(seq.prompt), self.n_batch)[0]
-        take = end - start
+        take = chunk_end(seq.n_past, len(seq.prompt), self.n_batch) - seq.n_past
         last = seq.n_past + take == len(seq.prompt)
         for row in range(take):
             pos = seq.n_past + row
@@ -395,13 +399,12 @@ class Batcher:
 
     @staticmethod
     def _put(batch: llama_cpp.llama_batch, n: int, token: int, pos: int, seq_id: int,
-             logits: bool) -> int:
+             logits: bool) -> None:
         batch.token[n] = token
         batch.pos[n] = pos  # type: ignore[call-overload]  # its stub says pos**, it is pos*
         batch.n_seq_id[n] = 1
         batch.seq_id[n][0] = seq_id
         batch.logits[n] = logits
-        return n + 1
 
     def _decode(self, batch: llama_cpp.llama_batch) -> int:
         rc = int(llama_cpp.llama_decode(self._ctx.ctx, batch))
@@ -428,8 +431,6 @@ class Batcher:
 
     def _sample(self, seq: Generation, row: int) -> None:
         token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, row)
-        if not seq.first_token_ns:
-            seq.first_token_ns = time.monotonic_ns()
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             seq.pending = None
             seq.finish_reason = "stop"

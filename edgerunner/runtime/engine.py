@@ -24,7 +24,7 @@ import llama_cpp
 from llama_cpp import llama_chat_format, llama_grammar
 from llama_cpp._internals import LlamaModel
 
-from edgerunner.bundle.manifest import PREFIX_CACHE_ENTRIES, RuntimePlan
+from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.errors import ModelError
 from edgerunner.runtime.batch import Batcher, Generation, sampler_chain
 from edgerunner.runtime.grammar import GrammarBuilder
@@ -97,13 +97,15 @@ class Engine:
         prefix_cache_cells: int | None = None,
     ) -> None:
         self.model_path = Path(model_path)
-        self.plan = plan
+        # the plan as served: serve --parallel / prefix overrides applied, so that n_seq_max,
+        # the slots and the cache budget all come from one place (RuntimePlan)
+        overrides = {k: v for k, v in {"n_parallel": n_parallel,
+                                       "prefix_cache_cells": prefix_cache_cells}.items()
+                     if v is not None}
+        self.plan = plan.model_copy(update=overrides)
         self.name = name
         self.n_threads = n_threads
         self.extra_bufts = extra_bufts  # False: no AMX, no weight repacking (the preflight's)
-        self.n_parallel = n_parallel or plan.n_parallel
-        self.prefix_cache_cells = (plan.prefix_cache_cells if prefix_cache_cells is None
-                                   else prefix_cache_cells)
         self._batcher: Batcher | None = None
         self._llm: BatchLlama | None = None
         self._vocab_only: LlamaModel | None = None
@@ -172,17 +174,19 @@ class Engine:
                                            "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
 
     @property
-    def n_seq_max(self) -> int:
-        """Sequences in the context: the parallel slots, then the prefix cache's."""
-        cache = PREFIX_CACHE_ENTRIES if self.prefix_cache_cells else 0
-        return self.n_parallel + cache
+    def n_parallel(self) -> int:
+        return self.plan.n_parallel
+
+    @property
+    def prefix_cache_cells(self) -> int:
+        return self.plan.prefix_cache_cells
 
     def _open_model(self, kwargs: dict[str, Any]) -> BatchLlama:
         return BatchLlama(str(self.model_path), **kwargs, use_extra_bufts=self.extra_bufts,
-                             n_seq_max=self.n_seq_max)
+                             n_seq_max=self.plan.n_seq_max)
 
     def _open_batcher(self, llm: BatchLlama) -> Batcher:
-        cache_ids = list(range(self.n_parallel, self.n_seq_max))
+        cache_ids = list(range(self.n_parallel, self.plan.n_seq_max))
         return Batcher(llm._model, llm._ctx, n_ctx=llm.n_ctx(), n_batch=llm.n_batch,
                        n_parallel=self.n_parallel, cache_seq_ids=cache_ids,
                        cache_cells=min(self.prefix_cache_cells, llm.n_ctx()))

@@ -407,10 +407,9 @@ class Scheduler:
         self.heartbeat()
         now = time.monotonic()
         for generation, job in list(self._active.items()):
-            if generation in ended:
+            # ended in this step, or stopped: either way its KV cells go back now
+            if generation in ended or job.cancelled or job.overdue(now):
                 self._complete(generation, job)
-            elif job.cancelled or job.overdue(now):
-                self._complete(generation, job)  # stopped: its KV cells go back now
 
     def _fail_active(self, error: RequestError) -> None:
         for generation, job in list(self._active.items()):
