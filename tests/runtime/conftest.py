@@ -19,12 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from edgerunner.bundle.manifest import BundleManifest
+from edgerunner.bundle.manifest import BundleManifest, RuntimePlan
 from edgerunner.bundle.settings import ServeConfig
 from edgerunner.bundle.store import Bundle, load_bundle
 from edgerunner.client.http import Client
 from edgerunner.errors import ClientError
 from edgerunner.runtime.daemon import Daemon
+from edgerunner.runtime.engine import Engine
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent
 from edgerunner.runtime.scheduler import Scheduler
 
@@ -136,6 +137,17 @@ class Collector:
 
     def texts(self) -> list[str]:
         return [e.text for e in self.seen if isinstance(e, TextEvent)]
+
+
+@contextmanager
+def loaded_engine(model: Path, plan: RuntimePlan, **kwargs: Any) -> Iterator[Engine]:
+    """An Engine for `model` under `plan` with its weights loaded; closed when the block ends."""
+    eng = Engine(model, plan, name="smol", **kwargs)
+    eng.load()
+    try:
+        yield eng
+    finally:
+        eng.close()
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from edgerunner.runtime.batch import TextTail, prefill_chunks
 from edgerunner.runtime.engine import Engine, llama_kwargs
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, RequestError, parse_request
 from edgerunner.runtime.scheduler import Job, Scheduler
-from tests.runtime.conftest import Collector, started
+from tests.runtime.conftest import Collector, loaded_engine, started
 
 PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="f16", flash_attn=True, n_threads=2,
                    n_batch=256, n_ubatch=256, n_parallel=4)
@@ -51,10 +51,8 @@ def chat(content: str, *, system: str | None = None, **extra: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def engine(default_model: Path) -> Iterator[Engine]:
-    eng = Engine(default_model, PLAN, name="smol")
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(default_model, PLAN) as eng:
+        yield eng
 
 
 def run_alone(scheduler: Scheduler, request: Any) -> DoneEvent:
@@ -159,42 +157,36 @@ def test_a_request_waits_for_kv_cells_and_one_that_can_never_fit_is_refused(
     default_model: Path,
 ) -> None:
     plan = PLAN.model_copy(update={"n_ctx": 256, "prefix_cache_cells": 0})
-    eng = Engine(default_model, plan, name="smol")
-    eng.load()
-    try:
-        with started(Scheduler(eng, queue_depth=8)) as scheduler:
-            first_started = threading.Event()
-            first = Collector(on_text=lambda e: first_started.set())
-            job_a = scheduler.submit(chat("Tell me a story.", stream=True, max_tokens=150),
-                                     sink=first)
-            assert first_started.wait(60)
-            # a slot is free, but 150 + its prompt and this one's 150 + prompt exceed 256 cells
-            second = Collector()
-            job_b = scheduler.submit(chat("Tell me another story.", max_tokens=150),
-                                     sink=second)
-            time.sleep(0.3)
-            assert scheduler.running == 1 and scheduler.depth == 1 and not job_b.started_ns
-            with pytest.raises(RequestError) as refused:  # more than the whole context
-                scheduler.submit(chat("Tell me a story.", max_tokens=250), sink=Collector())
-            assert refused.value.code == "context_length_exceeded"
-            assert isinstance(first.final(), DoneEvent)
-            assert isinstance(second.final(), DoneEvent)
-            assert job_b.started_ns >= _finished_ns(job_a)  # it ran once the cells were back
-    finally:
-        eng.close()
+    a_done_ns: list[int] = []
 
+    def first_sink(event: Any) -> None:  # stamps when the worker hands over a's answer
+        if isinstance(event, DoneEvent):
+            a_done_ns.append(time.monotonic_ns())
+        first(event)
 
-def _finished_ns(job: Job) -> int:
-    assert job.wait(0)
-    return job.started_ns  # started before b; b started only after a's final event
+    with loaded_engine(default_model, plan) as eng, \
+            started(Scheduler(eng, queue_depth=8)) as scheduler:
+        first_started = threading.Event()
+        first = Collector(on_text=lambda e: first_started.set())
+        scheduler.submit(chat("Tell me a story.", stream=True, max_tokens=150), sink=first_sink)
+        assert first_started.wait(60)
+        # a slot is free, but 150 + its prompt and this one's 150 + prompt exceed 256 cells
+        second = Collector()
+        job_b = scheduler.submit(chat("Tell me another story.", max_tokens=150), sink=second)
+        time.sleep(0.3)
+        assert scheduler.running == 1 and scheduler.depth == 1 and not job_b.started_ns
+        with pytest.raises(RequestError) as refused:  # more than the whole context
+            scheduler.submit(chat("Tell me a story.", max_tokens=250), sink=Collector())
+        assert refused.value.code == "context_length_exceeded"
+        assert isinstance(first.final(), DoneEvent)
+        assert isinstance(second.final(), DoneEvent)
+        assert job_b.started_ns > a_done_ns[0]  # it started once a's cells were back
 
 
 @pytest.fixture(scope="module")
 def cached(default_model: Path) -> Iterator[Engine]:
-    eng = Engine(default_model, PLAN, name="smol", prefix_cache_cells=512)
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(default_model, PLAN, prefix_cache_cells=512) as eng:
+        yield eng
 
 
 def test_the_prefix_cache_serves_a_repeated_system_prompt_with_the_same_output(

@@ -20,7 +20,7 @@ from edgerunner.runtime.protocol import (
     parse_request,
 )
 from edgerunner.runtime.scheduler import Job, Scheduler
-from tests.runtime.conftest import Collector, started
+from tests.runtime.conftest import Collector, loaded_engine, started
 
 PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
                    n_batch=256, n_ubatch=256)
@@ -31,10 +31,8 @@ LONG = {"type": "json_schema", "json_schema": {"name": "nums", "schema": {
 
 @pytest.fixture(scope="module")
 def engine(default_model: Path) -> Iterator[Engine]:
-    eng = Engine(default_model, PLAN, name="smol")
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(default_model, PLAN) as eng:
+        yield eng
 
 
 def chat(content: str, **extra: Any) -> Any:
@@ -114,9 +112,7 @@ def test_cancel_stops_within_one_token(engine: Engine) -> None:
 
 def test_cancel_during_a_long_prompt_stops_within_a_batch(default_model: Path) -> None:
     plan = PLAN.model_copy(update={"n_ctx": 2048})
-    eng = Engine(default_model, plan, name="smol")
-    eng.load()
-    try:
+    with loaded_engine(default_model, plan) as eng:
         short = eng.prepare(chat("Say hi.", temperature=0, max_tokens=8), 8)
         before = eng.run(short, None, lambda: False)
         long = eng.prepare(parse_request("completion", {"prompt": "word " * 1500,
@@ -137,8 +133,6 @@ def test_cancel_during_a_long_prompt_stops_within_a_batch(default_model: Path) -
         after = eng.run(short, None, lambda: False)
         assert after.finish_reason is not None and after.completion_tokens >= 1
         assert after.text == before.text
-    finally:
-        eng.close()
 
 
 def test_job_cancelled_during_its_prompt_ends_cancelled_and_the_next_one_runs(

@@ -23,7 +23,7 @@ from edgerunner.runtime.engine import Engine
 from edgerunner.runtime.grammar import GrammarBuilder, GrammarLimits
 from edgerunner.runtime.protocol import DoneEvent, RequestError, parse_request
 from edgerunner.runtime.scheduler import Scheduler
-from tests.runtime.conftest import Collector, started
+from tests.runtime.conftest import Collector, loaded_engine, started
 
 PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
                    n_batch=256, n_ubatch=256)
@@ -59,10 +59,8 @@ _NESTED_900 = ('{"type": "object", "required": ["a"], "properties": {"a": ' * 90
 
 @pytest.fixture(scope="module")
 def engine(default_model: Path) -> Iterator[Engine]:
-    eng = Engine(default_model, PLAN, name="smol")
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(default_model, PLAN) as eng:
+        yield eng
 
 
 def chat(content: str, schema: Any = None, **extra: Any) -> Any:
