@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from edgerunner.bundle.manifest import MAX_PARALLEL
 from edgerunner.errors import ConfigError
 from edgerunner.paths import default_socket_path
 
@@ -227,7 +228,7 @@ class ServeConfig(_Settings):
         None, ge=1, le=256, description="Override the plan's decode threads"
     )
     n_parallel: int | None = Field(
-        None, ge=1, le=16,
+        None, ge=1, le=MAX_PARALLEL,
         description="Requests decoded together (continuous batching); unset = the plan's",
     )
     mqtt: MqttConfig = Field(

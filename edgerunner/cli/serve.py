@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgerunner.bundle.manifest import MAX_PARALLEL
+
 EPILOG = """\b
 Exit codes: 0 clean stop, 1 error, 2 usage, 3 the plan does not fit this
 machine's memory, 4 RSS exceeded its ceiling (drained, then exited).
@@ -52,7 +54,7 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
               help="Serve a smaller context than the plan (uses less memory).")
 @click.option("--threads", "n_threads", type=click.IntRange(1, 256),
               help="Override the plan's thread count.")
-@click.option("--parallel", "n_parallel", type=click.IntRange(1, 16),
+@click.option("--parallel", "n_parallel", type=click.IntRange(1, MAX_PARALLEL),
               help="Requests decoded together [default: the plan's n_parallel].")
 @click.option("--log-prompts", is_flag=True, default=None, help="Log prompts and outputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's hash check (faster start).")

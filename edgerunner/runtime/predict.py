@@ -52,7 +52,8 @@ def main() -> None:
         return
     totals = {
         n: estimate_memory(info, plan.quant, n, plan.kv_type, plan.n_batch, plan.n_ubatch,
-                           plan.flash_attn, plan.swa_full).total_mb
+                           plan.flash_attn, plan.swa_full, n_parallel=plan.n_parallel,
+                           n_seq_max=plan.n_seq_max).total_mb
         for n in request["n_ctx"]
     }
     json.dump(totals, sys.stdout)
