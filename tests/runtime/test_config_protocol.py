@@ -53,6 +53,9 @@ def test_bad_setting_names_its_source(tmp_path: Path) -> None:
     user_toml.write_text("queue_depth = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(None, user_toml, environ={})
+    user_toml.write_text("n_parallel = 17\n")  # more streams than a context is made for
+    with pytest.raises(ConfigError, match=r"user.toml: n_parallel.*less than or equal to 16"):
+        load_config(None, user_toml, environ={})
 
 
 def test_rendered_config_toml_loads_back_to_the_defaults(tmp_path: Path, bundle_manifest) -> None:
@@ -128,3 +131,12 @@ def test_serve_never_defaults_to_an_installed_services_socket(
         assert default_socket_path(short_tmp) == short_tmp / "xdg/edgerunner.sock"
         assert ServeConfig().socket_path() == short_tmp / "xdg/edgerunner.sock"
         assert ServeConfig(socket=short_tmp / "mine.sock").socket_path() == short_tmp / "mine.sock"
+
+
+def test_serve_refuses_a_parallel_flag_out_of_range(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgerunner.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tmp_path), "--parallel", "0"])
+    assert result.exit_code == 2 and "--parallel" in result.output
