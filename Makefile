@@ -10,10 +10,10 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # llama-cpp-python first, from edgerunner's own wheel cache, built with explicit portable flags
-# (tools/llama_build.py says why); pip then finds its pin satisfied and builds nothing itself.
-$(STAMP): pyproject.toml tools/llama_build.py
+# (tools/build/llama_build.py says why); pip then finds its pin satisfied and builds nothing itself.
+$(STAMP): pyproject.toml tools/build/llama_build.py
 	python3 -m venv $(VENV)
-	python3 tools/llama_build.py --install $(PY)
+	python3 tools/build/llama_build.py --install $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
@@ -23,7 +23,7 @@ mosquitto:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
 
 demo: $(STAMP)
-	$(PY) tools/demo.py
+	$(PY) tools/examples/demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgerunner tests tools

@@ -32,8 +32,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 #    finishes in-flight work and exits non-zero, and Restart=on-failure brings it back clean.
 # 2. MemoryHigh = ceiling + max(5 %, 32 MiB) + one grammar child: if the daemon's poll misses a
 #    fast climb, the kernel reclaims and throttles instead of killing. A new json_schema is built
-#    in a child process of the daemon (runtime.grammar), in the same cgroup: ~70 MiB RSS while it
-#    runs (measured on x86_64; Python, llama_cpp and the vocabulary), two at most at once.
+#    in a child process of the daemon (runtime.engine.grammar), in the same cgroup: ~70 MiB RSS
+#    while it runs (measured on x86_64; Python, llama_cpp and the vocabulary), two at most at once.
 # 3. MemoryMax = MemoryHigh + max(10 %, reserve): the hard OOM line inside the cgroup. The daemon
 #    measures headroom as memory.max - memory.current and wants its free-memory reserve on top of
 #    the plan, so a tighter MemoryMax would make it shrink n_ctx at start.

@@ -65,9 +65,9 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
     from edgerunner.bundle.settings import load_config
     from edgerunner.bundle.store import load_bundle
     from edgerunner.errors import PlanError
-    from edgerunner.runtime.daemon import EXIT_NO_FIT, serve
-    from edgerunner.runtime.http.guard import raise_nofile_limit
-    from edgerunner.runtime.logfmt import install
+    from edgerunner.runtime.http.access import raise_nofile_limit
+    from edgerunner.runtime.supervise.daemon import EXIT_NO_FIT, serve
+    from edgerunner.runtime.supervise.logfmt import install
 
     install()
     raise_nofile_limit()  # each connection is a descriptor; the HTTP cap stays below the limit

@@ -59,7 +59,7 @@ def _check_decode_here(path: Path, report: VerifyReport) -> None:
     from edgerunner.bundle.store import MODEL_FILE
     from edgerunner.errors import EdgerunnerError
     from edgerunner.host.cpu import cpu_budget, decode_threads
-    from edgerunner.runtime.preflight import preflight
+    from edgerunner.runtime.engine.preflight import preflight
 
     manifest = report.manifest
     assert manifest is not None

@@ -140,14 +140,14 @@ def llama_hints(manifest: BundleManifest) -> list[str]:
     if manifest.profile.arch == "aarch64":
         hints += [
             "build it on the device (native for its own CPU): "
-            "`python3 tools/llama_build.py --install /path/to/venv/bin/python`",
+            "`python3 tools/build/llama_build.py --install /path/to/venv/bin/python`",
             "or one build for every Pi, with ggml's runtime CPU variants picked at load "
             "(-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON, GGML_BACKEND_DIR set to where "
             "the libraries go; GCC 14 for ggml's armv9.2 variants, or the three Pi variants "
             "of tools/arm/cross_build.py): README, \"On the device\"",
         ]
     else:
-        hints.append("build it with portable flags: `python3 tools/llama_build.py --install "
+        hints.append("build it with portable flags: `python3 tools/build/llama_build.py --install "
                      "/path/to/venv/bin/python` (README, \"The llama.cpp build\")")
     return hints
 

@@ -51,9 +51,9 @@ GGUF_ALIGNMENT = 32
 # llama-context.cpp: cparams.n_ctx = GGML_PAD(n_ctx, 256); the SWA cache is padded the same way.
 CTX_PAD = 256
 
-# Measured on x86_64, Python 3.11, llama-cpp-python 0.3.36, by `python tools/bench_memory.py
+# Measured on x86_64, Python 3.11, llama-cpp-python 0.3.36, by `python tools/bench/bench_memory.py
 # --overhead` (a fresh process per measurement, VmRSS read from /proc/self/status):
-# - RSS of a process that has imported the daemon (edgerunner.runtime.daemon: llama_cpp,
+# - RSS of a process that has imported the daemon (edgerunner.runtime.supervise.daemon: llama_cpp,
 #   uvicorn, starlette, paho, pydantic, numpy) + llama_backend_init(): 61.5 MiB. The daemon is
 #   the process the prediction is for; bare `import llama_cpp` alone is ~41.5 MiB.
 # - anonymous memory a loaded model holds beyond its tensors (vocab tables, token-piece
@@ -64,7 +64,7 @@ OVERHEAD_BASE_MB = 61.5
 OVERHEAD_PER_VOCAB_BYTES = 354
 OVERHEAD_REQUEST_MB = 4.0
 
-# Each stream of a batch samples with its own llama_sampler chain (runtime/batch.py), which
+# Each stream of a batch samples with its own llama_sampler chain (runtime/engine/batch.py), which
 # keeps, once it has sampled, a token-data buffer of n_vocab × sizeof(llama_token_data) = 12
 # bytes (llama-sampler.h, llama_sampler_chain::cur), plus small fixed state: the dist
 # sampler's two std::mt19937 (5 KB each), the penalties ring of last_n tokens and its count

@@ -44,8 +44,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edgerunner.runtime.batch import Generation
-from edgerunner.runtime.engine import Engine, Prepared
+from edgerunner.runtime.engine.batch import Generation
+from edgerunner.runtime.engine.core import Engine, Prepared
 from edgerunner.runtime.protocol import (
     AnyRequest,
     BusyError,

@@ -25,7 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.bundle.settings import MqttConfig
-from edgerunner.runtime.engine import Engine
+from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.mqtt.session import SessionOptions, connect_async, new_client
 from edgerunner.runtime.mqtt.transport import MqttTransport
 from edgerunner.runtime.scheduler import Scheduler

@@ -86,7 +86,7 @@ def test_ask_over_mqtt_needs_both_url_and_device(broker) -> None:
 
 
 def test_iot_client_example_prints_the_parsed_json(broker, daemon) -> None:
-    example = Path(__file__).parents[2] / "tools" / "iot_client_example.py"
+    example = Path(__file__).parents[2] / "tools" / "examples" / "iot_client_example.py"
     result = subprocess.run(
         [sys.executable, str(example), "--broker", "127.0.0.1", "--port", str(broker.port),
          "--device", "proc1", "The hall is 19 C and its window is open."],

@@ -24,10 +24,10 @@ from edgerunner.bundle.settings import ServeConfig
 from edgerunner.bundle.store import Bundle, load_bundle
 from edgerunner.client.http import Client
 from edgerunner.errors import ClientError
-from edgerunner.runtime.daemon import Daemon
-from edgerunner.runtime.engine import Engine
+from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent
 from edgerunner.runtime.scheduler import Scheduler
+from edgerunner.runtime.supervise.daemon import Daemon
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ import llama_cpp
 import pytest
 
 from edgerunner.bundle.manifest import RuntimePlan
-from edgerunner.runtime.batch import TextTail, prefill_chunks
-from edgerunner.runtime.engine import Engine, llama_kwargs
+from edgerunner.runtime.engine.batch import TextTail, prefill_chunks
+from edgerunner.runtime.engine.core import Engine, llama_kwargs
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, RequestError, parse_request
 from edgerunner.runtime.scheduler import Job, Scheduler
 from tests.runtime.conftest import Collector, loaded_engine, started

@@ -19,7 +19,7 @@ import pytest
 
 from edgerunner.bundle.store import Bundle
 from edgerunner.client.http import Client
-from edgerunner.runtime.daemon import EXIT_NO_FIT
+from edgerunner.runtime.supervise.daemon import EXIT_NO_FIT
 
 LIMIT_FRACTION = 0.8  # of the plan's prediction: the plan cannot fit, a shrunk context can
 

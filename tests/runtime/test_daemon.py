@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from edgerunner.bundle.store import Bundle
-from edgerunner.runtime.daemon import EXIT_ERROR
-from edgerunner.runtime.logfmt import LogfmtFormatter
-from edgerunner.runtime.metrics import render_metrics
 from edgerunner.runtime.protocol import ErrorEvent, parse_request
 from edgerunner.runtime.scheduler import Stats
+from edgerunner.runtime.supervise.daemon import EXIT_ERROR
+from edgerunner.runtime.supervise.logfmt import LogfmtFormatter
+from edgerunner.runtime.supervise.metrics import render_metrics
 from tests.runtime.conftest import Collector, RunningDaemon, make_config
 
 

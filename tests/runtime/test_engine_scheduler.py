@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from edgerunner.bundle.manifest import RuntimePlan
-from edgerunner.runtime.engine import Engine
+from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.protocol import (
     DoneEvent,
     ErrorEvent,

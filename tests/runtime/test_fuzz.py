@@ -1,6 +1,6 @@
 """Hypothesis against the real daemon over both transports: every hostile request gets a final
 answer (a result or an error naming what was wrong), never a 5xx, never silence; the daemon
-stays up. The strategies are tools/fuzz_campaign.py's, which runs the same for longer."""
+stays up. The strategies are tools/research/fuzz_campaign.py's, which runs the same for longer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "fuzz_campaign.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "research" / "fuzz_campaign.py"
 
 
 def _load_tool() -> ModuleType:

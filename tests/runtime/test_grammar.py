@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from edgerunner.bundle.manifest import RuntimePlan
-from edgerunner.runtime.engine import Engine
-from edgerunner.runtime.grammar import GrammarBuilder, GrammarLimits
+from edgerunner.runtime.engine.core import Engine
+from edgerunner.runtime.engine.grammar import GrammarBuilder, GrammarLimits
 from edgerunner.runtime.protocol import DoneEvent, RequestError, parse_request
 from edgerunner.runtime.scheduler import Scheduler
 from tests.runtime.conftest import Collector, loaded_engine, started
@@ -267,7 +267,7 @@ def test_the_build_child_cannot_fetch_even_with_asserts_off(default_model: Path,
     port = listener.getsockname()[1]
     job = json.dumps({"model": str(default_model), "limits": asdict(GrammarLimits()),
                       "schema": json.dumps({"$ref": f"https://127.0.0.1:{port}/s.json"})})
-    proc = subprocess.run([sys.executable, "-m", "edgerunner.runtime.grammar"], input=job,
+    proc = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.grammar"], input=job,
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONOPTIMIZE": "1"})
     assert proc.returncode == 0, proc.stderr

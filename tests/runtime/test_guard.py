@@ -9,8 +9,8 @@ import pytest
 from edgerunner.bundle.manifest import MemoryEstimate, RuntimePlan
 from edgerunner.errors import PlanError
 from edgerunner.host.memory import MemoryProbe
-from edgerunner.runtime.guard import MemoryGuard, fit_plan, scaled_estimate
 from edgerunner.runtime.protocol import RequestError
+from edgerunner.runtime.supervise.memory_guard import MemoryGuard, fit_plan, scaled_estimate
 
 MIB = 2**20
 

@@ -26,10 +26,10 @@ from edgerunner.bundle.settings import ServeConfig
 from edgerunner.bundle.unit import render_unit
 from edgerunner.client.http import Client
 from edgerunner.errors import ClientError
-from edgerunner.runtime.http.app import HttpTransport, create_app, transport_from_config
-from edgerunner.runtime.http.guard import FD_BASELINE, FD_RESERVE
-from edgerunner.runtime.logfmt import LogfmtFormatter, RepeatFilter
+from edgerunner.runtime.http.access import FD_BASELINE, FD_RESERVE
+from edgerunner.runtime.http.openai import HttpTransport, create_app, transport_from_config
 from edgerunner.runtime.protocol import MAX_JSON_DEPTH
+from edgerunner.runtime.supervise.logfmt import LogfmtFormatter, RepeatFilter
 from tests.mqtt.conftest import free_port
 from tests.runtime.conftest import RunningDaemon
 from tests.runtime.test_http import MSG, assert_serving, error_of
@@ -261,7 +261,7 @@ def test_a_non_loopback_bind_is_warned_about(
 ) -> None:
     daemon = served.daemon
     assert daemon.scheduler is not None
-    caplog.set_level(logging.WARNING, logger="edgerunner.runtime.http.app")
+    caplog.set_level(logging.WARNING, logger="edgerunner.runtime.http.openai")
     config = ServeConfig.model_validate({"socket": short_tmp / "lan.sock",
                                          "http": f"0.0.0.0:{free_port()}"})
     with serving(transport_from_config(config, daemon.scheduler, daemon.info, daemon.metrics)):

@@ -13,8 +13,8 @@ import pytest
 
 from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.bundle.store import MODEL_FILE, Bundle
-from edgerunner.runtime.daemon import EXIT_PREFLIGHT
-from edgerunner.runtime.preflight import PreflightError, preflight
+from edgerunner.runtime.engine.preflight import PreflightError, preflight
+from edgerunner.runtime.supervise.daemon import EXIT_PREFLIGHT
 
 
 def crashing_python(directory: Path, *, only_with_extra_bufts: bool) -> Path:

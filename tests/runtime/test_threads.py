@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgerunner.bundle.store import Bundle
-from edgerunner.runtime.daemon import Daemon
+from edgerunner.runtime.supervise.daemon import Daemon
 
 from .conftest import make_config
 

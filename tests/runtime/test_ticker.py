@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edgerunner.runtime.ticker import Ticker
+from edgerunner.runtime.supervise.ticker import Ticker
 
 
 def test_a_failing_tick_does_not_end_the_thread(caplog: pytest.LogCaptureFixture) -> None:

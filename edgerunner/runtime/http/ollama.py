@@ -33,7 +33,7 @@ from edgerunner import __version__
 from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.runtime import protocol
 from edgerunner.runtime.http import ollama_protocol as op
-from edgerunner.runtime.http.app import Inbox
+from edgerunner.runtime.http.openai import Inbox
 from edgerunner.runtime.protocol import (
     AnyRequest,
     DoneEvent,

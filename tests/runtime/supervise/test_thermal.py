@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgerunner.profiles import ThermalSpec
-from edgerunner.runtime.thermal import (
+from edgerunner.runtime.supervise.thermal import (
     ThermalGovernor,
     ThermalReading,
     ThrottleFlags,

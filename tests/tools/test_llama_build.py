@@ -1,4 +1,4 @@
-"""tools/llama_build.py: explicit flags per platform, a cache key that follows them, and the
+"""tools/build/llama_build.py: explicit flags per platform, a cache key that follows them, and the
 installed llama.cpp really being the portable build (a cached native wheel must not come back)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "llama_build.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "build" / "llama_build.py"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_the_cache_key_follows_version_machine_and_flags(build: ModuleType) -> N
 
 
 def test_the_version_is_the_one_pyproject_pins(build: ModuleType) -> None:
-    pyproject = (TOOL.parents[1] / "pyproject.toml").read_text()
+    pyproject = (TOOL.parents[2] / "pyproject.toml").read_text()
     assert f'"llama-cpp-python=={build.VERSION}"' in pyproject
 
 

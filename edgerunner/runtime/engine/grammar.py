@@ -1,7 +1,8 @@
 """json_schema grammars, bounded before llama.cpp sees them and built once per schema in a child
 process under a time and memory budget, so no schema can crash, stall or bloat the daemon.
 
-Where llama.cpp 0.3.36's grammar code breaks (tools/grammar_limits.py, x86_64, 8 MiB stacks):
+Where llama.cpp 0.3.36's grammar code breaks (tools/research/grammar_limits.py, x86_64,
+8 MiB stacks):
 
 * optional repetitions (maxLength, maxItems, a{0,n}, (ab){0,n}): llama-cpp-python's converter
   nests one group per optional item; llama.cpp's parser recurses per group and then refuses
@@ -420,7 +421,7 @@ class GrammarBuilder:
         job = json.dumps({"model": str(self.model_path), "schema": schema_json,
                           "limits": asdict(self.limits)})
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "edgerunner.runtime.grammar",
+        proc = subprocess.Popen([sys.executable, "-m", "edgerunner.runtime.engine.grammar",
                                  str(os.getpid())],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
@@ -471,7 +472,7 @@ def _llama_reason(stderr: bytes) -> str:
     return ""
 
 
-# -- the child: `python -m edgerunner.runtime.grammar PARENT_PID`, a job as JSON on stdin ------
+# -- the child: `python -m edgerunner.runtime.engine.grammar PARENT_PID`, a job as JSON on stdin --
 
 def _child_main() -> None:
     _die_with_parent(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid())

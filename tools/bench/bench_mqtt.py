@@ -7,7 +7,7 @@
 2. The pool: N requests on edgerunner/pool/request served by 1 daemon, then by 2 daemons
    (each with --threads 1, as if each were one small device): throughput ratio and lost requests.
 
-    python tools/bench_mqtt.py [--bundle DIR] [--rounds 5] [--pool-requests 12]
+    python tools/bench/bench_mqtt.py [--bundle DIR] [--rounds 5] [--pool-requests 12]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Copy this file into your project; it needs only paho-mqtt 2.x (no edgerunner import).
 
-    python tools/iot_client_example.py --broker localhost --device kitchen-pi \\
+    python tools/examples/iot_client_example.py --broker localhost --device kitchen-pi \\
         "The living room is 22.5 C and the window is open."
 
 The device answers on the v5 ResponseTopic we set, echoing our CorrelationData; the JSON schema

@@ -43,7 +43,7 @@ Path_ = Literal["default", "no_extra_bufts"]
 PREFLIGHT_CTX = 512
 PREFLIGHT_PROMPT = "The quick brown fox jumps over the lazy dog. Count: one, two, three,"
 PREFLIGHT_TOKENS = 4
-REBUILD = "python3 tools/llama_build.py --rebuild --install .venv/bin/python"
+REBUILD = "python3 tools/build/llama_build.py --rebuild --install .venv/bin/python"
 CRASH_SIGNALS = {signal.SIGILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE}
 
 
@@ -172,7 +172,7 @@ def _cannot_decode(failures: list[str]) -> PreflightError:
             f"({', '.join(host)}) lacks: a build made for a newer CPU (a Pi 5 build on a Pi 4) "
             f"dies like this at its first decode. Its CPU features: {info}",
             "build llama.cpp on this device, which builds for its own CPU: `python3 "
-            "tools/llama_build.py --rebuild --install .venv/bin/python` (native on aarch64); "
+            "tools/build/llama_build.py --rebuild --install .venv/bin/python` (native on aarch64); "
             "or install one build for every Pi, with ggml's runtime CPU variants "
             "(CMAKE_ARGS='-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON ...'; README, "
             "\"On the device\")")
@@ -180,7 +180,7 @@ def _cannot_decode(failures: list[str]) -> PreflightError:
         f"llama.cpp cannot decode on this CPU: {'; '.join(failures)}. "
         f"The CPU features this llama.cpp build uses: {info}",
         f"rebuild llama-cpp-python for this host: `{REBUILD}` (portable flags; see "
-        "tools/llama_build.py), or reinstall it with CMAKE_ARGS='-DGGML_NATIVE=OFF "
+        "tools/build/llama_build.py), or reinstall it with CMAKE_ARGS='-DGGML_NATIVE=OFF "
         "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' pip install --no-cache-dir "
         "--force-reinstall llama-cpp-python")
 
@@ -190,7 +190,7 @@ def _decode_in_child(python: str, model_path: Path, plan: RuntimePlan, n_threads
     """None if the child decoded; else how it died. A non-signal failure is a ModelError."""
     request = json.dumps({"model": str(model_path), "plan": plan.model_dump(),
                           "threads": n_threads, "extra_bufts": extra_bufts})
-    cmd = [python, "-m", "edgerunner.runtime.preflight"]
+    cmd = [python, "-m", "edgerunner.runtime.engine.preflight"]
     try:
         done = subprocess.run(cmd, input=request, capture_output=True, text=True,
                               timeout=timeout_s, check=False)
@@ -227,7 +227,7 @@ def _write_cached(path: Path, verdict: Verdict) -> None:
 
 def main() -> None:
     """The child: load with the plan's settings (n_ctx capped), decode a few tokens."""
-    from edgerunner.runtime.engine import Engine
+    from edgerunner.runtime.engine.core import Engine
     from edgerunner.runtime.protocol import CompletionRequest
 
     request = json.loads(sys.stdin.read())

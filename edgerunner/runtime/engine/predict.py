@@ -2,7 +2,7 @@
 
 Parsing a GGUF header leaves tens of MiB in the parsing process (vocabulary arrays, heap
 fragmentation); the daemon must not carry that for its whole life, so a short-lived
-`python -m edgerunner.runtime.predict` does it and prints the totals as JSON.
+`python -m edgerunner.runtime.engine.predict` does it and prints the totals as JSON.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ def predict_totals(model_path: Path, plan: RuntimePlan, n_ctxs: list[int],
                    timeout: float = 120.0) -> dict[int, float]:
     """edgerunner.pack.memory's predicted total MiB for each n_ctx (run in a child process)."""
     request = json.dumps({"model": str(model_path), "plan": plan.model_dump(), "n_ctx": n_ctxs})
-    done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.predict"], input=request,
-                          capture_output=True, text=True, timeout=timeout, check=True)
+    done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.predict"],
+                          input=request, capture_output=True, text=True, timeout=timeout,
+                          check=True)
     return {int(k): float(v) for k, v in json.loads(done.stdout).items()}
 
 
@@ -32,8 +33,9 @@ def predict_repacked_mb(model_path: Path, plan: RuntimePlan, cpu_features: list[
     """MiB of weights llama.cpp copies into its repack buffer on a CPU with these features."""
     request = json.dumps({"model": str(model_path), "plan": plan.model_dump(),
                           "repacked_for": cpu_features})
-    done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.predict"], input=request,
-                          capture_output=True, text=True, timeout=timeout, check=True)
+    done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.predict"],
+                          input=request, capture_output=True, text=True, timeout=timeout,
+                          check=True)
     return float(json.loads(done.stdout)["repacked_mb"])
 
 

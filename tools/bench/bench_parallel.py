@@ -25,8 +25,8 @@ machine-load drift hits both; every ratio is taken per round, then the median.
 - burst: 200 concurrent requests against the default queue_depth: each must be answered or
   refused 503 `busy` with Retry-After; anything else is counted as "other" and must be 0.
 
-    python tools/bench_parallel.py BUNDLE [--rounds 4] [--max-tokens 128] [--json]
-    python tools/bench_parallel.py --quick   # packs the default model for rpi5 into a temp dir
+    python tools/bench/bench_parallel.py BUNDLE [--rounds 4] [--max-tokens 128] [--json]
+    python tools/bench/bench_parallel.py --quick   # packs the default model for rpi5 (temp dir)
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.bundle.store import load_bundle
 from edgerunner.client.http import Client
 from edgerunner.host.cpu import cpu_budget, decode_threads
-from edgerunner.runtime.engine import BatchLlama, Engine, llama_kwargs
+from edgerunner.runtime.engine.core import BatchLlama, Engine, llama_kwargs
 from edgerunner.runtime.protocol import ChatCompletionRequest
 
 # prompts that keep a small model talking well past max_tokens

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerunner.runtime.notify import (
+from edgerunner.runtime.supervise.notify import (
     Heartbeat,
     Notifier,
     Watchdog,

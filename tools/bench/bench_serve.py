@@ -10,8 +10,8 @@ interleaved (raw, daemon, raw, daemon, ...) so machine load drifts hit both alik
 - whole: end-to-end tok/s of a non-streamed request, raw vs daemon;
 - start: raw Llama() construction vs the daemon process from exec to /health "ready".
 
-    python tools/bench_serve.py BUNDLE [--prompts 6] [--max-tokens 128] [--threads N]
-    python tools/bench_serve.py            # packs the default model for rpi5 into a temp dir
+    python tools/bench/bench_serve.py BUNDLE [--prompts 6] [--max-tokens 128] [--threads N]
+    python tools/bench/bench_serve.py            # packs the default model for rpi5 into a temp dir
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from rich.table import Table
 from edgerunner.bundle.store import load_bundle
 from edgerunner.client.http import Client
 from edgerunner.host.cpu import cpu_budget, decode_threads
-from edgerunner.runtime.engine import llama_kwargs
+from edgerunner.runtime.engine.core import llama_kwargs
 
 PROMPTS = [
     "Explain how a refrigerator keeps food cold.",

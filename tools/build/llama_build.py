@@ -15,8 +15,8 @@ changes whenever the version or the flags do.
   some hosts, runs on this one only).
 - aarch64: a device builds for itself (GGML_NATIVE), as the Pi's CPU is the one it will run on.
 
-Usage: `python3 tools/llama_build.py --install .venv/bin/python` (the Makefile's set-up does it);
-`--print-key` prints the cache key, `--rebuild` throws the cached wheel away first.
+Usage: `python3 tools/build/llama_build.py --install .venv/bin/python` (the Makefile's set-up
+does it); `--print-key` prints the cache key, `--rebuild` throws the cached wheel away first.
 Stdlib only: it runs before the virtualenv exists.
 """
 

@@ -10,7 +10,7 @@ time (user+sys over all threads), which other load on a shared machine disturbs 
 Then each preset is packed once and the plan's predicted model.gguf size is set against the
 real one.
 
-    python3 tools/bench_pack.py [--source default|f16] [--quant Q4_K_M] [--trials 5]
+    python3 tools/bench/bench_pack.py [--source default|f16] [--quant Q4_K_M] [--trials 5]
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ default stack (the daemon builds samplers on threads too), and applies it to the
 vocabulary for a few tokens (the slowest token's wall and CPU time). The parent records how the
 child ended: ok, refused (llama.cpp returned NULL), a converter exception, a signal (SIGSEGV:
 the parser's recursion ran off the stack), the memory cap (RLIMIT_AS) or the time cap. The
-numbers behind edgerunner.runtime.grammar's limits come from here.
+numbers behind edgerunner.runtime.engine.grammar's limits come from here.
 
-    python tools/grammar_limits.py                  # every family
-    python tools/grammar_limits.py string_max enum  # some families
-    python tools/grammar_limits.py --json           # rows as JSON lines
+    python tools/research/grammar_limits.py                  # every family
+    python tools/research/grammar_limits.py string_max enum  # some families
+    python tools/research/grammar_limits.py --json           # rows as JSON lines
 """
 
 from __future__ import annotations

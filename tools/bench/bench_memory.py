@@ -5,8 +5,8 @@ llama_model_quantize, then for every (preset, n_ctx, KV type) start a new Python
 loads the model with the plan's settings, runs one prompt filling half the context and reports
 its peak RSS (VmHWM). Prints the table and the worst error against edgerunner.pack.memory.
 
-    python tools/bench_memory.py                 # the grid
-    python tools/bench_memory.py --overhead      # re-measure the constants in memory.py
+    python tools/bench/bench_memory.py                 # the grid
+    python tools/bench/bench_memory.py --overhead      # re-measure the constants in memory.py
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def status():
     return out
 args = json.loads(sys.argv[1])
 # The prediction is for the serving process, so load everything the daemon imports.
-import edgerunner.runtime.daemon
+import edgerunner.runtime.supervise.daemon
 import llama_cpp
 llama_cpp.llama_backend_init()
 after_import = status()

@@ -28,26 +28,26 @@ from edgerunner.bundle.store import Bundle
 from edgerunner.errors import ConfigError
 from edgerunner.host.cpu import CpuBudget, cpu_budget, decode_threads
 from edgerunner.host.memory import MemoryProbe, MemorySnapshot
-from edgerunner.runtime.engine import Engine
-from edgerunner.runtime.guard import (
+from edgerunner.runtime.engine.core import Engine
+from edgerunner.runtime.engine.predict import predict_repacked_mb, predict_totals
+from edgerunner.runtime.engine.preflight import PreflightError, Verdict, preflight
+from edgerunner.runtime.http.openai import HttpTransport, transport_from_config
+from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
+from edgerunner.runtime.supervise.memory_guard import (
     Fit,
     MemoryGuard,
     fit_plan,
     scaled_estimate,
 )
-from edgerunner.runtime.http.app import HttpTransport, transport_from_config
-from edgerunner.runtime.metrics import render_metrics
-from edgerunner.runtime.notify import (
+from edgerunner.runtime.supervise.metrics import render_metrics
+from edgerunner.runtime.supervise.notify import (
     Heartbeat,
     Notifier,
     Watchdog,
     format_status,
     watchdog_interval,
 )
-from edgerunner.runtime.predict import predict_repacked_mb, predict_totals
-from edgerunner.runtime.preflight import PreflightError, Verdict, preflight
-from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
-from edgerunner.runtime.thermal import ThermalGovernor, ThrottleFlags, read_thermal
+from edgerunner.runtime.supervise.thermal import ThermalGovernor, ThrottleFlags, read_thermal
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ class Transport(Protocol):
 def memory_estimator(bundle: Bundle) -> Callable[[int], float]:
     """Predicted MiB at another n_ctx, anchored at the manifest's own prediction.
 
-    Other sizes come from edgerunner.pack.memory in a child process (see runtime/predict.py), asked
-    only when a size other than the plan's is needed; if that fails, the manifest's KV cache
-    is scaled instead.
+    Other sizes come from edgerunner.pack.memory in a child process (see
+    runtime/engine/predict.py), asked only when a size other than the plan's is needed; if that
+    fails, the manifest's KV cache is scaled instead.
     """
     manifest = bundle.manifest
     plan = manifest.plan

@@ -33,7 +33,7 @@ from starlette.types import Receive
 from edgerunner.bundle.settings import ServeConfig
 from edgerunner.errors import ConfigError
 from edgerunner.runtime import protocol
-from edgerunner.runtime.http.guard import (
+from edgerunner.runtime.http.access import (
     Access,
     AccessMiddleware,
     CatchAllMiddleware,

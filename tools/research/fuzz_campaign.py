@@ -4,7 +4,7 @@ Every request must get a final answer — a result, or an error body naming what
 never a 5xx; the daemon must stay up. The same strategies drive tests/runtime/test_fuzz.py
 (a few hundred examples); this tool runs as many as you like:
 
-    .venv/bin/python tools/fuzz_campaign.py --http 5000 --mqtt 2000 [--bundle DIR]
+    .venv/bin/python tools/research/fuzz_campaign.py --http 5000 --mqtt 2000 [--bundle DIR]
 
 It starts its own daemon (and, for --mqtt, its own Mosquitto) and prints a summary: requests
 sent, answered, refused by code, 5xx, lost, and the daemon's RSS at the start and the end.

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from edgerunner.runtime.ticker import Ticker
+from edgerunner.runtime.supervise.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 

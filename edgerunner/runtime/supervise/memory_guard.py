@@ -17,7 +17,7 @@ from edgerunner.bundle.manifest import MemoryEstimate, RuntimePlan
 from edgerunner.errors import PlanError
 from edgerunner.host.memory import MemoryProbe, MemorySnapshot
 from edgerunner.runtime.protocol import RequestError
-from edgerunner.runtime.ticker import Ticker
+from edgerunner.runtime.supervise.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 

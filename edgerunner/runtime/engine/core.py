@@ -4,8 +4,8 @@ time with the model's own chat template, stop sequences, grammars and cancellati
 Only the scheduler's worker thread calls `load`, `unload` and `run`. `prepare` (template, tokenize,
 grammar) uses a separate vocab-only model and may be called from any thread, so admission works
 even while the weights are unloaded by keep_alive, and while they load again. json_schema
-grammars are bounded and first built in a child process (runtime.grammar): a schema that would
-crash or stall llama.cpp does so there, not here.
+grammars are bounded and first built in a child process (runtime.engine.grammar): a schema that
+would crash or stall llama.cpp does so there, not here.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from llama_cpp._internals import LlamaModel
 
 from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.errors import ModelError
-from edgerunner.runtime.batch import Batcher, Generation, sampler_chain
-from edgerunner.runtime.grammar import GrammarBuilder
+from edgerunner.runtime.engine.batch import Batcher, Generation, sampler_chain
+from edgerunner.runtime.engine.grammar import GrammarBuilder
 from edgerunner.runtime.protocol import (
     AnyRequest,
     ChatCompletionRequest,

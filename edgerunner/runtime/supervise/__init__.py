@@ -1,0 +1,1 @@
+"""Supervision: the daemon's lifecycle, memory and thermal guards, systemd notify, metrics, logs."""
