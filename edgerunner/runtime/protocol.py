@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,10 +54,6 @@ ERROR_TYPE: dict[str, str] = {
     "timeout": "timeout",
     "internal_error": "server_error",
 }
-
-
-# The daemon's state as /health and the MQTT info topic show it (model, plan, memory, queue).
-InfoProvider = Callable[[], dict[str, Any]]
 
 
 class RequestError(Exception):

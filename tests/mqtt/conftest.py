@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.bundle.settings import MqttConfig
 from edgerunner.runtime.engine.core import Engine
+from edgerunner.runtime.health import Health, QueueHealth
 from edgerunner.runtime.mqtt.session import SessionOptions, connect_async, new_client
 from edgerunner.runtime.mqtt.transport import MqttTransport
 from edgerunner.runtime.scheduler import Scheduler
@@ -148,6 +150,13 @@ def mqtt_engine_b(rpi5_bundle: Path) -> Iterator[Engine]:
     yield from _engine(rpi5_bundle)
 
 
+def _health(scheduler: Scheduler) -> Health:
+    """What a daemon serving this scheduler reports (its own memory and CPU parts left out)."""
+    return Health(state="ready", model=scheduler.model_name, loaded=scheduler.engine.loaded,
+                  queue=QueueHealth(depth=scheduler.depth, max=scheduler.queue_depth,
+                                    running=scheduler.running, slots=scheduler.slots))
+
+
 @pytest.fixture
 def serve(mqtt_engine: Engine) -> Iterator[Callable[..., MqttTransport]]:
     """Start MqttTransports over real schedulers; all are stopped at teardown."""
@@ -159,7 +168,7 @@ def serve(mqtt_engine: Engine) -> Iterator[Callable[..., MqttTransport]]:
         scheduler.start()
         fields.setdefault("reconnect_max_delay_s", 1)
         config = MqttConfig(url=url, device_id=device_id, **fields)
-        transport = MqttTransport(config, scheduler, lambda: {"state": "ready"})
+        transport = MqttTransport(config, scheduler, partial(_health, scheduler))
         transport.start()
         started.append((transport, scheduler))
         if wait:

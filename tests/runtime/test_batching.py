@@ -88,7 +88,8 @@ def test_the_engine_alone_matches_llama_create_completion(engine: Engine,
             for extra in ({}, {"temperature": 0.8, "seed": 7}):
                 prepared = engine.prepare(chat(question, **extra), 24)
                 old = raw.create_completion(prompt=prepared.prompt_tokens, max_tokens=24,
-                                            stop=prepared.stop, **prepared.sampling)
+                                            stop=prepared.stop,
+                                            **prepared.sampling.as_kwargs())
                 new = engine.run(prepared, None, lambda: False)
                 assert new.text == old["choices"][0]["text"]  # type: ignore[index]
     finally:

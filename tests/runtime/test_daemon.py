@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from edgerunner.bundle.store import Bundle
+from edgerunner.runtime.health import Health
 from edgerunner.runtime.protocol import ErrorEvent, parse_request
 from edgerunner.runtime.scheduler import Stats
 from edgerunner.runtime.supervise.daemon import EXIT_ERROR
@@ -84,7 +85,8 @@ def test_health_and_metrics_report_temperature_and_throttling(
         assert flags["raw"] == 0x50005
         assert flags["under_voltage"] and flags["throttled"] and flags["throttled_occurred"]
         assert not flags["freq_capped"] and not flags["soft_temp_limit_occurred"]
-        assert running.daemon.info()["throttled"] == flags  # what MQTT info publishes
+        # what MQTT info publishes
+        assert running.daemon.health().model_dump(mode="json")["throttled"] == flags
         lines = set(metrics.splitlines())
         assert "edgerunner_temperature_celsius 71.5" in lines
         assert "edgerunner_throttled 1" in lines and "edgerunner_under_voltage 1" in lines
@@ -106,7 +108,7 @@ def test_health_and_metrics_report_temperature_and_throttling(
 
 
 def test_without_firmware_flags_there_are_no_throttle_metrics() -> None:
-    text = render_metrics(Stats(), {"temperature_c": 40.0, "throttled": None})
+    text = render_metrics(Stats(), Health(temperature_c=40.0, throttled=None))
     assert "edgerunner_temperature_celsius 40" in text
     assert "throttle" not in text and "under_voltage" not in text
 

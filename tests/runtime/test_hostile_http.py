@@ -157,7 +157,7 @@ def test_unhandled_error_is_a_500_that_says_connection_close(
     def broken_metrics() -> str:
         raise RuntimeError(" ".join(["secret", "request", "text"]))  # the log shows source
 
-    app = create_app(daemon.scheduler, daemon.info, broken_metrics)
+    app = create_app(daemon.scheduler, daemon.health, broken_metrics)
     with serving(HttpTransport(app, short_tmp / "crash.sock")) as transport:
         out = raw_exchange(transport.socket_path, request("/metrics") + request("/health"))
     head, _, body = out.partition(b"\r\n\r\n")
@@ -174,7 +174,7 @@ def test_connections_over_the_cap_are_refused_and_idle_ones_time_out(
 ) -> None:
     daemon = served.daemon
     assert daemon.scheduler is not None
-    app = create_app(daemon.scheduler, daemon.info, daemon.metrics)
+    app = create_app(daemon.scheduler, daemon.health, daemon.metrics)
     transport = HttpTransport(app, short_tmp / "cap.sock", max_connections=4,
                               idle_timeout_s=1.0)
     with serving(transport):
@@ -211,7 +211,7 @@ def tcp_api(served: RunningDaemon, short_tmp: Path) -> Iterator[dict[str, Any]]:
     config = ServeConfig.model_validate({
         "socket": short_tmp / "tcp.sock", "http": f"127.0.0.1:{port}",
         "api_key_file": key_file, "http_allowed_origins": ["https://app.example"]})
-    with serving(transport_from_config(config, daemon.scheduler, daemon.info, daemon.metrics)):
+    with serving(transport_from_config(config, daemon.scheduler, daemon.health, daemon.metrics)):
         yield {"base": f"http://127.0.0.1:{port}", "socket": short_tmp / "tcp.sock"}
 
 
@@ -264,7 +264,7 @@ def test_a_non_loopback_bind_is_warned_about(
     caplog.set_level(logging.WARNING, logger="edgerunner.runtime.http.openai")
     config = ServeConfig.model_validate({"socket": short_tmp / "lan.sock",
                                          "http": f"0.0.0.0:{free_port()}"})
-    with serving(transport_from_config(config, daemon.scheduler, daemon.info, daemon.metrics)):
+    with serving(transport_from_config(config, daemon.scheduler, daemon.health, daemon.metrics)):
         pass
     warned = [r.getMessage() for r in caplog.records if "other machines can reach" in
               r.getMessage()]

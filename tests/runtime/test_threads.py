@@ -39,7 +39,7 @@ def test_the_plan_is_capped_at_the_cgroup_quota(bundle: Bundle, short_tmp: Path)
                          guard_root=quota_tree(short_tmp / "root", cpus=1))
     daemon = Daemon(bundle, config)
     assert daemon.n_threads == 1
-    cpu = daemon.info()["cpu"]
+    cpu = daemon.health().model_dump(mode="json")["cpu"]
     assert (cpu["threads"], cpu["threads_planned"], cpu["cpus"]) == (1, 4, 1)
     assert "cgroup quota 1 CPUs" in cpu["cpu_limits"]
 

@@ -29,6 +29,7 @@ import llama_cpp
 from llama_cpp import llama_grammar
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
+from edgerunner.runtime.engine.sampling import SamplingParams
 from edgerunner.runtime.protocol import FinishReason, RequestError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def prefill_chunks(start: int, end: int, n_batch: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def sampler_chain(model: LlamaModel, sampling: dict[str, Any],
+def sampler_chain(model: LlamaModel, sampling: SamplingParams,
                   grammar: llama_grammar.LlamaGrammar | None) -> LlamaSampler:
     """The sampler chain Llama.create_completion builds for these parameters (llama.py's
     `_init_sampler`), so that one sequence samples here exactly as it would there."""
@@ -62,14 +63,14 @@ def sampler_chain(model: LlamaModel, sampling: dict[str, Any],
     chain.add_penalties(
         n_vocab=model.n_vocab(),
         penalty_last_n=PENALTY_LAST_N,
-        penalty_repeat=sampling["repeat_penalty"],
-        penalty_freq=sampling["frequency_penalty"],
-        penalty_present=sampling["presence_penalty"],
+        penalty_repeat=sampling.repeat_penalty,
+        penalty_freq=sampling.frequency_penalty,
+        penalty_present=sampling.presence_penalty,
     )
     if grammar is not None:
         chain.add_grammar(model, grammar)
-    temp = sampling["temperature"]
-    seed = sampling["seed"]
+    temp = sampling.temperature
+    seed = sampling.seed
     if seed is None:
         seed = random.randrange(2**32)
     if temp < 0.0:
@@ -77,10 +78,10 @@ def sampler_chain(model: LlamaModel, sampling: dict[str, Any],
     elif temp == 0.0:
         chain.add_greedy()
     else:
-        chain.add_top_k(sampling["top_k"])
+        chain.add_top_k(sampling.top_k)
         chain.add_typical(1.0, 1)
-        chain.add_top_p(sampling["top_p"], 1)
-        chain.add_min_p(sampling["min_p"], 1)
+        chain.add_top_p(sampling.top_p, 1)
+        chain.add_min_p(sampling.min_p, 1)
         chain.add_temp(temp)
         chain.add_dist(seed)
     return chain

@@ -28,6 +28,7 @@ from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.errors import ModelError
 from edgerunner.runtime.engine.batch import Batcher, Generation, sampler_chain
 from edgerunner.runtime.engine.grammar import GrammarBuilder
+from edgerunner.runtime.engine.sampling import SamplingParams
 from edgerunner.runtime.protocol import (
     AnyRequest,
     ChatCompletionRequest,
@@ -51,7 +52,7 @@ class Prepared:
     max_tokens: int
     stop: list[str]
     grammar: llama_grammar.LlamaGrammar | None
-    sampling: dict[str, Any] = field(default_factory=dict)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     prompt_text: str = ""
 
 
@@ -321,16 +322,7 @@ class Engine:
             max_tokens=max_tokens,
             stop=stop,
             grammar=self._grammar(request.response_format),
-            sampling={
-                "temperature": request.temperature,
-                "top_p": request.top_p,
-                "top_k": request.top_k,
-                "min_p": request.min_p,
-                "repeat_penalty": request.repeat_penalty,
-                "frequency_penalty": request.frequency_penalty,
-                "presence_penalty": request.presence_penalty,
-                "seed": request.seed,
-            },
+            sampling=SamplingParams.of(request),
             prompt_text=prompt,
         )
 

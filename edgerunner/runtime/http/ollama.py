@@ -20,8 +20,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from starlette.concurrency import run_in_threadpool
@@ -30,8 +28,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import BaseRoute, Route
 
 from edgerunner import __version__
-from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.runtime import protocol
+from edgerunner.runtime.health import InfoProvider, ServedModel
 from edgerunner.runtime.http import ollama_protocol as op
 from edgerunner.runtime.http.openai import Inbox
 from edgerunner.runtime.protocol import (
@@ -39,7 +37,6 @@ from edgerunner.runtime.protocol import (
     DoneEvent,
     ErrorEvent,
     Event,
-    InfoProvider,
     RequestError,
     TextEvent,
 )
@@ -55,43 +52,11 @@ _MODEL_MANAGEMENT = ("pull", "push", "create", "copy", "delete", "blobs")
 _EMBEDDINGS = ("embed", "embeddings")
 
 
-@dataclass(frozen=True)
-class ModelCard:
-    """What /api/tags, /api/show and /api/ps say about the served bundle."""
-
-    name: str
-    family: str = ""
-    parameter_count: int = 0
-    quantization: str = ""
-    size: int = 0
-    digest: str = ""
-    modified_at: str = ""
-    n_ctx_train: int = 0
-    profile: str = ""
-
-    @classmethod
-    def of(cls, name: str, model_path: Path) -> ModelCard:
-        """Read from the bundle's manifest next to model.gguf (a bare name without one)."""
-        try:
-            manifest = BundleManifest.model_validate_json(
-                (model_path.parent / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            logger.debug("no readable manifest next to %s", model_path)
-            return cls(name=name)
-        entry = manifest.files.get("model.gguf")
-        return cls(
-            name=name, family=manifest.source.architecture,
-            parameter_count=manifest.source.n_params, quantization=manifest.plan.quant,
-            size=entry.size if entry else 0, digest=entry.sha256 if entry else "",
-            modified_at=manifest.created, n_ctx_train=manifest.source.n_ctx_train,
-            profile=manifest.profile.name,
-        )
-
-    def details(self) -> dict[str, Any]:
-        return {"parent_model": "", "format": "gguf", "family": self.family,
-                "families": [self.family] if self.family else None,
-                "parameter_size": _count(self.parameter_count),
-                "quantization_level": self.quantization}
+def _details(card: ServedModel) -> dict[str, Any]:
+    family = card.architecture
+    return {"parent_model": "", "format": "gguf", "family": family,
+            "families": [family] if family else None,
+            "parameter_size": _count(card.n_params), "quantization_level": card.quant}
 
 
 def _count(n: int) -> str:
@@ -138,12 +103,13 @@ class OllamaApi:
     """The /api/* handlers, bound to one scheduler."""
 
     def __init__(self, scheduler: Scheduler, info: InfoProvider, *, max_body_bytes: int,
-                 stream_flush_s: float) -> None:
+                 stream_flush_s: float, served: ServedModel | None = None) -> None:
         self.scheduler = scheduler
         self.info = info
         self.max_body_bytes = max_body_bytes
         self.stream_flush_s = stream_flush_s
-        self.card = ModelCard.of(scheduler.model_name, scheduler.engine.model_path)
+        # a bare name when the app serves an engine without its bundle's manifest
+        self.card = served or ServedModel(name=scheduler.model_name)
 
     # -- model information ----------------------------------------------------------------
 
@@ -156,9 +122,9 @@ class OllamaApi:
 
     def _listed(self) -> dict[str, Any]:
         name = f"{self.card.name}:latest"
-        return {"name": name, "model": name, "modified_at": self.card.modified_at or
-                op.timestamp(), "size": self.card.size, "digest": self.card.digest,
-                "details": self.card.details()}
+        return {"name": name, "model": name, "modified_at": self.card.created or
+                op.timestamp(), "size": self.card.size, "digest": self.card.sha256,
+                "details": _details(self.card)}
 
     async def tags(self, request: Request) -> Response:
         return JSONResponse({"models": [self._listed()]})
@@ -169,7 +135,7 @@ class OllamaApi:
         keep = self.scheduler.keep_alive_s
         # never unloaded unless keep_alive_s is set (then: at most that long after the last job)
         expires = op.timestamp(time.time() + keep) if keep > 0 else "9999-12-31T23:59:59.000000Z"
-        predicted = (self.info().get("memory") or {}).get("predicted_mb")
+        predicted = self.info().memory.predicted_mb
         size = int(predicted * 2**20) if predicted else self.card.size
         return JSONResponse({"models": [{**self._listed(), "expires_at": expires, "size": size,
                                          "size_vram": 0,
@@ -188,20 +154,20 @@ class OllamaApi:
             return _error(exc)
         n_ctx = self.scheduler.engine.n_ctx
         card = self.card
-        info: dict[str, Any] = {"general.architecture": card.family,
-                                "general.parameter_count": card.parameter_count,
+        info: dict[str, Any] = {"general.architecture": card.architecture,
+                                "general.parameter_count": card.n_params,
                                 "edgerunner.n_ctx": n_ctx, "edgerunner.profile": card.profile}
-        if card.family and card.n_ctx_train:
-            info[f"{card.family}.context_length"] = card.n_ctx_train
+        if card.architecture and card.n_ctx_train:
+            info[f"{card.architecture}.context_length"] = card.n_ctx_train
         return JSONResponse({
             "modelfile": f"# edgerunner bundle {card.name}\nFROM "
                          f"{self.scheduler.engine.model_path}\nPARAMETER num_ctx {n_ctx}\n",
             "parameters": f"num_ctx {n_ctx}\nnum_predict {self.scheduler.default_max_tokens}",
             "template": "",  # the GGUF's own chat template, applied by llama.cpp
-            "details": card.details(),
+            "details": _details(card),
             "model_info": info,
             "capabilities": ["completion"],
-            "modified_at": card.modified_at or op.timestamp(),
+            "modified_at": card.created or op.timestamp(),
         })
 
     # -- generation -----------------------------------------------------------------------
@@ -368,10 +334,10 @@ async def _first_events(events: Inbox, request: Request, job: Job) -> list[Event
 
 
 def routes(scheduler: Scheduler, info: InfoProvider, *, max_body_bytes: int = 1_048_576,
-           stream_flush_s: float = 0.0) -> list[BaseRoute]:
+           stream_flush_s: float = 0.0, served: ServedModel | None = None) -> list[BaseRoute]:
     """The /api/* routes for create_app; anything else under /api/ gets an Ollama-shaped error."""
     api = OllamaApi(scheduler, info, max_body_bytes=max_body_bytes,
-                    stream_flush_s=stream_flush_s)
+                    stream_flush_s=stream_flush_s, served=served)
     return [
         Route("/", api.root, methods=["GET", "HEAD"]),
         Route("/api/version", api.version, methods=["GET"]),

@@ -33,6 +33,7 @@ from starlette.types import Receive
 from edgerunner.bundle.settings import ServeConfig
 from edgerunner.errors import ConfigError
 from edgerunner.runtime import protocol
+from edgerunner.runtime.health import InfoProvider, ServedModel
 from edgerunner.runtime.http.access import (
     Access,
     AccessMiddleware,
@@ -48,7 +49,6 @@ from edgerunner.runtime.protocol import (
     DoneEvent,
     ErrorEvent,
     Event,
-    InfoProvider,
     RequestError,
     TextEvent,
 )
@@ -142,8 +142,9 @@ class _App:
         return JSONResponse(protocol.model_list(self.scheduler.model_name))
 
     async def health(self, request: Request) -> Response:
-        body = self.info()
-        return JSONResponse(body, status_code=503 if body.get("state") in UNHEALTHY else 200)
+        health = self.info()
+        return JSONResponse(health.model_dump(mode="json"),
+                            status_code=503 if health.state in UNHEALTHY else 200)
 
     async def prometheus(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics(), media_type="text/plain; version=0.0.4")
@@ -281,6 +282,7 @@ def create_app(
     max_body_bytes: int = 1_048_576,
     stream_flush_s: float = 0.0,
     access: Access | None = None,
+    served: ServedModel | None = None,
 ) -> Starlette:
     """The ASGI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     from edgerunner.runtime.http import ollama  # imports Inbox from here
@@ -307,7 +309,7 @@ def create_app(
             Route("/health", app.health, methods=["GET"]),
             Route("/metrics", app.prometheus, methods=["GET"]),
             *ollama.routes(scheduler, info, max_body_bytes=max_body_bytes,
-                           stream_flush_s=stream_flush_s),
+                           stream_flush_s=stream_flush_s, served=served),
         ],
         exception_handlers={
             RequestError: on_request_error,
@@ -464,13 +466,14 @@ class HttpTransport:
 
 
 def transport_from_config(config: ServeConfig, scheduler: Scheduler, info: InfoProvider,
-                          metrics: MetricsProvider) -> HttpTransport:
+                          metrics: MetricsProvider, served: ServedModel | None = None
+                          ) -> HttpTransport:
     """The app and its listeners as `config` describes them (what the daemon serves)."""
     api_key = config.http_api_key()
     access = Access(api_key=api_key, allowed_hosts=frozenset(config.http_allowed_hosts),
                     allowed_origins=frozenset(config.http_allowed_origins))
     app = create_app(scheduler, info, metrics, max_body_bytes=config.max_body_bytes,
-                     stream_flush_s=config.stream_flush_s, access=access)
+                     stream_flush_s=config.stream_flush_s, access=access, served=served)
     return HttpTransport(app, config.socket_path(), config.socket_mode, config.http_host_port(),
                          max_connections=config.max_connections,
                          idle_timeout_s=config.idle_timeout_s, api_key_set=api_key is not None)

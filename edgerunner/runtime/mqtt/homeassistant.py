@@ -23,12 +23,11 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgerunner import __version__
-from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.errors import ConfigError
+from edgerunner.runtime.health import Health, ServedModel
 from edgerunner.runtime.mqtt.topics import ROOT, DeviceTopics
 
 if TYPE_CHECKING:
@@ -93,16 +92,10 @@ class DeviceCard:
     sw_version: str = __version__
 
     @classmethod
-    def of(cls, model_path: Path, fallback_model: str) -> DeviceCard:
-        """From the bundle's manifest next to model.gguf (names only, without one)."""
-        try:
-            manifest = BundleManifest.model_validate_json(
-                (model_path.parent / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return cls(model=fallback_model)
-        profile = manifest.profile
-        return cls(model=manifest.name, hardware=profile.display_name or profile.name,
-                   sw_version=manifest.edgerunner_version)
+    def of(cls, served: ServedModel) -> DeviceCard:
+        """From the served bundle's description."""
+        return cls(model=served.name, hardware=served.hardware,
+                   sw_version=served.edgerunner_version)
 
 
 class Discovery:
@@ -161,25 +154,23 @@ class Discovery:
         for topic, config in self.configs().items():
             publish(topic, json.dumps(config).encode(), retain=True)
 
-    def state(self, info: dict[str, Any], completion_tokens: int,
+    def state(self, health: Health, completion_tokens: int,
               generation_seconds: float) -> dict[str, Any]:
-        """The state topic's JSON from the info document and the scheduler's counters."""
-        memory = info.get("memory") or {}
-        queue = info.get("queue") or {}
+        """The state topic's JSON from the daemon's Health and the scheduler's counters."""
         return {
-            "temperature_c": info.get("temperature_c"),
-            "throttled": "ON" if _throttled(info) else "OFF",
+            "temperature_c": health.temperature_c,
+            "throttled": "ON" if health.slowed else "OFF",
             "decode_tps": self._speed.update(completion_tokens, generation_seconds),
-            "queue_depth": queue.get("depth", info.get("queue_depth", 0)),
-            "slots_in_use": queue.get("running", 0),
-            "headroom_mb": memory.get("headroom_mb"),
-            "model": info.get("model") or self.card.model,
-            "state": info.get("state", "unknown"),
+            "queue_depth": health.queue.depth,
+            "slots_in_use": health.queue.running,
+            "headroom_mb": health.memory.headroom_mb,
+            "model": health.model or self.card.model,
+            "state": health.state,
         }
 
-    def publish_state(self, publish: Publish, info: dict[str, Any], completion_tokens: int,
+    def publish_state(self, publish: Publish, health: Health, completion_tokens: int,
                       generation_seconds: float) -> None:
-        state = self.state(info, completion_tokens, generation_seconds)
+        state = self.state(health, completion_tokens, generation_seconds)
         publish(self.state_topic, json.dumps(state).encode(), retain=True)
 
     def forget(self, publish: Publish) -> None:
@@ -187,13 +178,6 @@ class Discovery:
         for topic in self.configs():
             publish(topic, b"", retain=True)
         publish(self.state_topic, b"", retain=True)
-
-
-def _throttled(info: dict[str, Any]) -> bool:
-    flags = info.get("throttled") or {}
-    thermal = info.get("thermal") or {}
-    return bool(flags.get("throttled") or flags.get("freq_capped")
-                or flags.get("soft_temp_limit") or thermal.get("level") == "hot")
 
 
 class _Speed:
@@ -214,19 +198,20 @@ class _Speed:
             return self._value
 
 
-def discovery_for(config: MqttConfig, device_id: str, scheduler: Scheduler) -> Discovery | None:
+def discovery_for(config: MqttConfig, device_id: str, scheduler: Scheduler,
+                  served: ServedModel | None = None) -> Discovery | None:
     """The transport's Discovery when `mqtt.homeassistant` is on (None otherwise)."""
     if not config.homeassistant:
         return None
-    card = DeviceCard.of(scheduler.engine.model_path, scheduler.model_name)
+    card = DeviceCard.of(served) if served is not None else DeviceCard(model=scheduler.model_name)
     return Discovery(device_id, card, config.homeassistant_prefix)
 
 
-def publish_state(discovery: Discovery, publish: Publish, info: dict[str, Any],
+def publish_state(discovery: Discovery, publish: Publish, health: Health,
                   scheduler: Scheduler) -> None:
     """The state topic, next to each info publish."""
     stats = scheduler.stats
-    discovery.publish_state(publish, info, stats.completion_tokens, stats.generation_seconds)
+    discovery.publish_state(publish, health, stats.completion_tokens, stats.generation_seconds)
 
 
 def forget_device(config: MqttConfig, device_id: str, timeout: float = 10.0) -> list[str]:

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 # Bytes of a PUBLISH packet besides topic, correlation data and payload: fixed header, lengths,
 # packet id, content-type and payload-format properties, with room to spare.
-_PACKET_OVERHEAD = 64
+PACKET_OVERHEAD = 64
 _MIN_CONTENT_ROOM = 16
 
 
@@ -120,7 +120,7 @@ class Replier:
 
     def budget(self, route: ReplyRoute) -> int:
         """Largest payload (bytes) one reply on this route may have."""
-        overhead = _PACKET_OVERHEAD + len(route.topic.encode()) + len(route.correlation or b"")
+        overhead = PACKET_OVERHEAD + len(route.topic.encode()) + len(route.correlation or b"")
         return min(self._max_packet() - overhead, self._max_payload)
 
     def send(self, route: ReplyRoute, payload: bytes, *, final: bool) -> None:

@@ -28,12 +28,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
+from pydantic import BaseModel, ConfigDict, Field
 
-from edgerunner import __version__
 from edgerunner.bundle.settings import MqttConfig
+from edgerunner.runtime.health import Health, InfoProvider, ServedModel
 from edgerunner.runtime.mqtt import homeassistant
 from edgerunner.runtime.mqtt.link import Link
-from edgerunner.runtime.mqtt.reply import Replier, ReplyRoute, ReplyStream, encode
+from edgerunner.runtime.mqtt.reply import (
+    PACKET_OVERHEAD,
+    Replier,
+    ReplyRoute,
+    ReplyStream,
+    encode,
+)
 from edgerunner.runtime.mqtt.request import read_request
 from edgerunner.runtime.mqtt.session import SessionOptions
 from edgerunner.runtime.mqtt.topics import (
@@ -47,7 +54,6 @@ from edgerunner.runtime.mqtt.topics import (
 from edgerunner.runtime.protocol import (
     BusyError,
     ChatCompletionRequest,
-    InfoProvider,
     RequestError,
     decode_json,
 )
@@ -81,6 +87,23 @@ class _Ticket:
     job: Job | None = None
 
 
+class MqttInfo(BaseModel):
+    """The broker sessions in use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocol: str = Field("5", description="MQTT protocol in use (5 or 3.1.1)")
+    pool: bool = Field(False, description="Also serving the pool topic")
+
+
+class DeviceInfo(Health):
+    """The retained info topic: the daemon's Health, and who and how on the broker."""
+
+    queue_depth: int = Field(0, ge=0, description="Requests waiting (queue.depth)")
+    device_id: str = Field("", description="This device's topic level")
+    mqtt: MqttInfo = Field(default_factory=MqttInfo)
+
+
 def default_device_id() -> str:
     """The host name, made safe for a topic level."""
     name = socket.gethostname().split(".")[0]
@@ -91,7 +114,8 @@ class MqttTransport:
     """Serves the scheduler over MQTT: two broker sessions, replies, cancel, status and info."""
 
     def __init__(
-        self, config: MqttConfig, scheduler: Scheduler, info_provider: InfoProvider
+        self, config: MqttConfig, scheduler: Scheduler, info_provider: InfoProvider,
+        served: ServedModel | None = None,
     ) -> None:
         if not config.url:
             raise ValueError("MqttTransport needs config.url")
@@ -100,7 +124,8 @@ class MqttTransport:
         self.info_provider = info_provider
         self.device_id = check_device_id(config.device_id or default_device_id())
         self.topics = DeviceTopics(self.device_id)
-        self.homeassistant = homeassistant.discovery_for(config, self.device_id, scheduler)
+        self.homeassistant = homeassistant.discovery_for(config, self.device_id, scheduler,
+                                                          served)
         self._seen = SeenIds()
         # every unanswered request by each name a cancel may use; the lock also orders
         # enqueueing against stop() closing the admission queue
@@ -206,19 +231,23 @@ class MqttTransport:
 
     def _publish_info(self) -> None:
         try:
-            info = dict(self.info_provider())
+            health = self.info_provider()
         except Exception:
             logger.exception("mqtt: the info provider failed; info not published")
             return
-        info.setdefault("version", __version__)
-        info.setdefault("model", self.scheduler.model_name)
-        info.setdefault("queue_depth", self.scheduler.depth)
-        info["device_id"] = self.device_id
-        # the protocol in use: a v5 configuration may have fallen back to 3.1.1
-        info["mqtt"] = {"protocol": self.device.options.protocol, "pool": self.pool is not None}
-        self.device.publish(self.topics.info, encode(info), retain=True)
+        info = DeviceInfo(
+            **health.model_dump(), queue_depth=health.queue.depth, device_id=self.device_id,
+            # the protocol in use: a v5 configuration may have fallen back to 3.1.1
+            mqtt=MqttInfo(protocol=self.device.options.protocol, pool=self.pool is not None))
+        payload = encode(info.model_dump(mode="json"))
+        if len(payload) + len(self.topics.info) + PACKET_OVERHEAD > self.device.max_packet:
+            # the broker would end the session for it, and again after every reconnect
+            logger.warning("mqtt: info (%d bytes) is over the broker's maximum packet size "
+                           "(%d); not published", len(payload), self.device.max_packet)
+        else:
+            self.device.publish(self.topics.info, payload, retain=True)
         if self.homeassistant is not None:
-            homeassistant.publish_state(self.homeassistant, self.device.publish, info,
+            homeassistant.publish_state(self.homeassistant, self.device.publish, health,
                                         self.scheduler)
 
     def _info_loop(self) -> None:

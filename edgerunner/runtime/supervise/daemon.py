@@ -31,6 +31,15 @@ from edgerunner.host.memory import MemoryProbe, MemorySnapshot
 from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.engine.predict import predict_repacked_mb, predict_totals
 from edgerunner.runtime.engine.preflight import PreflightError, Verdict, preflight
+from edgerunner.runtime.health import (
+    CpuHealth,
+    DaemonState,
+    Health,
+    MemoryHealth,
+    PrefixCacheHealth,
+    QueueHealth,
+    ServedModel,
+)
 from edgerunner.runtime.http.openai import HttpTransport, transport_from_config
 from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
 from edgerunner.runtime.supervise.memory_guard import (
@@ -108,7 +117,8 @@ class Daemon:
         self.bundle = bundle
         self.config = config
         self.manifest: BundleManifest = bundle.manifest
-        self.state = "starting"
+        self.served = ServedModel.of(bundle.manifest)
+        self.state: DaemonState = "starting"
         self.started_at = time.time()
         self.exit_code = EXIT_OK
         self.fit: Fit | None = None
@@ -265,7 +275,8 @@ class Daemon:
         self.guard.start()
         self.scheduler.start()
         # the API key, Host/Origin checks and connection cap from the config apply here
-        self.http = transport_from_config(config, self.scheduler, self.info, self.metrics)
+        self.http = transport_from_config(config, self.scheduler, self.health, self.metrics,
+                                          self.served)
         await self.http.start()
         # ready before MQTT connects, so its first info/state messages say so
         self.state = "ready"
@@ -281,7 +292,8 @@ class Daemon:
         assert self.scheduler is not None
         from edgerunner.runtime.mqtt import transport as mqtt
 
-        transport: Transport = mqtt.MqttTransport(self.config.mqtt, self.scheduler, self.info)
+        transport: Transport = mqtt.MqttTransport(self.config.mqtt, self.scheduler, self.health,
+                                                   self.served)
         transport.start()
         self.transports.append(transport)
 
@@ -373,7 +385,7 @@ class Daemon:
 
     # -- what /health, /metrics and MQTT info show ---------------------------------------------
 
-    def current_state(self) -> str:
+    def current_state(self) -> DaemonState:
         if self.state != "ready":
             return self.state
         if self.guard is not None and self.guard.state == "pressure":
@@ -382,92 +394,80 @@ class Daemon:
             return "unloaded"
         return "ready"
 
-    def info(self) -> dict[str, Any]:
-        """The /health document (also the MQTT info payload)."""
-        snap = self.guard.last if self.guard is not None else None
-        predicted = self.fit.predicted_mb if self.fit is not None else None
-        rss = snap.rss_mb if snap is not None else self.probe.rss_mb()
-        scheduler = self.scheduler
-        plan = self.fit.plan if self.fit is not None else self.manifest.plan
-        return {
-            "state": self.current_state(),
-            "model": self.manifest.name,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "loaded": self.engine is not None and self.engine.loaded,
-            "plan": plan.model_dump(),
-            "plan_shrunk": self.fit.shrunk if self.fit is not None else False,
-            "memory": {
-                "predicted_mb": None if predicted is None else round(predicted, 1),
-                "rss_mb": round(self.probe.rss_mb(), 1),
-                "polled_rss_mb": round(rss, 1),
-                "peak_rss_mb": round(self.guard.peak_rss_mb, 1) if self.guard else None,
-                "measured_over_predicted": (round(self.probe.rss_mb() / predicted, 3)
-                                            if predicted else None),
-                "rss_ceiling_mb": (round(self.guard.rss_ceiling_mb, 1)
-                                   if self.guard and self.guard.rss_ceiling_mb else None),
-                "headroom_mb": round(snap.headroom_mb, 1) if snap else None,
-                "headroom_source": snap.source if snap else None,
-                "reserve_mb": self.config.memory_reserve_mb,
-                "psi_full_avg10": snap.psi_full_avg10 if snap else None,
-                "guard": self.guard.state if self.guard else None,
-                "guard_reason": self.guard.reason if self.guard else "",
-            },
-            "queue": {
-                "depth": scheduler.depth if scheduler else 0,
-                "max": self.config.queue_depth,
-                "running": scheduler.running if scheduler else 0,
-                "slots": scheduler.slots if scheduler else self._n_parallel(),
-            },
-            "prefix_cache": self._prefix_cache_info(),
-            "temperature_c": self.temperature_c,
-            # the Pi firmware's get_throttled word and its bits (None where there is none)
-            "throttled": self.throttle.model_dump() if self.throttle is not None else None,
-            "thermal": (self.governor.state.model_dump() if self.governor is not None else None),
-            "cpu": self._cpu_info(),
-        }
+    def health(self) -> Health:
+        """The daemon's state: the /health document, the MQTT info payload, the metrics' gauges."""
+        guard, scheduler, fit, verdict = self.guard, self.scheduler, self.fit, self.verdict
+        snap = guard.last if guard is not None else None
+        predicted = fit.predicted_mb if fit is not None else None
+        rss_now = self.probe.rss_mb()
+        engine, stats = self.engine, scheduler.stats if scheduler else None
+        return Health(
+            state=self.current_state(),
+            model=self.manifest.name,
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.time() - self.started_at, 1),
+            loaded=engine is not None and engine.loaded,
+            plan=fit.plan if fit is not None else self.manifest.plan,
+            plan_shrunk=fit.shrunk if fit is not None else False,
+            memory=MemoryHealth(
+                predicted_mb=None if predicted is None else round(predicted, 1),
+                rss_mb=round(rss_now, 1),
+                polled_rss_mb=round(snap.rss_mb if snap is not None else rss_now, 1),
+                peak_rss_mb=round(guard.peak_rss_mb, 1) if guard else None,
+                measured_over_predicted=round(rss_now / predicted, 3) if predicted else None,
+                rss_ceiling_mb=(round(guard.rss_ceiling_mb, 1)
+                                if guard and guard.rss_ceiling_mb else None),
+                headroom_mb=round(snap.headroom_mb, 1) if snap else None,
+                headroom_source=snap.source if snap else None,
+                reserve_mb=self.config.memory_reserve_mb,
+                psi_full_avg10=snap.psi_full_avg10 if snap else None,
+                guard=guard.state if guard else None,
+                guard_reason=guard.reason if guard else "",
+            ),
+            queue=QueueHealth(
+                depth=scheduler.depth if scheduler else 0,
+                max=self.config.queue_depth,
+                running=scheduler.running if scheduler else 0,
+                slots=scheduler.slots if scheduler else self._n_parallel(),
+            ),
+            prefix_cache=PrefixCacheHealth(
+                cells=engine.prefix_cache_cells if engine else
+                self.manifest.plan.prefix_cache_cells,
+                hits=stats.prefix_cache_hits if stats else 0,
+                misses=stats.prefix_cache_misses if stats else 0,
+                tokens_reused=stats.prefix_cache_tokens if stats else 0,
+            ),
+            temperature_c=self.temperature_c,
+            throttled=self.throttle,
+            thermal=self.governor.state if self.governor is not None else None,
+            cpu=CpuHealth(
+                threads=self.n_threads,
+                threads_planned=self.manifest.plan.n_threads,
+                cpus=self.cpus.cpus,
+                cpu_limits=self.cpus.describe(),
+                llama_path=verdict.path if verdict is not None else None,
+                preflight_cached=verdict.cached if verdict is not None else None,
+                preflight_s=verdict.seconds if verdict is not None else None,
+                preflight_failures=verdict.failures if verdict is not None else [],
+                llama_cpu_features=verdict.system_info if verdict is not None else None,
+            ),
+        )
 
     def _n_parallel(self) -> int:
         return self.config.n_parallel or self.manifest.plan.n_parallel
 
-    def _prefix_cache_info(self) -> dict[str, Any]:
-        engine, scheduler = self.engine, self.scheduler
-        stats = scheduler.stats if scheduler else None
-        return {
-            "cells": engine.prefix_cache_cells if engine else self.manifest.plan.prefix_cache_cells,
-            "hits": stats.prefix_cache_hits if stats else 0,
-            "misses": stats.prefix_cache_misses if stats else 0,
-            "tokens_reused": stats.prefix_cache_tokens if stats else 0,
-        }
-
-    def _cpu_info(self) -> dict[str, Any]:
-        verdict = self.verdict
-        return {
-            "threads": self.n_threads,
-            "threads_planned": self.manifest.plan.n_threads,
-            "cpus": self.cpus.cpus,
-            "cpu_limits": self.cpus.describe(),
-            # "default": llama.cpp's extra buffer types (AMX, weight repacking) on; else off
-            "llama_path": verdict.path if verdict is not None else None,
-            "preflight_cached": verdict.cached if verdict is not None else None,
-            "preflight_s": verdict.seconds if verdict is not None else None,
-            "preflight_failures": verdict.failures if verdict is not None else [],
-            "llama_cpu_features": verdict.system_info if verdict is not None else None,
-        }
-
     def metrics(self) -> str:
         """The /metrics text."""
         assert self.scheduler is not None
-        return render_metrics(self.scheduler.stats, self.info())
+        return render_metrics(self.scheduler.stats, self.health())
 
     def _status_line(self) -> str:
-        info = self.info()
-        mem, queue = info["memory"], info["queue"]
+        health = self.health()
         return format_status(
-            self.manifest.name, info["plan"]["quant"], info["plan"]["n_ctx"], queue["depth"],
-            queue["max"], mem["rss_mb"], mem["predicted_mb"] or 0.0, self.temperature_c,
-            info["state"])
+            self.manifest.name, health.plan.quant, health.plan.n_ctx, health.queue.depth,
+            health.queue.max, health.memory.rss_mb, health.memory.predicted_mb or 0.0,
+            self.temperature_c, health.state)
 
 
 def serve(bundle: Bundle, config: ServeConfig) -> int:

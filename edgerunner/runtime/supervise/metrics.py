@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgerunner.runtime.health import Health
 from edgerunner.runtime.scheduler import Stats
 
 MIB = 2**20
@@ -34,22 +35,18 @@ class _Writer:
             self.lines.append(f"edgerunner_{name}{_labels(labels)} {value:g}")
 
 
-def render_metrics(stats: Stats, health: dict[str, Any]) -> str:
-    """The /metrics body from the scheduler's counters and the /health document."""
+def render_metrics(stats: Stats, health: Health) -> str:
+    """The /metrics body from the scheduler's counters and the daemon's Health."""
     w = _Writer()
-    memory = health.get("memory", {})
-    queue = health.get("queue", {})
-    plan = health.get("plan", {})
+    memory, queue, plan = health.memory, health.queue, health.plan
 
-    def mib(key: str) -> float | None:
-        value = memory.get(key)
+    def mib(value: float | None) -> float | None:
         return None if value is None else float(value) * MIB
 
     w.metric("info", "gauge", "Served model and plan",
-             [({"model": health.get("model", ""), "quant": plan.get("quant", ""),
-                "n_ctx": plan.get("n_ctx", ""), "version": health.get("version", "")}, 1)])
-    w.metric("up", "gauge", "1 while accepting work",
-             [({}, 1.0 if health.get("state") in ("ready", "unloaded") else 0.0)])
+             [({"model": health.model, "quant": plan.quant, "n_ctx": plan.n_ctx,
+                "version": health.version}, 1)])
+    w.metric("up", "gauge", "1 while accepting work", [({}, float(health.accepting))])
     w.metric("requests_total", "counter", "Requests queued", [({}, stats.submitted)])
     w.metric("requests_completed_total", "counter", "Requests answered", [({}, stats.completed)])
     w.metric("requests_failed_total", "counter", "Queued requests that ended in an error",
@@ -62,13 +59,12 @@ def render_metrics(stats: Stats, health: dict[str, Any]) -> str:
              [({}, stats.completion_tokens)])
     w.metric("generation_seconds_total", "counter", "Time the worker spent generating",
              [({}, stats.generation_seconds)])
-    w.metric("queue_depth", "gauge", "Requests waiting", [({}, queue.get("depth"))])
-    w.metric("queue_capacity", "gauge", "Queue depth limit", [({}, queue.get("max"))])
-    w.metric("busy", "gauge", "1 while generating", [({}, float(bool(queue.get("running"))))])
-    w.metric("slots_in_use", "gauge", "Requests decoding together now",
-             [({}, queue.get("running"))])
+    w.metric("queue_depth", "gauge", "Requests waiting", [({}, queue.depth)])
+    w.metric("queue_capacity", "gauge", "Queue depth limit", [({}, queue.max)])
+    w.metric("busy", "gauge", "1 while generating", [({}, float(bool(queue.running)))])
+    w.metric("slots_in_use", "gauge", "Requests decoding together now", [({}, queue.running)])
     w.metric("slots", "gauge", "Requests that can decode together (n_parallel)",
-             [({}, queue.get("slots"))])
+             [({}, queue.slots)])
     w.metric("prefix_cache_hits_total", "counter",
              "Prompts that reused a cached prefix's KV cells", [({}, stats.prefix_cache_hits)])
     w.metric("prefix_cache_misses_total", "counter",
@@ -76,33 +72,33 @@ def render_metrics(stats: Stats, health: dict[str, Any]) -> str:
     w.metric("prefix_cache_tokens_total", "counter",
              "Prompt tokens taken from the prefix cache instead of evaluated",
              [({}, stats.prefix_cache_tokens)])
-    w.metric("rss_bytes", "gauge", "Resident set size now", [({}, mib("rss_mb"))])
-    w.metric("rss_peak_bytes", "gauge", "Highest RSS seen", [({}, mib("peak_rss_mb"))])
+    w.metric("rss_bytes", "gauge", "Resident set size now", [({}, mib(memory.rss_mb))])
+    w.metric("rss_peak_bytes", "gauge", "Highest RSS seen", [({}, mib(memory.peak_rss_mb))])
     w.metric("rss_predicted_bytes", "gauge", "Plan's predicted peak RSS",
-             [({}, mib("predicted_mb"))])
+             [({}, mib(memory.predicted_mb))])
     w.metric("rss_ceiling_bytes", "gauge", "RSS that makes the daemon drain and exit",
-             [({}, mib("rss_ceiling_mb"))])
+             [({}, mib(memory.rss_ceiling_mb))])
     w.metric("memory_headroom_bytes", "gauge",
              "min(MemAvailable, cgroup limit - usage without clean unmapped page cache)",
-             [({}, mib("headroom_mb"))])
+             [({}, mib(memory.headroom_mb))])
     w.metric("memory_pressure", "gauge", "1 while new work is refused for memory",
-             [({}, float(memory.get("guard") == "pressure"))])
+             [({}, float(memory.guard == "pressure"))])
     w.metric("psi_memory_full_avg10", "gauge", "Memory PSI full avg10 (%)",
-             [({}, memory.get("psi_full_avg10"))])
+             [({}, memory.psi_full_avg10)])
     w.metric("temperature_celsius", "gauge", "Hottest thermal zone",
-             [({}, health.get("temperature_c"))])
-    flags = health.get("throttled")
+             [({}, health.temperature_c)])
+    flags = health.throttled
     if flags is not None:
         w.metric("throttled", "gauge",
-                 "1 while the firmware slows the CPU (throttled, frequency capped or soft "
-                 "temperature limit)",
-                 [({}, float(any(flags.get(k) for k in
-                                 ("throttled", "freq_capped", "soft_temp_limit"))))])
+                 "1 while the CPU is held back (firmware throttling, frequency cap or soft "
+                 "temperature limit, or the thermal governor at hot)",
+                 [({}, float(health.slowed))])
         w.metric("under_voltage", "gauge", "1 while the supply is below 4.63 V",
-                 [({}, float(bool(flags.get("under_voltage"))))])
+                 [({}, float(flags.under_voltage))])
         w.metric("throttle_flag", "gauge",
                  "Each bit of the firmware's get_throttled word (*_occurred: since boot)",
-                 [({"flag": k}, float(v)) for k, v in flags.items() if isinstance(v, bool)])
+                 [({"flag": k}, float(v)) for k, v in flags.model_dump().items()
+                  if isinstance(v, bool)])
     w.metric("model_loaded", "gauge", "1 while the weights are in memory",
-             [({}, float(bool(health.get("loaded"))))])
+             [({}, float(health.loaded))])
     return "\n".join(w.lines) + "\n"

@@ -4,33 +4,21 @@ Sources, all optional (a value is None when its file is absent or unreadable):
 - ``/sys/class/thermal/thermal_zone*/{type,temp}``: temp in millidegrees Celsius;
 - Raspberry Pi firmware ``get_throttled`` (``/sys/devices/platform/soc/soc:firmware/get_throttled``
   on Pi 1-4 kernels, under ``soc@<addr>`` on Pi 5): the mailbox word printed as hex without 0x,
-  bits as `vcgencmd get_throttled` documents them (see THROTTLE_BITS).
+  bits as `vcgencmd get_throttled` documents them (see THROTTLE_BITS in runtime/health.py).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgerunner.profiles import ThermalSpec
+from edgerunner.runtime.health import THROTTLE_BITS as THROTTLE_BITS
+from edgerunner.runtime.health import ThermalLevel, ThermalState, ThrottleFlags
 
 logger = logging.getLogger(__name__)
-
-# Raspberry Pi documentation, "vcgencmd get_throttled": bits 0-3 are the state now,
-# bits 16-19 say the same condition has occurred since boot.
-THROTTLE_BITS = {
-    "under_voltage": 0,
-    "freq_capped": 1,
-    "throttled": 2,
-    "soft_temp_limit": 3,
-    "under_voltage_occurred": 16,
-    "freq_capped_occurred": 17,
-    "throttled_occurred": 18,
-    "soft_temp_limit_occurred": 19,
-}
 
 _THROTTLED_GLOBS = (
     "sys/devices/platform/soc/soc:firmware/get_throttled",
@@ -49,30 +37,6 @@ class ThermalZone(_Model):
     zone: str = Field(..., description="Directory name, e.g. thermal_zone0")
     type: str = Field("", description="What the zone measures, e.g. cpu-thermal")
     temp_c: float | None = Field(None, description="Temperature in °C (None if unreadable)")
-
-
-class ThrottleFlags(_Model):
-    """The Raspberry Pi firmware's throttling word, decoded."""
-
-    raw: int = Field(..., ge=0, description="The word as read (get_throttled)")
-    under_voltage: bool = Field(False, description="Supply below 4.63 V now")
-    freq_capped: bool = Field(False, description="ARM frequency capped now")
-    throttled: bool = Field(False, description="Currently throttled")
-    soft_temp_limit: bool = Field(False, description="Soft temperature limit active")
-    under_voltage_occurred: bool = Field(False, description="Under-voltage since boot")
-    freq_capped_occurred: bool = Field(False, description="Frequency capping since boot")
-    throttled_occurred: bool = Field(False, description="Throttling since boot")
-    soft_temp_limit_occurred: bool = Field(False, description="Soft temp limit since boot")
-
-    @classmethod
-    def from_word(cls, word: int) -> ThrottleFlags:
-        """Decode the firmware's bit field."""
-        return cls(raw=word, **{name: bool(word >> bit & 1) for name, bit in THROTTLE_BITS.items()})
-
-    @property
-    def slowing_now(self) -> bool:
-        """The firmware is holding the CPU back right now."""
-        return self.throttled or self.freq_capped or self.soft_temp_limit
 
 
 class ThermalReading(_Model):
@@ -126,19 +90,6 @@ def _read_throttled(base: Path) -> ThrottleFlags | None:
             except ValueError:
                 logger.debug("unparsable get_throttled %r in %s", text, path)
     return None
-
-
-ThermalLevel = Literal["normal", "warm", "hot", "unknown"]
-
-
-class ThermalState(_Model):
-    """What the governor decided: how many threads, how long to rest between requests, and why."""
-
-    level: ThermalLevel = Field("unknown", description="normal / warm / hot / unknown (no sensor)")
-    threads: int = Field(..., ge=1, description="Decode threads to use now")
-    pause_s: float = Field(0.0, ge=0, description="Rest between requests")
-    temp_c: float | None = Field(None, description="Hottest zone at the last reading")
-    reason: str = Field("", description="Why, for logs and /health")
 
 
 class ThermalGovernor:
