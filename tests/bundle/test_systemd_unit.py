@@ -103,7 +103,7 @@ def _default(func: object, parameter: str) -> float:
 
 
 def test_stop_timeout_outlasts_the_daemons_whole_stop() -> None:
-    from edgerunner.runtime.http.openai import HttpTransport
+    from edgerunner.runtime.http.server import HttpTransport
     from edgerunner.runtime.mqtt.transport import MqttTransport
 
     drain = ServeConfig().drain_timeout_s

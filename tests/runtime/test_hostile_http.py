@@ -27,7 +27,8 @@ from edgerunner.bundle.unit import render_unit
 from edgerunner.client.http import Client
 from edgerunner.errors import ClientError
 from edgerunner.runtime.http.access import FD_BASELINE, FD_RESERVE
-from edgerunner.runtime.http.openai import HttpTransport, create_app, transport_from_config
+from edgerunner.runtime.http.openai import create_app
+from edgerunner.runtime.http.server import HttpTransport, transport_from_config
 from edgerunner.runtime.protocol import MAX_JSON_DEPTH
 from edgerunner.runtime.supervise.logfmt import LogfmtFormatter, RepeatFilter
 from tests.mqtt.conftest import free_port

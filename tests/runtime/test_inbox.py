@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from edgerunner.runtime.http.openai import Inbox
+from edgerunner.runtime.http.relay import Inbox
 from edgerunner.runtime.protocol import DoneEvent, Event, TextEvent
 
 

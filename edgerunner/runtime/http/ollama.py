@@ -19,19 +19,17 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any, Literal
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from edgerunner import __version__
-from edgerunner.runtime import protocol
 from edgerunner.runtime.health import InfoProvider, ServedModel
 from edgerunner.runtime.http import ollama_protocol as op
-from edgerunner.runtime.http.openai import Inbox
+from edgerunner.runtime.http import relay
 from edgerunner.runtime.protocol import (
     AnyRequest,
     DoneEvent,
@@ -40,7 +38,7 @@ from edgerunner.runtime.protocol import (
     RequestError,
     TextEvent,
 )
-from edgerunner.runtime.scheduler import Job, Scheduler
+from edgerunner.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +69,7 @@ class _Timed:
     """One request's sink: stamps tokens on the worker thread, then passes events on (text
     only when the client streams)."""
 
-    def __init__(self, inbox: Inbox, stream: bool, submitted_ns: int) -> None:
+    def __init__(self, inbox: relay.Inbox, stream: bool, submitted_ns: int) -> None:
         self.inbox = inbox
         self.stream = stream
         self.submitted_ns = submitted_ns
@@ -143,7 +141,7 @@ class OllamaApi:
 
     async def show(self, request: Request) -> Response:
         try:
-            body = await self._read_json(request)
+            body = await relay.read_json(request, self.max_body_bytes)
             if not isinstance(body, dict):
                 raise RequestError("invalid_request", "request body must be a JSON object")
             requested = body.get("model") or body.get("name")
@@ -182,7 +180,7 @@ class OllamaApi:
         received_ns = time.monotonic_ns()
         try:
             body = op.parse(op.ChatRequest if kind == "chat" else op.GenerateRequest,
-                            await self._read_json(request))
+                            await relay.read_json(request, self.max_body_bytes))
             op.resolve_model(body.model, self.card.name)
             n_ctx = self.scheduler.engine.n_ctx
             if isinstance(body, op.ChatRequest):
@@ -209,11 +207,10 @@ class OllamaApi:
 
     async def _run(self, request: Request, kind: Literal["chat", "generate"], body: op._Common,
                    parsed: AnyRequest, received_ns: int) -> Response:
-        events = Inbox(asyncio.get_running_loop())
+        events = relay.Inbox(asyncio.get_running_loop())
         was_loaded = self.scheduler.engine.loaded
         sink = _Timed(events, body.stream, time.monotonic_ns())
-        job = await run_in_threadpool(lambda: self.scheduler.submit(parsed, sink=sink))
-        first = await _first_events(events, request, job)
+        job, first = await relay.submit(self.scheduler, parsed, request, events, sink)
         if first is None:
             return Response(status_code=499)  # nobody is listening any more
         if isinstance(first[0], ErrorEvent):
@@ -229,34 +226,9 @@ class OllamaApi:
             assert isinstance(done, DoneEvent)
             return JSONResponse(done_body(done, done.text))
         return StreamingResponse(
-            self._ndjson(first, events, job, kind, body.model, done_body),
+            relay.relay(first, events, job, _ndjson_renderer(kind, body.model, done_body),
+                        self.stream_flush_s),
             media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"})
-
-    async def _ndjson(self, first: list[Event], events: Inbox, job: Job,
-                      kind: Literal["chat", "generate"], model: str, done_body: Any
-                      ) -> AsyncIterator[str]:
-        final = False
-
-        def render(event: Event) -> str:
-            nonlocal final
-            if isinstance(event, TextEvent):
-                return _line(op.piece(kind, model, event.text))
-            final = True
-            if isinstance(event, ErrorEvent):
-                return _line(op.error_body(event.error))
-            return _line(done_body(event, ""))
-
-        batch = first
-        try:
-            while True:
-                yield "".join(render(event) for event in batch)
-                if final:
-                    return
-                batch = await events.get(linger=self.stream_flush_s)
-        finally:
-            if not final:
-                job.cancel()
-                logger.info("client left the stream of %s; cancelled it", job.id)
 
     # -- everything else under /api -------------------------------------------------------
 
@@ -279,25 +251,19 @@ class OllamaApi:
         return JSONResponse({"error": f"{where}: not found; the Ollama endpoints here are "
                              f"{ENDPOINTS}"}, status_code=404)
 
-    async def _read_json(self, request: Request) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _TooLarge(f"request body is {declared} bytes; the limit is "
-                            f"{self.max_body_bytes} (max_body_bytes)")
-        data = bytearray()
-        async for part in request.stream():
-            data += part
-            if len(data) > self.max_body_bytes:
-                raise _TooLarge(f"request body exceeds {self.max_body_bytes} bytes "
-                                "(max_body_bytes)")
-        return protocol.decode_json(bytes(data))
 
 
-class _TooLarge(RequestError):
-    """Refused before the body was read to its end: the connection cannot be reused."""
+def _ndjson_renderer(kind: Literal["chat", "generate"], model: str,
+                     done_body: Callable[[DoneEvent, str], dict[str, Any]]) -> relay.Render:
+    """Each event as one NDJSON line: pieces, then the final object (or the error)."""
+    def render(event: Event) -> str:
+        if isinstance(event, TextEvent):
+            return _line(op.piece(kind, model, event.text))
+        if isinstance(event, ErrorEvent):
+            return _line(op.error_body(event.error))
+        return _line(done_body(event, ""))
 
-    def __init__(self, message: str) -> None:
-        super().__init__("invalid_request", message)
+    return render
 
 
 def _line(obj: Any) -> str:
@@ -305,32 +271,8 @@ def _line(obj: Any) -> str:
 
 
 def _error(exc: RequestError) -> JSONResponse:
-    headers = {}
-    if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if isinstance(exc, _TooLarge):
-        headers["Connection"] = "close"
-    return JSONResponse(op.error_body(exc), status_code=exc.http_status, headers=headers)
-
-
-async def _first_events(events: Inbox, request: Request, job: Job) -> list[Event] | None:
-    """The job's first events, or None (job cancelled) if the client disconnects first."""
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    getter = asyncio.ensure_future(events.get())
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if getter in done:
-        return getter.result()
-    getter.cancel()
-    job.cancel()
-    logger.info("client disconnected; cancelled %s", job.id)
-    return None
+    return JSONResponse(op.error_body(exc), status_code=exc.http_status,
+                        headers=relay.error_headers(exc))
 
 
 def routes(scheduler: Scheduler, info: InfoProvider, *, max_body_bytes: int = 1_048_576,

@@ -40,7 +40,7 @@ from edgerunner.runtime.health import (
     QueueHealth,
     ServedModel,
 )
-from edgerunner.runtime.http.openai import HttpTransport, transport_from_config
+from edgerunner.runtime.http.server import HttpTransport, transport_from_config
 from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
 from edgerunner.runtime.supervise.memory_guard import (
     Fit,

@@ -1,0 +1,160 @@
+"""What both HTTP front-ends (OpenAI, Ollama) share: reading a bounded body, submitting to the
+scheduler, relaying its events to the client as they arrive, and shaping errors' headers.
+
+Each front-end keeps only its renderer: how one event looks on its wire (SSE chunks, NDJSON
+lines) and how an error body looks. A client that goes away, before its first event or during
+the stream, cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from edgerunner.runtime import protocol
+from edgerunner.runtime.protocol import AnyRequest, Event, RequestError, TextEvent
+from edgerunner.runtime.scheduler import Job, Scheduler
+
+logger = logging.getLogger(__name__)
+
+Render = Callable[[Event], str]  # one event as the front-end writes it
+
+
+class BodyTooLarge(RequestError):
+    """The body is over max_body_bytes: refused before it is read to its end, so the connection
+    cannot be reused (the rest of the body would be read as the next request)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_request", message)
+
+
+async def read_json(request: Request, max_body_bytes: int) -> Any:
+    """The body, bounded by max_body_bytes as it arrives (chunked too), then decoded."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise BodyTooLarge(f"request body is {declared} bytes; the limit is "
+                           f"{max_body_bytes} (max_body_bytes)")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_body_bytes:
+            raise BodyTooLarge(f"request body exceeds {max_body_bytes} bytes (max_body_bytes)")
+    return protocol.decode_json(bytes(body))
+
+
+def error_headers(exc: RequestError) -> dict[str, str]:
+    """Retry-After for busy answers, `Connection: close` when the body was left unread."""
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, BodyTooLarge):
+        headers["Connection"] = "close"
+    return headers
+
+
+class Inbox:
+    """Events from the worker thread to one request's coroutine.
+
+    The worker wakes the event loop only when the coroutine is waiting for events (or for the
+    job's final event), so a stream that lingers between writes costs the loop nothing per token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: collections.deque[Event] = collections.deque()
+        self._lock = threading.Lock()
+        self._waiting = False
+        self._wake_pending = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, event: Event) -> None:
+        """Called from the worker thread (the scheduler's sink)."""
+        with self._lock:
+            self._items.append(event)
+            urgent = self._waiting or not isinstance(event, TextEvent)
+            if not urgent or self._wake_pending:
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self, linger: float = 0.0) -> list[Event]:
+        """Every event that has arrived, waiting for at least one; with `linger`, first let
+        tokens gather for that long (the job's final event cuts it short)."""
+        if linger > 0:
+            self._waiter = self._loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._waiter), linger)
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    self._waiting = False
+                    return items
+                self._waiting = True
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+
+async def submit(scheduler: Scheduler, parsed: AnyRequest, request: Request, events: Inbox,
+                 sink: Callable[[Event], None] | None = None
+                 ) -> tuple[Job, list[Event] | None]:
+    """Queue the request (off the loop: submit tokenizes and may compile a grammar) and wait for
+    its first events; None for those if the client disconnected first (the job is cancelled)."""
+    job = await run_in_threadpool(lambda: scheduler.submit(parsed, sink=sink or events.put))
+    return job, await _first_events(events, request, job)
+
+
+async def _first_events(events: Inbox, request: Request, job: Job) -> list[Event] | None:
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    getter = asyncio.ensure_future(events.get())
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    job.cancel()
+    logger.info("client disconnected; cancelled %s", job.id)
+    return None
+
+
+async def relay(first: list[Event], events: Inbox, job: Job, render: Render,
+                flush_s: float) -> AsyncIterator[str]:
+    """The stream's body: each batch of events rendered as one write, until the final event
+    (done or error); a client that leaves before it cancels the job."""
+    final = False
+    batch = first
+    try:
+        while True:
+            # everything that arrived since the last wake-up goes out in one write
+            final = not isinstance(batch[-1], TextEvent)
+            yield "".join(render(event) for event in batch)
+            if final:
+                return
+            # the first token went out at once; later ones gather for flush_s so that a 2-4
+            # core board spends its cores on llama.cpp, not on one write per token
+            batch = await events.get(linger=flush_s)
+    finally:
+        if not final:
+            job.cancel()
+            logger.info("client left the stream of %s; cancelled it", job.id)
