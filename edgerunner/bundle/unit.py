@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgerunner.bundle.manifest import BundleManifest
+from edgerunner.bundle.speed import PROMPT_SPEEDUP
 from edgerunner.errors import InstallError
 from edgerunner.paths import SERVICE_RUNTIME_DIR, SERVICE_SOCKET_NAME, systemd_dir
 
@@ -51,9 +52,6 @@ START_BASE_S = 60
 START_READ_FACTOR = 3.0
 START_FLOOR_S = 90
 
-# CPU prompt processing is compute-bound and runs several times faster than decode; 4x is the
-# low end on ARM boards, so the estimate of the longest prompt's duration stays pessimistic.
-PROMPT_SPEEDUP = 4.0
 WATCHDOG_MIN_S = 30
 WATCHDOG_MAX_S = 1800
 WATCHDOG_UNKNOWN_S = 600

@@ -27,7 +27,8 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
-    """Resolves subcommands from COMMANDS on demand and maps EdgerunnerError to exit code 1."""
+    """Resolves subcommands from COMMANDS on demand and turns an EdgerunnerError into its
+    message and its `exit_code`."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -46,7 +47,9 @@ class LazyGroup(click.Group):
         except EdgerunnerError as exc:
             if os.environ.get("EDGERUNNER_TRACEBACK"):
                 raise
-            raise click.ClickException(str(exc)) from exc
+            # what click.ClickException shows, with the error's own exit code
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
+from typing import Any
 
+import annotated_types
 import click
 
-from edgerunner.bundle.manifest import MAX_PARALLEL
+from edgerunner.bundle.settings import ServeConfig
+from edgerunner.errors import ExitCode
 
-EPILOG = """\b
-Exit codes: 0 clean stop, 1 error, 2 usage, 3 the plan does not fit this
-machine's memory, 4 RSS exceeded its ceiling (drained, then exited).
-Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
+EPILOG = "\b\nExit codes:\n" + "".join(
+    f"  {code.value}  {code.meaning}\n" for code in ExitCode) + (
+    "\b\nSettings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags.")
+
+
+def bounded(name: str) -> click.ParamType:
+    """The click type of a ServeConfig number: int or float within the field's own bounds."""
+    field = ServeConfig.model_fields[name]
+    kinds = [t for t in typing.get_args(field.annotation) or (field.annotation,)
+             if t is not type(None)]
+    bounds: dict[str, Any] = {}
+    for rule in field.metadata:
+        if isinstance(rule, annotated_types.Ge):
+            bounds["min"] = rule.ge
+        elif isinstance(rule, annotated_types.Gt):
+            bounds.update(min=rule.gt, min_open=True)
+        elif isinstance(rule, annotated_types.Le):
+            bounds["max"] = rule.le
+        elif isinstance(rule, annotated_types.Lt):
+            bounds.update(max=rule.lt, max_open=True)
+    if kinds == [int]:
+        return click.IntRange(**bounds)
+    if kinds == [float]:
+        return click.FloatRange(**bounds)
+    raise TypeError(f"ServeConfig.{name} is not a number ({field.annotation})")
 
 
 @click.command("serve", epilog=EPILOG)
@@ -39,22 +64,23 @@ Settings: bundle config.toml < --config FILE < EDGERUNNER_* env < flags."""
               help="A config.toml overriding the bundle's.")
 @click.option("--strict", is_flag=True, default=None,
               help="Refuse to start (exit 3) instead of shrinking n_ctx to fit memory.")
-@click.option("--queue-depth", type=click.IntRange(1, 1024), help="Requests allowed to wait.")
-@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0.001),
+@click.option("--queue-depth", type=bounded("queue_depth"),
+              help="Requests allowed to wait.")
+@click.option("--request-timeout", "request_timeout_s", type=bounded("request_timeout_s"),
               help="Seconds a request may take from arrival to answer.")
-@click.option("--drain-timeout", "drain_timeout_s", type=click.FloatRange(min=0),
+@click.option("--drain-timeout", "drain_timeout_s", type=bounded("drain_timeout_s"),
               help="Seconds in-flight work gets on SIGTERM before it is cancelled.")
-@click.option("--reserve-mb", "memory_reserve_mb", type=click.FloatRange(min=0),
+@click.option("--reserve-mb", "memory_reserve_mb", type=bounded("memory_reserve_mb"),
               help="Memory (MiB) that must stay free; below it new work is refused.")
-@click.option("--rss-ceiling-mb", type=click.FloatRange(min=1),
+@click.option("--rss-ceiling-mb", type=bounded("rss_ceiling_mb"),
               help="Drain and exit 4 if RSS goes over this [default: 1.5 x predicted].")
-@click.option("--keep-alive", "keep_alive_s", type=click.FloatRange(min=0),
+@click.option("--keep-alive", "keep_alive_s", type=bounded("keep_alive_s"),
               help="Unload the model after this many idle seconds (0 = never).")
-@click.option("--n-ctx", "n_ctx", type=click.IntRange(256),
+@click.option("--n-ctx", "n_ctx", type=bounded("n_ctx"),
               help="Serve a smaller context than the plan (uses less memory).")
-@click.option("--threads", "n_threads", type=click.IntRange(1, 256),
+@click.option("--threads", "n_threads", type=bounded("n_threads"),
               help="Override the plan's thread count.")
-@click.option("--parallel", "n_parallel", type=click.IntRange(1, MAX_PARALLEL),
+@click.option("--parallel", "n_parallel", type=bounded("n_parallel"),
               help="Requests decoded together [default: the plan's n_parallel].")
 @click.option("--log-prompts", is_flag=True, default=None, help="Log prompts and outputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's hash check (faster start).")
@@ -64,9 +90,8 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
     """Serve BUNDLE over a unix socket (OpenAI-compatible HTTP) and optionally TCP and MQTT."""
     from edgerunner.bundle.settings import load_config
     from edgerunner.bundle.store import load_bundle
-    from edgerunner.errors import PlanError
     from edgerunner.runtime.http.access import raise_nofile_limit
-    from edgerunner.runtime.supervise.daemon import EXIT_NO_FIT, serve
+    from edgerunner.runtime.supervise.daemon import serve
     from edgerunner.runtime.supervise.logfmt import install
 
     install()
@@ -88,9 +113,5 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
         click.echo(f"removed {device} from Home Assistant ({len(cleared)} retained topics "
                    "cleared)")
         return
-    try:
-        code = serve(loaded, config)
-    except PlanError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        raise SystemExit(EXIT_NO_FIT) from exc
-    raise SystemExit(code)
+    # a plan that does not fit raises NoFitError: the CLI exits with its code (3)
+    raise SystemExit(serve(loaded, config))

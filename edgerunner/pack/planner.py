@@ -15,7 +15,7 @@ from edgerunner.bundle.manifest import (
     Prediction,
     RuntimePlan,
 )
-from edgerunner.bundle.unit import PROMPT_SPEEDUP
+from edgerunner.bundle.speed import PROMPT_SPEEDUP
 from edgerunner.errors import EdgerunnerError, PlanError
 from edgerunner.pack.gguf_info import ModelInfo
 from edgerunner.pack.memory import CTX_PAD, QuantFacts, estimate_memory, kv_bytes, quant_facts

@@ -208,18 +208,21 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="edgerunner-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, request: AnyRequest, *, sink: Sink, deadline: float | None = None) -> Job:
+    def submit(self, request: AnyRequest, *, sink: Sink, deadline: float | None = None,
+               job_id: str = "") -> Job:
         """Admit and queue a request; RequestError if it cannot be taken (nothing queued then).
 
-        `deadline` (a `time.monotonic()` value) ends the job earlier than request_timeout_s.
+        `deadline` (a `time.monotonic()` value) ends the job earlier than request_timeout_s;
+        `job_id` is the id the transport already answers with (a new one when empty).
         """
         try:
-            return self._submit(request, sink, deadline)
+            return self._submit(request, sink, deadline, job_id)
         except RequestError as exc:
             self.stats.refused[exc.code] += 1
             raise
 
-    def _submit(self, request: AnyRequest, sink: Sink, deadline: float | None) -> Job:
+    def _submit(self, request: AnyRequest, sink: Sink, deadline: float | None,
+                job_id: str) -> Job:
         if not self._accepting:
             raise RequestError("cancelled", "the daemon is shutting down; retry on another device")
         if request.model is not None and request.model != self.model_name:
@@ -239,7 +242,8 @@ class Scheduler:
             self.admission()
         timeout_at = time.monotonic() + self.request_timeout_s
         job = Job(request=request, prepared=prepared, sink=sink, deadline=timeout_at,
-                  expires=deadline if deadline is not None and deadline < timeout_at else None)
+                  expires=deadline if deadline is not None and deadline < timeout_at else None,
+                  id=job_id)
         with self._cond:
             # checked again under the lock: shutdown() may have emptied the queue since the
             # check above, and a job appended after that would never get its final event
@@ -247,10 +251,7 @@ class Scheduler:
                 raise RequestError("cancelled",
                                    "the daemon is shutting down; retry on another device")
             if len(self._queue) >= self.queue_depth:
-                raise BusyError(
-                    f"queue full ({self.queue_depth} waiting); retry later",
-                    retry_after=self._retry_after(),
-                )
+                raise self.busy_error()
             self._queue.append(job)
             self.stats.submitted += 1
             self._cond.notify()
@@ -260,10 +261,15 @@ class Scheduler:
             logger.info("prompt %s: %r", job.id, prepared.prompt_text)
         return job
 
-    def _retry_after(self) -> float:
-        # the waiting jobs and a running one, n_parallel at a time, at the recent average length
-        rounds = (len(self._queue) + 1) / self.slots
-        return float(max(1, min(120, math.ceil(self.stats.avg_job_seconds * rounds))))
+    def busy_error(self, waiting_elsewhere: int = 0) -> BusyError:
+        """The one `busy` answer: how many wait, and when to retry. `waiting_elsewhere` counts
+        requests a transport holds that will queue here first (MQTT's admission queue)."""
+        with self._cond:
+            waiting = len(self._queue) + waiting_elsewhere
+        # those and a running one, n_parallel at a time, at the recent average job length
+        rounds = (waiting + 1) / self.slots
+        retry_after = float(max(1, min(120, math.ceil(self.stats.avg_job_seconds * rounds))))
+        return BusyError(f"queue full ({waiting} waiting); retry later", retry_after=retry_after)
 
     def stop_accepting(self) -> None:
         """New submits fail with `cancelled`; queued and running work continues."""

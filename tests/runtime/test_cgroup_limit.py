@@ -19,7 +19,7 @@ import pytest
 
 from edgerunner.bundle.store import Bundle
 from edgerunner.client.http import Client
-from edgerunner.runtime.supervise.daemon import EXIT_NO_FIT
+from edgerunner.errors import ExitCode
 
 LIMIT_FRACTION = 0.8  # of the plan's prediction: the plan cannot fit, a shrunk context can
 
@@ -129,7 +129,7 @@ def test_strict_refuses_to_start_under_the_limit(memory_cgroup: MemoryCgroup, bu
                                                  short_tmp: Path) -> None:
     proc = serve_in(memory_cgroup, bundle, short_tmp / "s.sock", "--strict")
     try:
-        assert proc.wait(120) == EXIT_NO_FIT
+        assert proc.wait(120) == ExitCode.NO_FIT
         stderr = proc.stderr.read() if proc.stderr else ""
     finally:
         if proc.poll() is None:

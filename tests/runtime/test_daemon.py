@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from edgerunner.bundle.store import Bundle
+from edgerunner.errors import ExitCode
 from edgerunner.runtime.health import Health
 from edgerunner.runtime.protocol import ErrorEvent, parse_request
 from edgerunner.runtime.scheduler import Stats
-from edgerunner.runtime.supervise.daemon import EXIT_ERROR
 from edgerunner.runtime.supervise.logfmt import LogfmtFormatter
 from edgerunner.runtime.supervise.metrics import render_metrics
 from tests.runtime.conftest import Collector, RunningDaemon, make_config
@@ -40,7 +40,7 @@ def test_a_worker_that_does_not_stop_keeps_the_model_and_exits_1(
     assert generating.wait(30)
     try:
         with caplog.at_level(logging.ERROR, logger="edgerunner"):
-            assert running.stop() == EXIT_ERROR
+            assert running.stop() == ExitCode.ERROR
         assert not scheduler.stopped and engine.loaded  # not freed under the worker
         assert "worker is still running" in caplog.text
     finally:

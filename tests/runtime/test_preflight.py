@@ -13,8 +13,8 @@ import pytest
 
 from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.bundle.store import MODEL_FILE, Bundle
+from edgerunner.errors import ExitCode
 from edgerunner.runtime.engine.preflight import PreflightError, preflight
-from edgerunner.runtime.supervise.daemon import EXIT_PREFLIGHT
 
 
 def crashing_python(directory: Path, *, only_with_extra_bufts: bool) -> Path:
@@ -80,7 +80,7 @@ def test_the_daemon_exits_5_naming_the_signal_and_the_fix(spawn: Any, short_tmp:
     python = crashing_python(short_tmp, only_with_extra_bufts=False)
     daemon = spawn(env={"EDGERUNNER_PREFLIGHT_PYTHON": str(python),
                         "XDG_CACHE_HOME": str(short_tmp / "cache")})
-    assert daemon.wait() == EXIT_PREFLIGHT
+    assert daemon.wait() == ExitCode.PREFLIGHT
     log = daemon.stderr()
     assert "default: SIGILL; no_extra_bufts: SIGILL" in log
     assert "llama_build.py --rebuild" in log  # the fix

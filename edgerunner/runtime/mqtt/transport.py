@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import queue
 import socket
 import threading
@@ -52,7 +51,6 @@ from edgerunner.runtime.mqtt.topics import (
     redact_url,
 )
 from edgerunner.runtime.protocol import (
-    BusyError,
     ChatCompletionRequest,
     RequestError,
     decode_json,
@@ -346,20 +344,13 @@ class MqttTransport:
             if self._closed:
                 refusal = RequestError("cancelled", _SHUTTING_DOWN)
             elif waiting >= self.admission_limit:
-                refusal = BusyError(
-                    f"admission queue full ({waiting} waiting); retry later",
-                    retry_after=self._retry_after(waiting))
+                refusal = self.scheduler.busy_error(waiting)
             else:
                 for k in ticket.keys:
                     self._tickets[k] = ticket
                 self._admission.put(ticket)
         if refusal is not None:
             self._fail(ticket, refusal)
-
-    def _retry_after(self, waiting: int) -> float:
-        # like the scheduler's hint: everything ahead of this request at the recent job length
-        ahead = waiting + self.scheduler.depth + 1
-        return float(max(1, min(120, math.ceil(self.scheduler.stats.avg_job_seconds * ahead))))
 
     def _admit_loop(self) -> None:
         while (ticket := self._admission.get()) is not None:
@@ -379,7 +370,7 @@ class MqttTransport:
     def _admit(self, ticket: _Ticket) -> None:
         try:
             job = self.scheduler.submit(ticket.request, sink=ticket.sink,
-                                        deadline=ticket.deadline)
+                                        deadline=ticket.deadline, job_id=ticket.sink.id)
         except RequestError as exc:
             self._fail(ticket, exc)
             return
@@ -393,8 +384,6 @@ class MqttTransport:
             cancel_now = ticket.cancelled
             if not ticket.finished:
                 ticket.job = job
-                ticket.keys.append(job.id)
-                self._tickets[job.id] = ticket
         if cancel_now:  # the cancel came while the request was being admitted
             job.cancel()
 

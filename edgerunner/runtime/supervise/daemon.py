@@ -1,13 +1,7 @@
 """The daemon's lifecycle: fit the plan to the memory there is, load, serve, drain, exit.
 
-Exit codes (systemd's Restart=on-failure restarts on any non-zero one):
-
-    0  stopped cleanly (SIGTERM/SIGINT), in-flight work finished or cancelled within the drain
-    1  error: bad bundle, model failed to load, a transport could not start
-    2  usage: bad flags or config (click's own code)
-    3  start-up: the plan does not fit this machine's memory (nothing fits, or --strict)
-    4  RSS exceeded its ceiling: drained in-flight work and exited so systemd restarts it clean
-    5  llama.cpp cannot decode on this CPU, with or without extra buffer types (see preflight.py)
+Its exit codes are edgerunner.errors.ExitCode, the one table the CLI and `serve --help` use
+too (systemd's Restart=on-failure restarts on any non-zero one).
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ from edgerunner import __version__
 from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.bundle.settings import ServeConfig
 from edgerunner.bundle.store import Bundle
-from edgerunner.errors import ConfigError
+from edgerunner.errors import ConfigError, ExitCode
 from edgerunner.host.cpu import CpuBudget, cpu_budget, decode_threads
 from edgerunner.host.memory import MemoryProbe, MemorySnapshot
 from edgerunner.runtime.engine.core import Engine
@@ -59,13 +53,6 @@ from edgerunner.runtime.supervise.notify import (
 from edgerunner.runtime.supervise.thermal import ThermalGovernor, ThrottleFlags, read_thermal
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NO_FIT = 3
-EXIT_RSS_CEILING = 4
-EXIT_PREFLIGHT = 5
 
 RSS_CEILING_FACTOR = 1.5  # default ceiling over the predicted peak when config leaves it unset
 
@@ -120,7 +107,7 @@ class Daemon:
         self.served = ServedModel.of(bundle.manifest)
         self.state: DaemonState = "starting"
         self.started_at = time.time()
-        self.exit_code = EXIT_OK
+        self.exit_code: ExitCode = ExitCode.OK
         self.fit: Fit | None = None
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
@@ -146,7 +133,7 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def fit_memory(self) -> Fit:
-        """Start-up guard: the plan as-is, shrunk to fit, or PlanError (exit code 3)."""
+        """Start-up guard: the plan as-is, shrunk to fit, or NoFitError (exit code 3)."""
         snap = self.probe.read()
         memory = self.manifest.prediction.memory
         plan = self.manifest.plan
@@ -198,7 +185,7 @@ class Daemon:
                 logger.warning("repack size unknown (%s); keeping the manifest's prediction", exc)
         return verdict
 
-    async def run(self) -> int:
+    async def run(self) -> ExitCode:
         """Load, serve until a signal or the RSS ceiling, drain, clean up; the exit code."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -207,7 +194,7 @@ class Daemon:
             (signal.SIGTERM, signal.SIGINT)
             if threading.current_thread() is threading.main_thread() else ())
         for sig in signals:
-            self._loop.add_signal_handler(sig, self.request_stop, EXIT_OK, sig.name)
+            self._loop.add_signal_handler(sig, self.request_stop, ExitCode.OK, sig.name)
         if signals:
             # a closed terminal or `kill -HUP` must not drop in-flight requests; the config is
             # read once at start, so there is nothing to reload either
@@ -218,7 +205,7 @@ class Daemon:
             await self._stop.wait()
         except PreflightError as exc:
             logger.error("%s", exc)
-            self.exit_code = EXIT_PREFLIGHT
+            self.exit_code = ExitCode.PREFLIGHT
         finally:
             await self._shutdown()
             for sig in signals:
@@ -229,14 +216,14 @@ class Daemon:
         logger.warning("SIGHUP ignored: the daemon keeps serving; the config is read at start, "
                        "so restart the daemon (systemctl restart) to apply changes")
 
-    def stop_threadsafe(self, code: int = EXIT_OK, why: str = "") -> None:
+    def stop_threadsafe(self, code: ExitCode = ExitCode.OK, why: str = "") -> None:
         """request_stop from any thread."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.request_stop, code, why)
 
-    def request_stop(self, code: int = EXIT_OK, why: str = "") -> None:
+    def request_stop(self, code: ExitCode = ExitCode.OK, why: str = "") -> None:
         """Begin a graceful stop (loop thread only); the first non-zero code wins."""
-        if self.exit_code == EXIT_OK:
+        if self.exit_code == ExitCode.OK:
             self.exit_code = code
         logger.warning("stopping (%s)", why or f"exit code {code}")
         if self._stop is not None:
@@ -327,8 +314,8 @@ class Daemon:
                 # process exit frees the memory instead
                 logger.error("the inference worker is still running; leaving the model loaded "
                              "and exiting with an error")
-                if self.exit_code == EXIT_OK:
-                    self.exit_code = EXIT_ERROR
+                if self.exit_code == ExitCode.OK:
+                    self.exit_code = ExitCode.ERROR
         self.state = "stopped"
         logger.info("stopped with exit code %d", self.exit_code)
 
@@ -380,7 +367,7 @@ class Daemon:
         # called on the guard thread: hand over to the loop, which drains and exits 4
         if self._loop is not None:
             self._loop.call_soon_threadsafe(
-                self.request_stop, EXIT_RSS_CEILING,
+                self.request_stop, ExitCode.RSS_CEILING,
                 f"RSS {rss_mb:.0f} MiB over the {ceiling_mb:.0f} MiB ceiling")
 
     # -- what /health, /metrics and MQTT info show ---------------------------------------------
@@ -470,6 +457,6 @@ class Daemon:
             self.temperature_c, health.state)
 
 
-def serve(bundle: Bundle, config: ServeConfig) -> int:
+def serve(bundle: Bundle, config: ServeConfig) -> ExitCode:
     """Run the daemon in this thread until it stops; the process exit code."""
     return asyncio.run(Daemon(bundle, config).run())

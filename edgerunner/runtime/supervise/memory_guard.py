@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgerunner.bundle.manifest import MemoryEstimate, RuntimePlan
-from edgerunner.errors import PlanError
+from edgerunner.errors import NoFitError
 from edgerunner.host.memory import MemoryProbe, MemorySnapshot
 from edgerunner.runtime.protocol import RequestError
 from edgerunner.runtime.supervise.ticker import Ticker
@@ -55,7 +55,7 @@ def fit_plan(
     strict: bool,
     already_resident_mb: float = 0.0,
 ) -> Fit:
-    """Keep the plan if it fits with the reserve; else shrink n_ctx (not with strict) or PlanError.
+    """Keep the plan if it fits with the reserve; else shrink n_ctx (not with strict) or NoFitError.
 
     `already_resident_mb` is memory the estimate counts that this process already holds
     (the Python runtime), which is therefore not needed out of the headroom again.
@@ -66,7 +66,7 @@ def fit_plan(
         return Fit(plan, need, headroom_mb, False,
                    f"plan needs {need:.0f} MiB, {budget:.0f} MiB available after the reserve")
     if strict:
-        raise PlanError(
+        raise NoFitError(
             f"the plan needs {need:.0f} MiB (n_ctx {plan.n_ctx}) but only {budget:.0f} MiB are "
             f"free after the {reserve_mb:.0f} MiB reserve, and --strict forbids shrinking it",
             "free memory, raise the service's MemoryMax, or drop --strict to shrink n_ctx",
@@ -80,7 +80,7 @@ def fit_plan(
                        f"plan needs {need:.0f} MiB at n_ctx {plan.n_ctx} but {budget:.0f} MiB "
                        f"are free after the reserve; shrank n_ctx to {n_ctx} ({got:.0f} MiB)")
     floor = estimate(MIN_CTX)
-    raise PlanError(
+    raise NoFitError(
         f"nothing fits: even n_ctx {MIN_CTX} needs {floor:.0f} MiB, only {budget:.0f} MiB are "
         f"free after the {reserve_mb:.0f} MiB reserve",
         "free memory, lower memory_reserve_mb, or pack a smaller quant for this device",
