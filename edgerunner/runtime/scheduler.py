@@ -374,8 +374,11 @@ class Scheduler:
                 return None
             job = self._queue[0]
             ends_unrun = job.cancelled or job.overdue(time.monotonic())
-            if not ends_unrun and not self.engine.batcher.room_for(job.cells):
-                return None  # it waits, and the jobs behind it, until running ones end
+            if not ends_unrun and not (self.engine.loaded
+                                       and self.engine.batcher.room_for(job.cells)):
+                # it waits, and the jobs behind it, until running ones end (or, unloaded,
+                # until the worker's next turn reloads the weights)
+                return None
             return self._queue.popleft()
 
     def _begin(self, job: Job) -> None:

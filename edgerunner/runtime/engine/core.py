@@ -341,15 +341,16 @@ class Engine:
 
     @property
     def batcher(self) -> Batcher:
-        """The loaded context's sequences (loads the weights if keep_alive unloaded them)."""
+        """The loaded context's sequences; RuntimeError while the weights are not loaded."""
         if self._batcher is None:
-            self.load()
-        assert self._batcher is not None
+            raise RuntimeError("the model is not loaded: call Engine.load() first")
         return self._batcher
 
     def start(self, prepared: Prepared, on_text: Callable[[str], None] | None) -> Generation:
-        """Begin generating `prepared` beside whatever else runs (check `batcher.room_for`
-        first); `on_text` gets each released piece of text from inside `step()`."""
+        """Load the weights if keep_alive unloaded them, then begin generating `prepared`
+        beside whatever else runs (check `batcher.room_for` first); `on_text` gets each
+        released piece of text from inside `step()`."""
+        self.load()
         batcher = self.batcher
         assert self._llm is not None
         sampler = sampler_chain(self._llm._model, prepared.sampling, prepared.grammar)
@@ -381,6 +382,7 @@ class Engine:
     ) -> Outcome:
         """Generate one request alone (nothing else may be running); `should_stop` is polled
         between steps, so it stops within a token (or one n_batch chunk of its prompt)."""
+        self.load()
         if self.batcher.active:
             raise RuntimeError("Engine.run needs the batch to itself")
         seq = self.start(prepared, on_text)
