@@ -31,6 +31,7 @@ from edgerunner.runtime.health import Health, QueueHealth
 from edgerunner.runtime.mqtt.session import SessionOptions, connect_async, new_client
 from edgerunner.runtime.mqtt.transport import MqttTransport
 from edgerunner.runtime.scheduler import Scheduler
+from tests.runtime.conftest import loaded_engine
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -132,10 +133,8 @@ def _engine(bundle: Path) -> Iterator[Engine]:
     manifest = BundleManifest.model_validate_json((bundle / "manifest.json").read_text())
     # the bundle's plan with a smaller window: two loaded engines stay cheap, none needs more
     plan = manifest.plan.model_copy(update={"n_ctx": 1024, "n_threads": 2})
-    engine = Engine(bundle / "model.gguf", plan, name=manifest.name)
-    engine.load()
-    yield engine
-    engine.close()
+    with loaded_engine(bundle / "model.gguf", plan, name=manifest.name) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from edgerunner.bundle.store import Bundle, load_bundle
 from edgerunner.client.http import Client
 from edgerunner.errors import ClientError
 from edgerunner.runtime.engine.core import Engine
-from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent
+from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, Event, TextEvent, parse_request
 from edgerunner.runtime.scheduler import Scheduler
 from edgerunner.runtime.supervise.daemon import Daemon
 
@@ -139,10 +139,26 @@ class Collector:
         return [e.text for e in self.seen if isinstance(e, TextEvent)]
 
 
+# the engine-level tests' plan: the default model in a small window, one thread
+PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
+                   n_batch=256, n_ubatch=256)
+
+
+def chat(content: str, schema: Any = None, *, system: str | None = None, **extra: Any) -> Any:
+    """A validated chat request: one user message (after `system`, if given), and a
+    json_schema response_format when `schema` is given; `extra` are the other fields."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": content}]
+    if schema is not None:
+        extra["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
+    return parse_request("chat", {"messages": messages, **extra})
+
+
 @contextmanager
-def loaded_engine(model: Path, plan: RuntimePlan, **kwargs: Any) -> Iterator[Engine]:
+def loaded_engine(model: Path, plan: RuntimePlan, *, name: str = "smol",
+                  **kwargs: Any) -> Iterator[Engine]:
     """An Engine for `model` under `plan` with its weights loaded; closed when the block ends."""
-    eng = Engine(model, plan, name="smol", **kwargs)
+    eng = Engine(model, plan, name=name, **kwargs)
     eng.load()
     try:
         yield eng

@@ -22,15 +22,14 @@ from typing import Any
 import llama_cpp
 import pytest
 
-from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.runtime.engine.batch import TextTail, prefill_chunks
 from edgerunner.runtime.engine.core import Engine, llama_kwargs
-from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, RequestError, parse_request
+from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, RequestError
 from edgerunner.runtime.scheduler import Job, Scheduler
+from tests.runtime import conftest
 from tests.runtime.conftest import Collector, loaded_engine, started
 
-PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="f16", flash_attn=True, n_threads=2,
-                   n_batch=256, n_ubatch=256, n_parallel=4)
+PLAN = conftest.PLAN.model_copy(update={"kv_type": "f16", "n_threads": 2, "n_parallel": 4})
 # prompts with long answers: every request runs to max_tokens, so none ends early and leaves
 # a hole in the others' cells (see the module docstring)
 QUESTIONS = ["Write a story about a dragon.", "Describe the city of Paris in detail.",
@@ -42,11 +41,9 @@ SCHEMA = {"type": "json_schema", "json_schema": {"name": "fruit", "schema": {
     "required": ["name", "color"]}}}
 
 
-def chat(content: str, *, system: str | None = None, **extra: Any) -> Any:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": content}]
-    return parse_request("chat", {"messages": messages, "temperature": 0, "max_tokens": 24,
-                                  **extra})
+def chat(content: str, **extra: Any) -> Any:
+    """Greedy and 24 tokens unless told otherwise: answers the tests can compare."""
+    return conftest.chat(content, **{"temperature": 0, "max_tokens": 24, **extra})
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,17 @@ import logging
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from edgerunner.bundle.store import Bundle
 from edgerunner.errors import ExitCode
 from edgerunner.runtime.health import Health
-from edgerunner.runtime.protocol import ErrorEvent, parse_request
+from edgerunner.runtime.protocol import ErrorEvent
 from edgerunner.runtime.scheduler import Stats
 from edgerunner.runtime.supervise.logfmt import LogfmtFormatter
 from edgerunner.runtime.supervise.metrics import render_metrics
-from tests.runtime.conftest import Collector, RunningDaemon, make_config
-
-
-def chat(content: str, **extra: Any) -> Any:
-    return parse_request("chat", {"messages": [{"role": "user", "content": content}], **extra})
+from tests.runtime.conftest import Collector, RunningDaemon, chat, make_config
 
 
 def test_a_worker_that_does_not_stop_keeps_the_model_and_exits_1(

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.protocol import (
     DoneEvent,
@@ -20,10 +19,8 @@ from edgerunner.runtime.protocol import (
     parse_request,
 )
 from edgerunner.runtime.scheduler import Job, Scheduler
-from tests.runtime.conftest import Collector, loaded_engine, started
+from tests.runtime.conftest import PLAN, Collector, chat, loaded_engine, started
 
-PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
-                   n_batch=256, n_ubatch=256)
 # a grammar that cannot end early: generation runs until max_tokens or a cancel
 LONG = {"type": "json_schema", "json_schema": {"name": "nums", "schema": {
     "type": "array", "items": {"type": "integer"}, "minItems": 400}}}
@@ -33,10 +30,6 @@ LONG = {"type": "json_schema", "json_schema": {"name": "nums", "schema": {
 def engine(default_model: Path) -> Iterator[Engine]:
     with loaded_engine(default_model, PLAN) as eng:
         yield eng
-
-
-def chat(content: str, **extra: Any) -> Any:
-    return parse_request("chat", {"messages": [{"role": "user", "content": content}], **extra})
 
 
 def hold_worker(scheduler: Scheduler, max_tokens: int = 3) -> tuple[threading.Event, Collector,

@@ -18,15 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
-from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.engine.grammar import GrammarBuilder, GrammarLimits
 from edgerunner.runtime.protocol import DoneEvent, RequestError, parse_request
 from edgerunner.runtime.scheduler import Scheduler
-from tests.runtime.conftest import Collector, loaded_engine, started
+from tests.runtime.conftest import PLAN, Collector, chat, loaded_engine, started
 
-PLAN = RuntimePlan(quant="Q4_1", n_ctx=1024, kv_type="q8_0", flash_attn=True, n_threads=1,
-                   n_batch=256, n_ubatch=256)
 SMALL = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 
 
@@ -61,12 +58,6 @@ _NESTED_900 = ('{"type": "object", "required": ["a"], "properties": {"a": ' * 90
 def engine(default_model: Path) -> Iterator[Engine]:
     with loaded_engine(default_model, PLAN) as eng:
         yield eng
-
-
-def chat(content: str, schema: Any = None, **extra: Any) -> Any:
-    if schema is not None:
-        extra["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
-    return parse_request("chat", {"messages": [{"role": "user", "content": content}], **extra})
 
 
 @pytest.mark.parametrize("name", BOMBS)

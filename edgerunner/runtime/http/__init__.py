@@ -1,1 +1,1 @@
-"""The HTTP transport: the OpenAI app and server, the access guard, Ollama's API."""
+"""The HTTP transport: OpenAI and Ollama routes over one relay, the listeners, the access guard."""

@@ -104,10 +104,6 @@ class Link:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def wait_connected(self, timeout: float) -> bool:
-        """Block until connected (True) or `timeout` passed (False)."""
-        return self._connected.wait(timeout)
-
     def wait_ready(self, timeout: float) -> bool:
         """Block until connected and subscribed (True) or `timeout` passed (False)."""
         return self._subscribed.wait(timeout)
