@@ -140,3 +140,35 @@ def test_serve_refuses_a_parallel_flag_out_of_range(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(main, ["serve", str(tmp_path), "--parallel", "0"])
     assert result.exit_code == 2 and "--parallel" in result.output
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--queue-depth", "1025"), ("--n-ctx", "255"),
+                                             ("--request-timeout", "0"),
+                                             ("--threads", "257")])
+def test_serve_flags_keep_the_config_fields_bounds(tmp_path: Path, flag: str,
+                                                   value: str) -> None:
+    from click.testing import CliRunner
+
+    from edgerunner.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tmp_path), flag, value])
+    assert result.exit_code == 2 and flag in result.output
+
+
+def test_serve_help_lists_every_exit_code() -> None:
+    from click.testing import CliRunner
+
+    from edgerunner.cli import main
+    from edgerunner.errors import ExitCode
+
+    text = CliRunner().invoke(main, ["serve", "--help"]).output
+    for code in ExitCode:
+        assert f"{code.value}  {code.meaning}" in text
+    assert "llama.cpp cannot decode on this CPU" in text  # 5 was missing from the epilog
+
+
+def test_a_plan_that_does_not_fit_exits_3_through_its_error() -> None:
+    from edgerunner.errors import EdgerunnerError, ExitCode, NoFitError, PlanError
+
+    assert NoFitError("x").exit_code == ExitCode.NO_FIT == 3
+    assert PlanError("x").exit_code == EdgerunnerError("x").exit_code == ExitCode.ERROR

@@ -146,3 +146,19 @@ def test_log_prompts_logs_prompt_and_output(
         assert "output chatcmpl-" in logged
     finally:
         running.stop()
+
+
+def test_health_json_keeps_the_keys_clients_read() -> None:
+    doc = Health().model_dump(mode="json")
+    assert set(doc) == {"state", "model", "version", "pid", "uptime_s", "loaded", "plan",
+                        "plan_shrunk", "memory", "queue", "prefix_cache", "temperature_c",
+                        "throttled", "thermal", "cpu"}
+    assert set(doc["memory"]) == {
+        "predicted_mb", "rss_mb", "polled_rss_mb", "peak_rss_mb", "measured_over_predicted",
+        "rss_ceiling_mb", "headroom_mb", "headroom_source", "reserve_mb", "psi_full_avg10",
+        "guard", "guard_reason"}
+    assert set(doc["queue"]) == {"depth", "max", "running", "slots"}
+    assert set(doc["prefix_cache"]) == {"cells", "hits", "misses", "tokens_reused"}
+    assert set(doc["cpu"]) == {"threads", "threads_planned", "cpus", "cpu_limits", "llama_path",
+                               "preflight_cached", "preflight_s", "preflight_failures",
+                               "llama_cpu_features"}
