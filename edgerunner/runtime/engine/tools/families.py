@@ -12,7 +12,6 @@ handler does, so every model can call tools.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,19 +61,6 @@ class Family:
                                         ensure_ascii=False) + self.call_close
             for c in calls)
         return self.open + body + self.close
-
-    def lazy_patterns(self) -> list[str]:
-        """llama.cpp trigger patterns (std::regex, ECMAScript) for a lazy grammar: free text
-        until one matches, the grammar from the match (its first group) on."""
-        patterns = [re.escape(t).replace("\\ ", " ") for t in self.triggers]
-        if self.start is not None:
-            # only at the output's start (^...$: llama.cpp matches the whole text so far);
-            # the whitespace allowed inside is what the grammar's own `ws` allows, so the text
-            # replayed into the grammar at the trigger always fits it
-            parts = re.findall(r'"[^"]*"|.', self.start)
-            body = "[ \\t\\n]{0,4}".join(re.escape(p) for p in parts)
-            patterns.append(f"^\\s*({body})[\\s\\S]*$")
-        return patterns
 
 
 def _gemma_args(arguments: dict[str, Any]) -> str:

@@ -6,6 +6,14 @@ enum, bounds), converted by the same bounded, child-built JSON-schema path json_
 Under tool_choice "auto" the grammar is lazy (llama.cpp's
 llama_sampler_init_grammar_lazy_patterns): free text until the family's trigger, then only a
 call; under "required" or a named function it holds from the first token.
+
+When a trigger pattern matches, llama.cpp replays the generated text from the match into the
+grammar, and text the grammar refuses there is a C++ exception that aborts the process
+(tools/research: "Unexpected empty grammar stack after accepting piece", SIGABRT) — llama-server
+catches it, a ctypes caller cannot. So every pattern here ends at the end of the text so far
+(`...$`) and matches only text the grammar accepts: the trigger and any prefix of what the
+grammar allows next, up to the opening quote of the function name. A token that runs past that
+simply does not trigger (the call is then parsed, not held).
 """
 
 from __future__ import annotations
@@ -22,6 +30,22 @@ from edgerunner.runtime.protocol import RequestError
 from edgerunner.runtime.tool_protocol import Tool, ToolsOptions
 
 CALL_RULE = "edgerunner-call"
+
+# what the grammar allows between the pieces: the families' `ws` rule and the JSON-schema
+# converter's `space` rule (llama_cpp.llama_grammar.SPACE_RULE: " "?)
+_WS = "[ \\t\\n]{0,4}"
+_SPACE = " ?"
+# a call's opening as the converter writes it, up to the name's opening quote
+_CALL = ("{", _SPACE, '"name"', _SPACE, ":", _SPACE, '"')
+# per family: (only at the output's start?, how many pieces must be whole, the pieces the
+# grammar begins with); at the start a bare "{" is not yet a call: the key must follow
+_LAZY: dict[str, list[tuple[bool, int, tuple[str, ...]]]] = {
+    "hermes": [(False, 1, ("<tool_call>", _WS, *_CALL))],
+    "llama3": [(False, 1, ("<|python_tag|>", _WS, *_CALL)), (True, 3, _CALL)],
+    "mistral": [(False, 1, ("[TOOL_CALLS]", _WS, "[", _WS, *_CALL))],
+    "phi4": [(False, 1, ("functools", _WS, "[", _WS, *_CALL))],
+    "generic": [(True, 3, ("{", _WS, '"tool_calls"', _WS, ":", _WS, "[", _WS, *_CALL))],
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,38 @@ class ToolGrammar:
             if len(ids) == 1:
                 tokens.append(ids[0])
         return tokens
+
+
+def _piece(piece: str) -> tuple[str, str]:
+    """(the regex for the piece, for any non-empty prefix of it)."""
+    if piece in (_WS, _SPACE):
+        return piece, piece
+    escaped = [re.escape(ch) for ch in piece]
+    prefix = escaped[-1]
+    for ch in reversed(escaped[:-1]):
+        prefix = f"{ch}(?:{prefix})?"
+    return "".join(escaped), prefix
+
+
+def prefix_pattern(pieces: Sequence[str], need: int = 1) -> str:
+    """A regex for the first `need` pieces whole, then any prefix of the rest."""
+    rest = ""
+    for piece in reversed(pieces[need:]):
+        whole, part = _piece(piece)
+        rest = f"(?:{whole}{rest}|{part})" if rest else f"(?:{part})"
+    return "".join(_piece(p)[0] for p in pieces[:need]) + (f"{rest}?" if rest else "")
+
+
+def lazy_patterns(family: Family) -> list[str]:
+    """llama.cpp trigger patterns (std::regex ECMAScript) that only match where the replayed
+    text fits the family's grammar (see the module docstring)."""
+    out = []
+    for at_start, need, pieces in _LAZY.get(family.name, []):
+        body = prefix_pattern(pieces, need)
+        # ^...$ makes llama.cpp match the whole text so far; without ^ it searches, and $
+        # still pins the match to the end of the text
+        out.append(f"^\\s*({body})$" if at_start else f"({body})$")
+    return out
 
 
 def _where(i: int) -> str:
@@ -117,8 +173,9 @@ def build(options: ToolsOptions, family: Family, builder: GrammarBuilder) -> Too
     if options.forced:
         return ToolGrammar(gbnf=gbnf, lazy=False)
     return ToolGrammar(gbnf=gbnf, lazy=True,
-                       trigger_patterns=tuple(family.lazy_patterns()),
-                       trigger_words=family.triggers)
+                       trigger_patterns=tuple(lazy_patterns(family)),
+                       trigger_words=tuple(pieces[0] for at_start, _, pieces in
+                                           _LAZY.get(family.name, []) if not at_start))
 
 
 def add_to_chain(chain: Any, model: Any, grammar: ToolGrammar) -> None:

@@ -16,10 +16,16 @@ from llama_cpp._internals import LlamaSampler
 from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.engine.tools import families as F
-from edgerunner.runtime.engine.tools.grammar import ToolGrammar, add_to_chain, build, call_schema
+from edgerunner.runtime.engine.tools.grammar import (
+    ToolGrammar,
+    add_to_chain,
+    build,
+    call_schema,
+    lazy_patterns,
+)
 from edgerunner.runtime.engine.tools.parse import StreamParser
 from edgerunner.runtime.protocol import RequestError, parse_request
-from edgerunner.runtime.tool_protocol import ToolCallDelta, ToolsOptions
+from edgerunner.runtime.tool_protocol import ParsedCall, ToolCallDelta, ToolsOptions
 from tests.runtime.conftest import loaded_engine
 
 PLAN = RuntimePlan(quant="Q4_1", n_ctx=2048, kv_type="q8_0", flash_attn=True, n_threads=1,
@@ -124,7 +130,7 @@ def test_a_named_function_is_the_only_call(engine: Engine) -> None:
 def test_auto_is_lazy_and_any_call_it_makes_is_held(engine: Engine) -> None:
     grammar = build(options(), F.GENERIC, engine.grammars)
     assert grammar is not None and grammar.lazy
-    assert grammar.trigger_patterns == tuple(F.GENERIC.lazy_patterns())
+    assert grammar.trigger_patterns == tuple(lazy_patterns(F.GENERIC))
     for seed in (6, 7):
         text = generate(engine, grammar, "Hello! How are you today?", seed, max_tokens=60)
         parser = StreamParser(F.GENERIC)
@@ -175,3 +181,94 @@ def test_refs_inside_parameters_point_into_the_combined_schema() -> None:
     schema = call_schema(ToolsOptions.model_validate({"tools": [*TOOLS, tool]}).tools,
                          "arguments")
     assert json.dumps(schema).count('"#/anyOf/3/properties/arguments/$defs/level"') == 1
+
+
+# In a child: llama.cpp aborts the process when the text replayed at a trigger does not fit
+# the grammar, so the runner must not be the process that finds out.
+_REPLAY_CHILD = r"""
+import ctypes, json, sys
+import numpy as np
+import llama_cpp
+from llama_cpp._internals import LlamaModel
+
+job = json.loads(sys.stdin.read())
+params = llama_cpp.llama_model_default_params()
+params.vocab_only = True
+model = LlamaModel(path_model=job["model"], params=params, verbose=False)
+vocab = model.vocab
+n = llama_cpp.llama_vocab_n_tokens(vocab)
+
+
+def allowed(sampler):
+    data = np.zeros(n, dtype=np.dtype([("id", np.intc), ("logit", np.single),
+                                       ("p", np.single)], align=True))
+    data["id"] = np.arange(n, dtype=np.intc)
+    cands = llama_cpp.llama_token_data_array(
+        data=data.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1,
+        sorted=False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cands))
+    ids = data["id"][: cands.size]
+    return set(ids[np.isfinite(data["logit"][: cands.size])].tolist())
+
+
+out = []
+for case in job["cases"]:
+    patterns = (ctypes.c_char_p * len(case["patterns"]))(
+        *[p.encode() for p in case["patterns"]])
+    sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+        vocab, case["gbnf"].encode(), b"root", patterns, len(case["patterns"]),
+        (llama_cpp.llama_token * 0)(), 0)
+    tokens = model.tokenize(case["text"].encode(), add_bos=False, special=False)
+    held_from, accepted = None, 0
+    for token in tokens:
+        ok = allowed(sampler)
+        if len(ok) < n and held_from is None:
+            held_from = accepted
+        if token not in ok:  # generation could not have sampled it: stop there
+            break
+        llama_cpp.llama_sampler_accept(sampler, token)
+        accepted += 1
+    out.append({"tokens": len(tokens), "accepted": accepted, "held_from": held_from,
+                "held_at_end": len(allowed(sampler)) < n})
+    llama_cpp.llama_sampler_free(sampler)
+print(json.dumps(out))
+"""
+
+
+def test_lazy_triggers_replay_only_text_the_grammar_takes(engine: Engine,
+                                                          default_model: Path) -> None:
+    """Each family's lazy grammar on the real vocabulary, fed a model-shaped answer token by
+    token (tokens that straddle the trigger included): free until the trigger, every token
+    of the call accepted, held after it; and text that only looks like a trigger start
+    neither aborts llama.cpp nor holds the answer."""
+    import subprocess
+    import sys
+
+    from llama_cpp import llama_grammar
+
+    assert llama_grammar.SPACE_RULE == '" "?'  # what the trigger patterns assume
+    call = ParsedCall("HassLightSet", {"brightness": 40, "name": "desk"}, "x")
+    cases, expect = [], []
+    for family in F.FAMILIES:
+        grammar = build(options(), family, engine.grammars)
+        if grammar is None:
+            continue
+        lead = "" if family.start is not None else "Sure, one moment. "
+        for text, is_call in [(lead + family.format_calls([call]), True),
+                              (lead + "<tool_call]> { no", False),
+                              ("{ [not a call] }", False),
+                              (lead + family.format_calls([call])[:-3] + ">>> {", None)]:
+            cases.append({"gbnf": grammar.gbnf, "patterns": list(grammar.trigger_patterns),
+                          "text": text})
+            expect.append((family.name, text, is_call))
+    proc = subprocess.run([sys.executable, "-c", _REPLAY_CHILD], capture_output=True,
+                          text=True, timeout=120,
+                          input=json.dumps({"model": str(default_model), "cases": cases}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for (family, text, is_call), got in zip(expect, json.loads(proc.stdout), strict=True):
+        if is_call:
+            assert got["accepted"] == got["tokens"], (family, text, got)
+            assert got["held_from"] is not None and got["held_from"] > 0, (family, got)
+            assert got["held_at_end"], (family, got)
+        elif is_call is False:
+            assert got["held_from"] is None and not got["held_at_end"], (family, text, got)
