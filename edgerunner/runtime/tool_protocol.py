@@ -61,6 +61,7 @@ class ToolCallFunction(_Strict):
     name: str = Field(..., max_length=256, description="The function called")
     # OpenAI sends a JSON string, Ollama an object: both are taken
     arguments: str | dict[str, Any] = Field("{}", description="The arguments (JSON)")
+    index: int | None = Field(None, ge=0, description="Ollama: the call's place in the turn")
 
     def arguments_dict(self) -> dict[str, Any]:
         """The arguments as an object; RequestError if the JSON is not one."""

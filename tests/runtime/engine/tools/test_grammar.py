@@ -119,11 +119,9 @@ def test_a_named_function_is_the_only_call(engine: Engine) -> None:
                                          "function": {"name": "HassMediaPause"}},
                             parallel_tool_calls=False), F.GENERIC, engine.grammars)
     assert grammar is not None
-    for seed in (4, 5):
-        calls = check_calls(generate(engine, grammar, "Dim the lights", seed),
-                            {"HassMediaPause"})
-        assert len(calls) == 1
-        assert calls[0][1]["mode"] in ("soft", "hard")
+    calls = check_calls(generate(engine, grammar, "Dim the lights", 4), {"HassMediaPause"})
+    assert len(calls) == 1
+    assert calls[0][1]["mode"] in ("soft", "hard")
 
 
 @pytest.mark.slow
@@ -132,7 +130,7 @@ def test_auto_is_lazy_and_any_call_it_makes_is_held(engine: Engine) -> None:
     assert grammar is not None and grammar.lazy
     assert grammar.trigger_patterns == tuple(lazy_patterns(F.GENERIC))
     for seed in (6, 7):
-        text = generate(engine, grammar, "Hello! How are you today?", seed, max_tokens=60)
+        text = generate(engine, grammar, "Hello! How are you today?", seed, max_tokens=30)
         parser = StreamParser(F.GENERIC)
         parser.feed(text)
         parser.finish()
