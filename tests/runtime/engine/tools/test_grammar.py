@@ -270,3 +270,22 @@ def test_lazy_triggers_replay_only_text_the_grammar_takes(engine: Engine,
             assert got["held_at_end"], (family, got)
         elif is_call is False:
             assert got["held_from"] is None and not got["held_at_end"], (family, text, got)
+
+
+def test_the_default_models_template_is_generic_and_its_prefix_repeats(engine: Engine) -> None:
+    """SmolLM2's own template has no tool syntax; the tools block sits in the system turn,
+    identical every turn, so a follow-up turn starts with the first turn's prompt (the prefix
+    cache's hit)."""
+    template = engine._llm._model.metadata()["tokenizer.chat_template"]  # type: ignore[union-attr]
+    assert F.detect(template) is F.GENERIC
+    tools = options().tools
+    first = [{"role": "user", "content": "Turn on the kitchen light"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "HassTurnOn", "arguments": {"name": "kitchen"}}}]}
+    answer = {"role": "tool", "tool_call_id": "call_1", "name": "HassTurnOn",
+              "content": '{"success": true}'}
+    one = F.render(template, first, tools, add_generation_prompt=True)
+    two = F.render(template, [*first, call, answer], tools)
+    assert two.startswith(one.removesuffix("<|im_start|>assistant\n"))
+    assert F.GENERIC.format_calls([ParsedCall("HassTurnOn", {"name": "kitchen"})]) in two
