@@ -93,7 +93,7 @@ MISTRAL = Family(
     gbnf_close='ws "]"')
 PHI4 = Family(
     name="phi4", markers=("<|tool_call|>", "functools["), native=True,
-    triggers=("functools[", "<|tool_call|>"), start=None, args_key="arguments",
+    triggers=("functools", "<|tool_call|>"), start=None, args_key="arguments",
     syntax="json", open="functools[", call_open="", call_close="", sep=", ", close="]",
     parallel=True, gbnf_one="call", gbnf_open='"functools" ws "[" ws', gbnf_sep='ws "," ws',
     gbnf_close='ws "]"')

@@ -175,3 +175,9 @@ def test_generic_history_renders_calls_and_results_as_text() -> None:
     prompt = F.render(_template("google-gemma-2-2b-it.jinja"), messages, TOOLS)
     assert F.GENERIC.format_calls([CALL]) in prompt
     assert '"tool_response"' in prompt and '"content": "on"' in prompt
+
+
+def test_phi4_call_with_a_space_before_the_bracket_is_a_call() -> None:
+    # the grammar allows whitespace there, so the parser must read it too
+    text = 'functools [{"name": "GetLiveContext", "arguments": {}}]'
+    assert [c.name for c in parse(F.PHI4, text).calls] == ["GetLiveContext"]
