@@ -3,7 +3,8 @@
 Starts `edgerunner serve BUNDLE --parallel N` as bench_parallel does, lets N concurrent
 streaming clients run `--rounds` times, and samples the daemon with py-spy (`pip install
 py-spy`; needs ptrace rights, e.g. root or kernel.yama.ptrace_scope=0) for exactly that time.
-Prints the share of samples per thread and the heaviest functions (self and total), and writes the collapsed stacks (`--out`, flamegraph.pl/speedscope input).
+Prints the share of samples per thread and the heaviest functions (self and total), and
+writes the collapsed stacks (`--out`, input for flamegraph.pl or speedscope).
 
     python tools/bench/profile_parallel.py BUNDLE [-n 4] [--rounds 3] [--max-tokens 128]
 """
