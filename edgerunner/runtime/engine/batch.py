@@ -245,6 +245,25 @@ class PrefixCache:
         llama_cpp.llama_memory_seq_cp(self._memory, seq_id, cache_id, 0, len(prompt))
         self._entries.append(_Entry(cache_id, list(prompt), time.monotonic()))
 
+    def held(self) -> list[tuple[int, list[int]]]:
+        """(sequence id, tokens) of every cached prompt, most recently used first."""
+        return [(e.seq_id, list(e.tokens))
+                for e in sorted(self._entries, key=lambda e: e.used, reverse=True)]
+
+    def adopt(self, n_tokens: int, load: Callable[[int], list[int] | None]) -> bool:
+        """Take in a saved prompt: `load(seq_id)` puts its cells under seq_id and returns its
+        tokens (None: it could not). False when it does not fit or did not load."""
+        if n_tokens < MIN_CACHED_PREFIX or not self._free or self.cells + n_tokens > self.budget:
+            return False
+        seq_id = self._free.pop()
+        tokens = load(seq_id)
+        if tokens is None or len(tokens) != n_tokens:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._free.append(seq_id)
+            return False
+        self._entries.append(_Entry(seq_id, tokens, time.monotonic()))
+        return True
+
     def evict(self, cells: int) -> None:
         """Drop least recently used prompts until at least `cells` are given back (or none
         is left)."""
