@@ -5,8 +5,9 @@ tensor names, shapes, the default model's tokenizer padded to the real vocabular
 zero-filled hole: enough for the planner, but a model of zeros gives equal logits, so greedy
 decoding picks token 0 (SmolLM2's <|endoftext|>, end of generation) and stops at once. This
 script copies that file and fills every tensor with random values (norm weights 1, the rest
-normal with a small deviation), so the packed model talks until max_tokens. Speed and memory do
-not depend on the values.
+normal with a small deviation; the padding tokens' embedding rows zero, so that they are never
+the greedy choice and every token has text), so the packed model talks until max_tokens.
+Speed and memory do not depend on the values.
 
     python tools/bench/make_sources.py [--shape llama-1b|qwen-0.5b ...] [-o DIR] [--pack PROFILE]
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, fo
 
 from edgerunner.pack.default_model import ensure_default_model
 from edgerunner.paths import cache_dir
-from tests.shapes import LLAMA_3_2_1B, QWEN2_5_0_5B, Shape, cached_source
+from tests.shapes import LLAMA_3_2_1B, QWEN2_5_0_5B, Shape, cached_source, read_tokenizer
 
 SHAPES = {"llama-1b": LLAMA_3_2_1B, "qwen-0.5b": QWEN2_5_0_5B}
 STD = 0.02  # the usual initializer's deviation: logits stay spread, no token dominates
@@ -37,8 +38,10 @@ SEED = 0
 ROWS = 1 << 22  # values generated at a time (8 MiB of F16)
 
 
-def fill_random(path: Path, seed: int = SEED) -> None:
-    """Overwrite every tensor of an F16/F32 GGUF in place: norms 1, everything else N(0, STD)."""
+def fill_random(path: Path, n_real_tokens: int, seed: int = SEED) -> None:
+    """Overwrite every tensor of an F16/F32 GGUF in place: norms 1, everything else N(0, STD),
+    except the embedding rows of the padding tokens past `n_real_tokens`: zero, so their
+    logits (tied output) are 0 and greedy decoding picks real tokens, which have text."""
     rng = np.random.default_rng(seed)
     reader = gguf.GGUFReader(path, "r+")
     for tensor in reader.tensors:
@@ -49,6 +52,8 @@ def fill_random(path: Path, seed: int = SEED) -> None:
         for start in range(0, flat.size, ROWS):
             end = min(flat.size, start + ROWS)
             flat[start:end] = rng.normal(0.0, STD, end - start).astype(flat.dtype)
+        if tensor.name == "token_embd.weight":
+            tensor.data[n_real_tokens:] = 0  # numpy's shape: (n_vocab, n_embd)
     reader.data.flush()
 
 
@@ -58,10 +63,11 @@ def random_source(shape: Shape, out: Path) -> Path:
     if target.exists():
         return target
     out.mkdir(parents=True, exist_ok=True)
-    hole = cached_source(shape, ensure_default_model())
+    tokenizer = ensure_default_model()
+    hole = cached_source(shape, tokenizer)
     partial = target.with_suffix(".partial")
     shutil.copyfile(hole, partial)
-    fill_random(partial)
+    fill_random(partial, len(read_tokenizer(tokenizer).tokens))
     partial.replace(target)
     return target
 
