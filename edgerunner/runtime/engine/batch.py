@@ -308,6 +308,7 @@ class Batcher:
         self.active: list[Generation] = []
         self.cache = PrefixCache(self._memory, cache_seq_ids, cache_cells)
         self._piece = ctypes.create_string_buffer(64)
+        self._outbox: list[tuple[Callable[[str], None], str]] = []  # this step's text
         llama_cpp.llama_memory_clear(self._memory, True)
 
     def close(self) -> None:
@@ -378,7 +379,20 @@ class Batcher:
         generating tokens in one llama_decode only while the whole batch stays under
         MERGE_ROWS, where every row is computed on its own and gets the numbers it would get
         alone. A longer chunk goes in a llama_decode of its own after the tokens. One call
-        instead of two reads the weights once: on a memory-bound CPU that is most of a step."""
+        instead of two reads the weights once: on a memory-bound CPU that is most of a step.
+
+        The text sampled in a step reaches the callers' `on_text` at its end, all at once: a
+        transport woken mid-step would take the GIL at each ctypes call of the sampling that
+        follows and keep the next llama_decode waiting; woken at the end, its work overlaps
+        the decode, which runs without the GIL."""
+        try:
+            return self._step()
+        finally:
+            outbox, self._outbox = self._outbox, []
+            for on_text, text in outbox:
+                on_text(text)
+
+    def _step(self) -> list[Generation]:
         generating = [seq for seq in self.active if seq.pending is not None]
         waiting = [seq for seq in self.active if seq.prefilling]
         rows = len(generating)
@@ -518,7 +532,7 @@ class Batcher:
 
     def _emit(self, seq: Generation, text: str) -> None:
         if text and seq.on_text is not None:
-            seq.on_text(text)
+            self._outbox.append((seq.on_text, text))  # handed over at the end of the step
 
     def _token_bytes(self, token: int) -> bytes:
         buf = self._piece
