@@ -311,6 +311,18 @@ class Batcher:
         self._outbox: list[tuple[Callable[[str], None], str]] = []  # this step's text
         llama_cpp.llama_memory_clear(self._memory, True)
 
+    def warm_up(self) -> None:
+        """Decode two tokens once and forget them (the cache is left empty, its head at 0):
+        llama.cpp sets up its threads and first touches its buffers in the first llama_decode,
+        which would otherwise fall on the first request's TTFT."""
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        token = bos if bos >= 0 else 0
+        for row in range(2):
+            self._put(self._batch, row, token, row, 0, row == 1)
+        self._batch.n_tokens = 2
+        llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        llama_cpp.llama_memory_clear(self._memory, True)
+
     def close(self) -> None:
         if not self._closed:
             llama_cpp.llama_batch_free(self._batch)

@@ -166,6 +166,7 @@ class Engine:
                                  ) from exc
             self.load_seconds = time.perf_counter() - started
             batcher = self._open_batcher(llm)
+            batcher.warm_up()
             self._prefixes("restore", llm, batcher)
             with self._lock:
                 self._llm, self._batcher = llm, batcher
