@@ -304,10 +304,13 @@ def read_manifest(bundle: Path) -> BundleManifest:
                           hint="re-pack the bundle") from exc
 
 
-def verify_bundle(path: Path, here: bool = False, root: Path = Path("/")) -> VerifyReport:
+def verify_bundle(path: Path, here: bool = False, root: Path = Path("/"),
+                  stamped: frozenset[str] = frozenset()) -> VerifyReport:
     """Check a bundle's manifest, file hashes and runtime version; `here` also checks memory.
 
     `root` is where /proc and /sys/fs/cgroup are read for `here` (tests pass a fake tree).
+    `stamped` names files whose hash a matching stamp stands for (bundle/stamp.py): their size
+    is checked, their bytes are not read.
     """
     report = VerifyReport(bundle=str(path))
     if not path.is_dir():
@@ -320,7 +323,7 @@ def verify_bundle(path: Path, here: bool = False, root: Path = Path("/")) -> Ver
         return report
     report.manifest = manifest
     report.add(MANIFEST, True, f"schema_version {manifest.schema_version}")
-    _check_files(path, manifest, report)
+    _check_files(path, manifest, report, stamped)
     running = package_version("llama-cpp-python")
     report.add(
         "llama-cpp-python version",
@@ -335,7 +338,8 @@ def verify_bundle(path: Path, here: bool = False, root: Path = Path("/")) -> Ver
     return report
 
 
-def _check_files(path: Path, manifest: BundleManifest, report: VerifyReport) -> None:
+def _check_files(path: Path, manifest: BundleManifest, report: VerifyReport,
+                 stamped: frozenset[str] = frozenset()) -> None:
     for name, entry in manifest.files.items():
         rel = PurePosixPath(name)
         if rel.is_absolute() or ".." in rel.parts or name == MANIFEST:
@@ -350,6 +354,9 @@ def _check_files(path: Path, manifest: BundleManifest, report: VerifyReport) -> 
             report.add(f"size {name}", False,
                        f"{name} is {size} bytes, manifest says {entry.size}: the file is "
                        "truncated or altered; copy the bundle again or re-pack")
+            continue
+        if name in stamped:
+            report.add(f"sha256 {name}", True, "unchanged since its last full check (stamp)")
             continue
         digest = sha256_file(target)
         report.add(f"sha256 {name}", digest == entry.sha256,
@@ -410,13 +417,31 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         path = extract_cached(path)
     if not path.exists():
         raise BundleError(f"bundle {path} does not exist", hint="check the path")
-    if verify:
-        report = verify_bundle(path)
-        report.raise_for_problems()
-        assert report.manifest is not None
-        manifest = report.manifest
-    else:
-        manifest = read_manifest(path)
+    manifest = _verified_manifest(path) if verify else read_manifest(path)
     if MODEL_FILE not in manifest.files:
         raise BundleError(f"{path / MANIFEST} lists no {MODEL_FILE}", hint="re-pack the bundle")
     return Bundle(dir=path, manifest=manifest)
+
+
+def _verified_manifest(path: Path) -> BundleManifest:
+    """verify_bundle, where a matching stamp stands for the model's hash (bundle/stamp.py);
+    a full check that passes leaves a stamp, one that fails drops it."""
+    from edgerunner.bundle import stamp as stamps
+
+    entry = read_manifest(path).files.get(MODEL_FILE)
+    model = path / MODEL_FILE
+    now = None
+    if entry is not None and model.is_file():
+        # stat before hashing: a file changed while it is hashed no longer matches its stamp
+        now = stamps.current_stamp(path, model, path / MANIFEST, entry.sha256)
+    trusted = now is not None and stamps.read_stamp(path) == now
+    report = verify_bundle(path, stamped=frozenset({MODEL_FILE}) if trusted else frozenset())
+    if not report.ok:
+        stamps.forget_stamp(path)
+        report.raise_for_problems()
+    if trusted:
+        logger.info("model.gguf unchanged since its last full check (stamp): not hashed")
+    elif now is not None:
+        stamps.write_stamp(now)
+    assert report.manifest is not None
+    return report.manifest

@@ -19,6 +19,8 @@ machine-load drift hits both; every ratio is taken per round, then the median.
 - system prompt: TTFT of a request whose ~1,000-token system prompt the daemon saw in the
   request just before (same system prompt, another question) vs a cold one (a system prompt
   it never saw), with raw prompt evaluation of the same tokens beside them.
+- restart: the same system-prompt TTFT cold, seen before, and seen before a restart of the
+  daemon (its prefix cache saved on drain into its state directory, restored at start).
 - arrival: while 3 streams run, a 4th request with a ~250-token prompt arrives: its TTFT, its
   prompt evaluation measured raw, and the longest gap between tokens of the 3 running streams
   while it waited for its first token.
@@ -299,12 +301,14 @@ def burst(http: httpx.Client, messages: Messages, count: int) -> dict[str, Any]:
 def start_daemon(bundle: Path, sock: Path, config: Path, parallel: int, threads: int | None,
                  log: Path) -> subprocess.Popen[bytes]:
     """Exec `edgerunner serve` (its own thread choice unless given) and wait until ready."""
-    with log.open("wb") as out:
+    # its own state directory (stamp, saved prefix cache), kept for a restart in this run
+    env = {**os.environ, "STATE_DIRECTORY": str(sock.parent / "state")}
+    with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgerunner", "serve", str(bundle), "--socket", str(sock),
              "--config", str(config), "--parallel", str(parallel),
              *(("--threads", str(threads)) if threads else ())],
-            stdout=subprocess.DEVNULL, stderr=out)
+            stdout=subprocess.DEVNULL, stderr=out, env=env)
     try:
         with Client(sock, timeout=5) as client:
             client.wait_ready(process=proc)
@@ -382,6 +386,14 @@ def measure(args: argparse.Namespace, bundle_path: Path, tmp: Path, say: Console
             out["arrival"] = arrival(args, raw, http, tokens, engine, say)
             say.print(f"burst: {BURST} concurrent requests ...")
             out["burst"] = burst(http, user("Say hi."), BURST)
+        def restart_daemon() -> None:
+            nonlocal proc
+            proc.terminate()
+            proc.wait(timeout=120)
+            proc = start_daemon(bundle.dir, sock, config, max(seqs), args.threads,
+                                tmp / "daemon.log")
+
+        out["restart"] = after_restart(args, sock, restart_daemon, engine, say)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -462,6 +474,34 @@ def system_prompt(args: argparse.Namespace, raw1: RawBatch, http: httpx.Client,
             "warm_over_cold": med(ratios)}
 
 
+def uds_http(sock: Path) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
+                        base_url="http://edgerunner", timeout=600)
+
+
+def after_restart(args: argparse.Namespace, sock: Path, restart: Callable[[], None],
+                  engine: Engine, say: Console) -> dict[str, Any]:
+    """TTFT of a ~1,000-token system prompt: cold, seen before (warm), and seen before a
+    restart of the daemon (the prefix cache saved on drain and restored at start)."""
+    body = filler(engine.count_tokens, SYSTEM_TOKENS, seed=900)
+    cold, warm, restarted, restart_s = [], [], [], []
+    for r in range(args.restart_rounds):
+        say.print(f"restart: round {r + 1}/{args.restart_rounds} ...")
+        system = f"Site {secrets.token_hex(4)}. {body}"
+        asks = [[{"role": "system", "content": system}, *user(q)] for q in QUESTIONS]
+        with uds_http(sock) as http:  # one connection pool per daemon process
+            cold.append(stream_chat(http, asks[0], 4).ttft)
+            warm.append(stream_chat(http, asks[1], 4).ttft)
+        started = time.perf_counter()
+        restart()
+        restart_s.append(time.perf_counter() - started)
+        with uds_http(sock) as http:
+            restarted.append(stream_chat(http, asks[2], 4).ttft)
+    return {"cold_ttft_ms": med(cold) * 1e3, "warm_ttft_ms": med(warm) * 1e3,
+            "restarted_ttft_ms": med(restarted) * 1e3, "restart_s": med(restart_s),
+            "restarted_over_warm": med([a / b for a, b in zip(restarted, warm, strict=True)])}
+
+
 def arrival(args: argparse.Namespace, raw: Callable[[int], RawBatch], http: httpx.Client,
             tokens: Callable[[Messages], list[int]], engine: Engine, say: Console
             ) -> dict[str, Any]:
@@ -523,6 +563,9 @@ def goals(out: dict[str, Any]) -> list[dict[str, Any]]:
     v = out["system_prompt"]["warm_over_cold"]
     goal(f"TTFT, {out['system_prompt']['system_tokens']}-token system prompt seen before / "
          "cold", v, "<= 0.20x", v <= 0.2)
+    v = out["restart"]["restarted_over_warm"]
+    goal("TTFT of that system prompt after a daemon restart / seen before", v, "<= 1.20x",
+         v <= 1.2)
     v = out["arrival"]["ttft_over_bound"]
     goal(f"arrival TTFT / (raw prompt eval + {FEW_STEPS} raw decode steps)", v, "<= 1.00x",
          v <= 1.0)
@@ -565,6 +608,11 @@ def print_tables(out: dict[str, Any], console: Console) -> None:
     t.add_row(f"TTFT, {sp['system_tokens']}-token system prompt: cold / seen before",
               f"{sp['cold_ttft_ms']:.0f} ms / {sp['warm_ttft_ms']:.0f} ms")
     t.add_row("  raw prompt eval of the same tokens", f"{sp['raw_prompt_eval_ms']:.0f} ms")
+    rs = out["restart"]
+    t.add_row("  cold / seen before / seen before a daemon restart",
+              f"{rs['cold_ttft_ms']:.0f} / {rs['warm_ttft_ms']:.0f} / "
+              f"{rs['restarted_ttft_ms']:.0f} ms")
+    t.add_row("  the restart (stop, start, ready)", f"{rs['restart_s']:.2f} s")
     t.add_row(f"arrival ({ar['prompt_tokens']} prompt tokens) TTFT, "
               f"{ar['streaming_at_arrival']}/{RUNNING} streaming when it came",
               f"{ar['ttft_ms']:.0f} ms")
@@ -610,6 +658,8 @@ def main() -> None:
     parser.add_argument("--sys-rounds", type=int, default=5,
                         help="cold/seen-before pairs for the system prompt TTFT")
     parser.add_argument("--arrival-rounds", type=int, default=2)
+    parser.add_argument("--restart-rounds", type=int, default=1,
+                        help="cold/warm/after-a-restart triples for the system prompt TTFT")
     parser.add_argument("--threads", type=int, default=None,
                         help="default: raw gets the plan's, capped at the CPUs this process "
                         "may use; the daemon gets no --threads and chooses the same itself")

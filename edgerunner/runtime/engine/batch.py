@@ -1,9 +1,10 @@
 """Continuous batching over llama.cpp's batch API.
 
 Up to `n_parallel` sequences share one llama.cpp context (a unified KV cache of n_ctx cells).
-Each `step()` decodes the next token of every sequence that is generating, then one n_batch
-chunk of a prompt still being evaluated, so a long prompt goes in by chunks between the
-others' tokens instead of freezing their streams. Each
+Each `step()` decodes the next token of every sequence that is generating and one n_batch
+chunk of a prompt still being evaluated (short prompts in the same llama_decode as the
+tokens), so a long prompt goes in by chunks between the others' tokens instead of freezing
+their streams. Each
 sequence samples with its own `llama_sampler` chain (the chain llama-cpp-python's
 `Llama.create_completion` builds, so a sequence decoded alone gives the same tokens), and its
 KV cells are freed the moment it ends or is stopped.
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 PENALTY_LAST_N = 64  # llama-cpp-python's Llama(last_n_tokens_size) default, so penalties agree
 MIN_CACHED_PREFIX = 8  # a shorter shared prefix is not worth a cache entry
 REEVALUATED = 2  # prompt tokens evaluated again even when the cache holds the whole prompt
+# GGML_FA_TILE_Q: from this many query rows in one llama_decode, llama.cpp's CPU flash attention
+# takes its tiled path; below it, each row is computed on its own, whatever else is in the batch
+MERGE_ROWS = 64
 
 
 def chunk_end(start: int, end: int, n_batch: int) -> int:
@@ -242,6 +246,25 @@ class PrefixCache:
         llama_cpp.llama_memory_seq_cp(self._memory, seq_id, cache_id, 0, len(prompt))
         self._entries.append(_Entry(cache_id, list(prompt), time.monotonic()))
 
+    def held(self) -> list[tuple[int, list[int]]]:
+        """(sequence id, tokens) of every cached prompt, most recently used first."""
+        return [(e.seq_id, list(e.tokens))
+                for e in sorted(self._entries, key=lambda e: e.used, reverse=True)]
+
+    def adopt(self, n_tokens: int, load: Callable[[int], list[int] | None]) -> bool:
+        """Take in a saved prompt: `load(seq_id)` puts its cells under seq_id and returns its
+        tokens (None: it could not). False when it does not fit or did not load."""
+        if n_tokens < MIN_CACHED_PREFIX or not self._free or self.cells + n_tokens > self.budget:
+            return False
+        seq_id = self._free.pop()
+        tokens = load(seq_id)
+        if tokens is None or len(tokens) != n_tokens:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._free.append(seq_id)
+            return False
+        self._entries.append(_Entry(seq_id, tokens, time.monotonic()))
+        return True
+
     def evict(self, cells: int) -> None:
         """Drop least recently used prompts until at least `cells` are given back (or none
         is left)."""
@@ -286,6 +309,19 @@ class Batcher:
         self.active: list[Generation] = []
         self.cache = PrefixCache(self._memory, cache_seq_ids, cache_cells)
         self._piece = ctypes.create_string_buffer(64)
+        self._outbox: list[tuple[Callable[[str], None], str]] = []  # this step's text
+        llama_cpp.llama_memory_clear(self._memory, True)
+
+    def warm_up(self) -> None:
+        """Decode two tokens once and forget them (the cache is left empty, its head at 0):
+        llama.cpp sets up its threads and first touches its buffers in the first llama_decode,
+        which would otherwise fall on the first request's TTFT."""
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        token = bos if bos >= 0 else 0
+        for row in range(2):
+            self._put(self._batch, row, token, row, 0, row == 1)
+        self._batch.n_tokens = 2
+        llama_cpp.llama_decode(self._ctx.ctx, self._batch)
         llama_cpp.llama_memory_clear(self._memory, True)
 
     def close(self) -> None:
@@ -346,21 +382,81 @@ class Batcher:
     # -- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[Generation]:
-        """One token for every generating sequence, and the next chunk of one prompt; returns
-        the sequences that ended (still in `active`: the caller reports them, then `remove`s).
+        """One token for every generating sequence, and the next chunk of a prompt (or of
+        several short ones); returns the sequences that ended (still in `active`: the caller
+        reports them, then `remove`s).
 
-        The two are separate llama_decode calls, and a prompt is cut into batches where it
-        would be cut alone (prefill_chunks): llama.cpp's CPU kernels choose by batch shape
-        (flash attention evaluates 64 query rows or more on a tiled path that rounds
-        differently), so mixing one sequence's tokens with another's prompt would change its
-        numbers."""
-        ended: list[Generation] = []
+        llama.cpp's CPU kernels choose by batch shape: flash attention evaluates MERGE_ROWS
+        query rows or more on a tiled path that rounds differently, so a prompt is cut into
+        batches where it would be cut alone (prefill_chunks), and prompt chunks join the
+        generating tokens in one llama_decode only while the whole batch stays under
+        MERGE_ROWS, where every row is computed on its own and gets the numbers it would get
+        alone. A longer chunk goes in a llama_decode of its own after the tokens. One call
+        instead of two reads the weights once: on a memory-bound CPU that is most of a step.
+
+        The text sampled in a step reaches the callers' `on_text` at its end, all at once: a
+        transport woken mid-step would take the GIL at each ctypes call of the sampling that
+        follows and keep the next llama_decode waiting; woken at the end, its work overlaps
+        the decode, which runs without the GIL."""
+        try:
+            return self._step()
+        finally:
+            outbox, self._outbox = self._outbox, []
+            for on_text, text in outbox:
+                on_text(text)
+
+    def _step(self) -> list[Generation]:
         generating = [seq for seq in self.active if seq.pending is not None]
-        if generating:
-            ended += self._decode_tokens(generating)
-        prefilling = next((seq for seq in self.active if seq.prefilling), None)
-        if prefilling is not None:
-            ended += self._prefill(prefilling)
+        waiting = [seq for seq in self.active if seq.prefilling]
+        rows = len(generating)
+        riders: list[tuple[Generation, int]] = []  # prompt chunks that join the tokens' batch
+        for seq in waiting:
+            take = chunk_end(seq.n_past, len(seq.prompt), self.n_batch) - seq.n_past
+            if rows + take >= min(MERGE_ROWS, self.n_batch + 1):
+                break  # in arrival order: a later prompt does not overtake this one
+            riders.append((seq, take))
+            rows += take
+        if not riders:
+            ended = self._decode_tokens(generating) if generating else []
+            return ended + (self._prefill(waiting[0]) if waiting else [])
+        return self._decode_together(generating, riders)
+
+    def _decode_together(self, generating: list[Generation],
+                         riders: list[tuple[Generation, int]]) -> list[Generation]:
+        batch = self._batch
+        for row, seq in enumerate(generating):
+            assert seq.pending is not None
+            self._put(batch, row, seq.pending, seq.n_past, seq.seq_id, True)
+        row = len(generating)
+        last_rows: list[tuple[Generation, int]] = []  # prompts that end here: their last row
+        for seq, take in riders:
+            last = seq.n_past + take == len(seq.prompt)
+            for k in range(take):
+                pos = seq.n_past + k
+                self._put(batch, row, seq.prompt[pos], pos, seq.seq_id, last and k == take - 1)
+                row += 1
+            if last:
+                last_rows.append((seq, row - 1))
+        batch.n_tokens = row
+        rc = self._decode(batch)
+        if rc != 0:
+            # llama.cpp left the cache as it was: go again one part at a time, so that a failure
+            # lands on the sequences it belongs to
+            ended = self._decode_tokens(generating) if generating else []
+            return ended + self._prefill(riders[0][0])
+        ended = []
+        for row, seq in enumerate(generating):
+            seq.n_past += 1
+            self._sample(seq, row)
+            if seq.done:
+                ended.append(seq)
+        for seq, take in riders:
+            seq.n_past += take
+        for seq, row in last_rows:
+            self.cache.store(seq.seq_id, seq.prompt)
+            self._sample(seq, row)
+            if seq.done:
+                ended.append(seq)
         return ended
 
     def _decode_tokens(self, generating: list[Generation]) -> list[Generation]:
@@ -449,7 +545,7 @@ class Batcher:
 
     def _emit(self, seq: Generation, text: str) -> None:
         if text and seq.on_text is not None:
-            seq.on_text(text)
+            self._outbox.append((seq.on_text, text))  # handed over at the end of the step
 
     def _token_bytes(self, token: int) -> bytes:
         buf = self._piece

@@ -28,6 +28,7 @@ from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.errors import ModelError
 from edgerunner.runtime.engine.batch import Batcher, Generation, sampler_chain
 from edgerunner.runtime.engine.grammar import GrammarBuilder
+from edgerunner.runtime.engine.prefix_store import PrefixStore
 from edgerunner.runtime.engine.sampling import SamplingParams
 from edgerunner.runtime.protocol import (
     AnyRequest,
@@ -95,7 +96,7 @@ class Engine:
     def __init__(
         self, model_path: Path, plan: RuntimePlan, *, name: str, n_threads: int | None = None,
         extra_bufts: bool = True, n_parallel: int | None = None,
-        prefix_cache_cells: int | None = None,
+        prefix_cache_cells: int | None = None, prefix_store: PrefixStore | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         # the plan as served: serve --parallel / prefix overrides applied, so that n_seq_max,
@@ -115,6 +116,7 @@ class Engine:
         self._load_lock = threading.Lock()  # one load or unload at a time; admission never waits
         self.load_seconds = 0.0
         self.grammars = GrammarBuilder(self.model_path)  # json_schema: bounded, child-built
+        self.prefix_store = prefix_store  # the prefix cache saved at unload, restored at load
 
     @property
     def n_ctx(self) -> int:
@@ -165,6 +167,8 @@ class Engine:
                                  ) from exc
             self.load_seconds = time.perf_counter() - started
             batcher = self._open_batcher(llm)
+            batcher.warm_up()
+            self._prefixes("restore", llm, batcher)
             with self._lock:
                 self._llm, self._batcher = llm, batcher
                 # the full model carries its own vocabulary; a second copy would only cost RSS
@@ -192,6 +196,18 @@ class Engine:
                        n_parallel=self.n_parallel, cache_seq_ids=cache_ids,
                        cache_cells=min(self.prefix_cache_cells, llm.n_ctx()))
 
+    def _prefixes(self, what: str, llm: BatchLlama | None, batcher: Batcher) -> None:
+        store = self.prefix_store
+        if store is None or llm is None:
+            return
+        try:
+            if what == "save":
+                store.save(llm.ctx, batcher.cache, self.plan)
+            else:
+                store.restore(llm.ctx, batcher.cache, self.plan, llm.n_ctx())
+        except Exception:  # a cache is never a reason to fail a load or an unload
+            logger.exception("prefix cache %s failed", what)
+
     def set_threads(self, n_threads: int) -> None:
         """Change decode threads between requests (the thermal governor's lever)."""
         self.n_threads = n_threads
@@ -206,6 +222,7 @@ class Engine:
                 llm, self._llm = self._llm, None
                 batcher, self._batcher = self._batcher, None
             if batcher is not None:
+                self._prefixes("save", llm, batcher)
                 batcher.clear()
                 batcher.close()
             if llm is not None:

@@ -18,12 +18,14 @@ from typing import Any, Protocol
 from edgerunner import __version__
 from edgerunner.bundle.manifest import BundleManifest
 from edgerunner.bundle.settings import ServeConfig
+from edgerunner.bundle.stamp import state_dir
 from edgerunner.bundle.store import Bundle
 from edgerunner.errors import ConfigError, ExitCode
 from edgerunner.host.cpu import CpuBudget, cpu_budget, decode_threads
 from edgerunner.host.memory import MemoryProbe, MemorySnapshot
 from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.engine.predict import predict_repacked_mb, predict_totals
+from edgerunner.runtime.engine.prefix_store import PrefixStore
 from edgerunner.runtime.engine.preflight import PreflightError, Verdict, preflight
 from edgerunner.runtime.health import (
     CpuHealth,
@@ -240,7 +242,9 @@ class Daemon:
         self._notify("extend_timeout", self._expected_load_s() + 30)
         self.engine = Engine(self.bundle.model_path, fit.plan, name=self.manifest.name,
                              n_threads=self.n_threads, extra_bufts=verdict.extra_bufts,
-                             n_parallel=self.config.n_parallel)
+                             n_parallel=self.config.n_parallel,
+                             prefix_store=PrefixStore(state_dir() / "prefixes" / self.manifest.name,
+                                                      self.manifest.files["model.gguf"].sha256))
         await asyncio.to_thread(self.engine.load)
         self._setup_watchdog()
         self._setup_thermal()
