@@ -126,9 +126,9 @@ def test_unsigned_refused_before_anything_switches_and_interruption_recovers(
     crashed = update.read_state(root)
     assert crashed is not None and crashed.state == "switched"
     assert update.installed_id(root, name) == bundle_id(newer)
-    with pytest.raises(InstallError, match="another update is running"):
-        with update.update_lock(root):
-            update.recover(root, controller)
+    with update.update_lock(root), pytest.raises(InstallError,
+                                                 match="another update is running"):
+        update.recover(root, controller)
     recovered = update.recover(root, controller, executable=EXECUTABLE, window_s=WINDOW_S)
     assert recovered is not None
     assert recovered.sequence[-3:] == ["switched", "rolling-back", "rolled-back"]
