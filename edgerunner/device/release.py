@@ -43,18 +43,20 @@ def finish(bundle: Path, manifest: BundleManifest, output: Path, *, sign: Path |
     if archive:
         release.path = write_archive(bundle, output / f"{bundle.name}.tar", arcname=bundle.name)
     if mender_device_type is not None:
+        from edgerunner.device.install import bundle_id
         from edgerunner.device.mender.artifact import write_artifact
 
         dest = output / f"{bundle.name}.mender"
+        content = bundle_id(bundle)
         if archive:
-            release.mender = write_artifact(release.path, manifest, mender_device_type, dest,
-                                            mender_key)
+            release.mender = write_artifact(release.path, manifest, content,
+                                            mender_device_type, dest, mender_key)
         else:
             with tempfile.TemporaryDirectory(prefix=".edgerunner-mender-", dir=output) as tmp:
                 tar = write_archive(bundle, Path(tmp) / f"{bundle.name}.tar",
                                     arcname=bundle.name)
-                release.mender = write_artifact(tar, manifest, mender_device_type, dest,
-                                                mender_key)
+                release.mender = write_artifact(tar, manifest, content, mender_device_type,
+                                                dest, mender_key)
     return release
 
 

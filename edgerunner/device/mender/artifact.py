@@ -51,16 +51,13 @@ def generate_mender_key(private_path: Path, force: bool = False) -> tuple[Path, 
     return private_path, public_path, hashlib.sha256(public_pem).hexdigest()[:16]
 
 
-def artifact_name(manifest: BundleManifest) -> str:
-    """<bundle name>-<first 12 hex of the manifest's hash-of-hashes>: one name per content."""
-    digest = hashlib.sha256(
-        "".join(f"{k}:{v.sha256}\n" for k, v in sorted(manifest.files.items())).encode()
-    ).hexdigest()[:12]
-    return f"{manifest.name}-{digest}"
+def artifact_name(manifest: BundleManifest, bundle_id: str) -> str:
+    """<bundle name>-<bundle id>, the id `install --status` shows (sha256 of manifest.json)."""
+    return f"{manifest.name}-{bundle_id}"
 
 
-def write_artifact(bundle_tar: Path, manifest: BundleManifest, device_type: str, dest: Path,
-                   key: Path | None) -> Path:
+def write_artifact(bundle_tar: Path, manifest: BundleManifest, bundle_id: str,
+                   device_type: str, dest: Path, key: Path | None) -> Path:
     """Run mender-artifact to wrap bundle_tar into dest (.mender), signed with key if given."""
     tool = shutil.which(TOOL)
     if tool is None:
@@ -68,7 +65,7 @@ def write_artifact(bundle_tar: Path, manifest: BundleManifest, device_type: str,
                           hint="apt-get install mender-artifact (Debian 12 ships 3.9)")
     if dest.exists():
         raise BundleError(f"{dest} already exists", hint="remove it or pass a different -o")
-    name = artifact_name(manifest)
+    name = artifact_name(manifest, bundle_id)
     command = [
         tool, "write", "module-image", "-T", PAYLOAD_TYPE, "-n", name, "-t", device_type,
         "--software-filesystem", PAYLOAD_TYPE, "--software-name", manifest.name,
