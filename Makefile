@@ -47,5 +47,14 @@ test: lint pytest
 test-arm: $(STAMP)
 	$(PY) tools/arm/lane.py
 
+# The real-systemd lane (tools/systemd/lane.py): Debian 12 under systemd-nspawn, systemd as PID 1.
+# Root only; installs systemd-container (without recommends: libnss-mymachines would edit the
+# host's nsswitch.conf), debootstrap and zstd if missing. Cold: debootstrap + wheelhouse, cached.
+test-systemd: $(STAMP) mosquitto
+	@command -v systemd-nspawn >/dev/null && command -v debootstrap >/dev/null && command -v zstd >/dev/null || { \
+	  echo "installing systemd-container, debootstrap and zstd (Debian packages) for the systemd lane"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd-container debootstrap zstd >/dev/null; }
+	$(PY) tools/systemd/lane.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
