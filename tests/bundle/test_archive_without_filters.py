@@ -30,7 +30,7 @@ def no_filters(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("case", sorted(MALICIOUS))
 def test_unsafe_members_refused_without_filters(case: str, tmp_path: Path,
                                                 no_filters: None) -> None:
-    members, bad_name, reason = MALICIOUS[case]
+    members, _name, reason = MALICIOUS[case]
     bad = _tar(tmp_path / "evil.tar", *members())
     with pytest.raises(ArchiveError, match=reason):
         archive.extract_archive(bad, tmp_path / "dest")
