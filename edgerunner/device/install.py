@@ -126,7 +126,7 @@ def install_bundle(
         holder, staged = _stage(source, stage_parent)
         try:
             manifest = _verified(staged, keyring if keyring is not None else
-                                 _default_keyring(root))
+                                 _default_keyring(root), shown=source)
             config = _read_config(staged)
             if on_verified is not None and not dry_run:
                 on_verified(manifest, bundle_id(staged))
@@ -260,7 +260,8 @@ def _default_keyring(root: Path) -> Path:
     return default_keyring(root)
 
 
-def _verified(bundle: Path, keyring: Path | None = None) -> BundleManifest:
+def _verified(bundle: Path, keyring: Path | None = None,
+              shown: Path | None = None) -> BundleManifest:
     # Verify the copy that will actually run, not the source: it also catches copy errors.
     from edgerunner.bundle.store import verify_bundle
     from edgerunner.device.sign import check_signature
@@ -269,7 +270,7 @@ def _verified(bundle: Path, keyring: Path | None = None) -> BundleManifest:
     try:
         report.raise_for_problems()
         if keyring is not None:
-            check_signature(bundle, keyring)
+            check_signature(bundle, keyring, shown)
     except BundleError as exc:
         raise InstallError(f"refusing to install: {exc.message}",
                            hint=exc.hint or "re-pack or copy the bundle again") from exc

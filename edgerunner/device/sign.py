@@ -169,26 +169,27 @@ def read_signature(bundle: Path) -> Signature | None:
                           hint="copy the bundle again from the machine that packed it") from exc
 
 
-def check_signature(bundle: Path, keyring: Path) -> SignatureCheck:
+def check_signature(bundle: Path, keyring: Path, shown: Path | None = None) -> SignatureCheck:
     """Check the bundle's signature against the keyring; BundleError naming what is wrong.
 
     Refused: unsigned while the keyring holds keys; signed by a key not in the keyring;
     manifest.json altered after signing. With an empty keyring a signature is reported, not
-    required (and it cannot be checked).
+    required (and it cannot be checked). Messages name `shown` (what the user passed) if given.
     """
     signature = read_signature(bundle)
+    name = shown or bundle
     keys = load_keyring(keyring)
     trusted = ", ".join(f"{kid} ({path.name})" for kid, (path, _) in keys.items())
     if signature is None:
         if keys:
             raise BundleError(
-                f"bundle {bundle} is unsigned, and this device only accepts bundles signed by "
+                f"bundle {name} is unsigned, and this device only accepts bundles signed by "
                 f"a key in {keyring} ({trusted})",
                 hint="pack it with `edgerunner pack --sign KEY` using one of those keys")
         return SignatureCheck(signed=False, keyring=str(keyring),
                               detail=f"unsigned (accepted: no keys in {keyring})")
     if signature.algorithm != ALGORITHM:
-        raise BundleError(f"bundle {bundle} is signed with {signature.algorithm!r}; "
+        raise BundleError(f"bundle {name} is signed with {signature.algorithm!r}; "
                           f"edgerunner checks {ALGORITHM}", hint="re-pack with --sign")
     if not keys:
         return SignatureCheck(signed=True, key_id=signature.key_id, keyring=str(keyring),
@@ -196,7 +197,7 @@ def check_signature(bundle: Path, keyring: Path) -> SignatureCheck:
                               f"in {keyring})")
     if signature.key_id not in keys:
         raise BundleError(
-            f"bundle {bundle} is signed by key {signature.key_id}, which is not in the "
+            f"bundle {name} is signed by key {signature.key_id}, which is not in the "
             f"keyring {keyring} (trusted: {trusted})",
             hint=f"if you trust that key, copy its .pub into {keyring}; otherwise re-pack "
             "with a trusted key")
@@ -206,7 +207,7 @@ def check_signature(bundle: Path, keyring: Path) -> SignatureCheck:
         public.verify(raw, (bundle / MANIFEST).read_bytes())
     except (InvalidSignature, binascii.Error, OSError) as exc:
         raise BundleError(
-            f"bundle {bundle}: {MANIFEST} does not match its signature by key "
+            f"bundle {name}: {MANIFEST} does not match its signature by key "
             f"{signature.key_id} ({path.name}): the bundle was altered after it was signed",
             hint="do not install it; copy the bundle again from the machine that packed "
             "and signed it") from exc
