@@ -227,7 +227,7 @@ def _roll_back(journal: _Journal, controller: ServiceController, root: Path,
         controller.restart(name)
         manifest = read_manifest(_path(root, BUNDLES_DIR) / name)
         if state.was_running:
-            prove(controller, name, manifest, window_s)
+            prove(controller, name, manifest, window_s, latency=False)
     except (GateFailed, EdgerunnerError, OSError) as exc:
         journal.enter("failed", f"{why}; the previous bundle did not come back either: {exc}")
         raise UpdateFailed(f"update of {name} failed ({why}), and the previous bundle "

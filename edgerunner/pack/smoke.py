@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from edgerunner.bundle.manifest import Prediction, SmokePrompt
 
-LATENCY_BASE_S = 30.0
+LATENCY_BASE_S = 60.0  # a first JSON request also builds its grammar in a child process
 LATENCY_FACTOR = 10.0  # x the predicted time of the answer's tokens
 MIN_TPS = 1.0
 

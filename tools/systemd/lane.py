@@ -368,7 +368,7 @@ def check_updates(lane: Lane) -> None:
     lane.check("install a bundle that fails its smoke prompt: rolled back, old one answers",
                rc == 1 and steps[-1] == "rolled-back" and status["active"] == good
                and bool(answer.get("text")),
-               f"exit {rc}: {' > '.join(steps)}; {err.splitlines()[0][:160] if err else ''}; "
+               f"exit {rc}: {' > '.join(steps)}; {err[:700]}; "
                f"active {status['active']} (good {good}); answers: {answer.get('text')!r}")
     pid = lane.probe("health").get("pid")
     rc, data, err = lane.install("/srv/bundles/unsigned.tar")
