@@ -139,7 +139,7 @@ class Container:
                 self.process.kill()
                 self.process.wait()
         for path in self.cgroups:
-            for _ in range(50):
+            for _ in range(300):  # the last processes leave the cgroup after nspawn exits
                 try:
                     path.rmdir()
                     break
