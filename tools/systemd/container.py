@@ -141,6 +141,10 @@ class Container:
         for path in self.cgroups:
             for _ in range(300):  # the last processes leave the cgroup after nspawn exits
                 try:
+                    # systemd inside made sub-cgroups (init.scope, system.slice...): deepest first
+                    subs = [p for p in path.rglob("*") if p.is_dir()]
+                    for sub in sorted(subs, key=lambda p: -len(p.parts)):
+                        sub.rmdir()
                     path.rmdir()
                     break
                 except FileNotFoundError:
