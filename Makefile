@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest setup mosquitto clean test-arm
+.PHONY: demo test lint pytest setup mosquitto mender clean test-arm test-systemd
 
 setup: $(STAMP)
 
@@ -22,6 +22,13 @@ mosquitto:
 	  echo "installing mosquitto (Debian package) for the MQTT tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
 
+# Debian 12's mender-client 3.4 and mender-artifact 3.9 for the fleet-update tests (a few
+# seconds from the Debian mirror); without root the tests skip and say why.
+mender:
+	@command -v mender >/dev/null && command -v mender-artifact >/dev/null || { \
+	  [ "$$(id -u)" != 0 ] || { echo "installing mender-client and mender-artifact (Debian packages) for the fleet tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mender-client mender-artifact >/dev/null; }; }
+
 demo: $(STAMP)
 	$(PY) tools/examples/demo.py
 
@@ -30,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-pytest: $(STAMP) mosquitto
+pytest: $(STAMP) mosquitto mender
 	$(PY) -m pytest
 
 test: lint pytest
@@ -39,6 +46,15 @@ test: lint pytest
 # Root only; cold ~20 min (debootstrap + cross builds, cached), warm ~5 min.
 test-arm: $(STAMP)
 	$(PY) tools/arm/lane.py
+
+# The real-systemd lane (tools/systemd/lane.py): Debian 12 under systemd-nspawn, systemd as PID 1.
+# Root only; installs systemd-container (without recommends: libnss-mymachines would edit the
+# host's nsswitch.conf), debootstrap and zstd if missing. Cold: debootstrap + wheelhouse, cached.
+test-systemd: $(STAMP) mosquitto
+	@command -v systemd-nspawn >/dev/null && command -v debootstrap >/dev/null && command -v zstd >/dev/null || { \
+	  echo "installing systemd-container, debootstrap and zstd (Debian packages) for the systemd lane"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd-container debootstrap zstd >/dev/null; }
+	$(PY) tools/systemd/lane.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -16,6 +16,12 @@ from edgerunner.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
+# PEP 706's extraction filters arrived in Python 3.11.4 / 3.12; Debian 12's python3 (3.11.2)
+# has none, so there check_members is the only line of defence.
+_DATA_FILTER = hasattr(tarfile, "data_filter")
+_FILTER_ERRORS: tuple[type[Exception], ...] = (
+    (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ())
+
 
 def write_archive(bundle_dir: Path, dest: Path, arcname: str | None = None) -> Path:
     """Write bundle_dir as an uncompressed tar at dest, atomically (GGUF barely compresses)."""
@@ -116,11 +122,14 @@ def extract_archive(archive: Path, dest: Path) -> Path:
             staging = Path(tempfile.mkdtemp(prefix=f".{top}.partial-", dir=dest))
             try:
                 # The data filter is the second line of defence behind check_members.
-                tar.extractall(staging, members=members, filter="data")
+                if _DATA_FILTER:
+                    tar.extractall(staging, members=members, filter="data")
+                else:
+                    tar.extractall(staging, members=members)
                 os.rename(staging / top, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-    except tarfile.FilterError as exc:
+    except _FILTER_ERRORS as exc:
         raise ArchiveError(f"{archive}: unsafe member refused: {exc}",
                            hint="only extract archives from a source you trust") from exc
     except tarfile.TarError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +13,8 @@ SCHEMA_VERSION = 1
 KVType = Literal["f16", "q8_0"]
 MAX_PARALLEL = 16
 PREFIX_CACHE_ENTRIES = 4  # prompts the shared-prefix cache keeps at most (LRU)
+# The bundle's signature (`pack --sign`): beside manifest.json, never listed in it.
+SIGNATURE_FILE = "manifest.sig"
 
 
 class _Model(BaseModel):
@@ -87,6 +89,19 @@ class FileEntry(_Model):
     size: int = Field(..., ge=0)
 
 
+class SmokePrompt(_Model):
+    """One prompt `install` sends a freshly started bundle before it commits the update."""
+
+    name: str = Field(..., description="Short name used in reports")
+    prompt: str = Field(..., description="User message")
+    max_tokens: int = Field(32, ge=1, le=4096, description="Tokens the answer may use")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Ask with response_format json_schema; the answer must parse as JSON "
+        "and validate against it")
+    max_seconds: float = Field(60.0, gt=0, description="The answer must arrive within this many "
+                               "seconds (from the plan's predicted speed, generous margin)")
+
+
 class BundleManifest(_Model):
     """manifest.json. Every file of the bundle except this one is listed with its hash."""
 
@@ -100,3 +115,5 @@ class BundleManifest(_Model):
     plan: RuntimePlan
     prediction: Prediction
     files: dict[str, FileEntry] = Field(default_factory=dict)
+    smoke: list[SmokePrompt] = Field(default_factory=list,
+                                     description="Prompts that prove an installed bundle answers")

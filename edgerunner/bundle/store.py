@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgerunner._fs import sha256_file
-from edgerunner.bundle.manifest import SCHEMA_VERSION, BundleManifest, FileEntry
+from edgerunner.bundle.manifest import SCHEMA_VERSION, SIGNATURE_FILE, BundleManifest, FileEntry
 from edgerunner.errors import BundleError
 from edgerunner.host.memory import MemoryProbe
 
@@ -363,7 +363,7 @@ def _check_files(path: Path, manifest: BundleManifest, report: VerifyReport,
                    "matches" if digest == entry.sha256 else
                    f"{name} has sha256 {digest}, manifest says {entry.sha256}: the file was "
                    "altered or corrupted; copy the bundle again or re-pack")
-    listed = set(manifest.files) | {MANIFEST}
+    listed = set(manifest.files) | {MANIFEST, SIGNATURE_FILE}
     extra = sorted(
         p.relative_to(path).as_posix() for p in path.rglob("*")
         if not p.is_dir() and p.relative_to(path).as_posix() not in listed

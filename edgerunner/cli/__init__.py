@@ -23,6 +23,7 @@ COMMANDS = {
     "ask": "edgerunner.cli.ask:ask_cmd",
     "bench": "edgerunner.cli.bench:bench_cmd",
     "install": "edgerunner.cli.install:install_cmd",
+    "keygen": "edgerunner.cli.keygen:keygen_cmd",
 }
 
 

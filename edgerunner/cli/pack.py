@@ -67,19 +67,52 @@ def _progress_bar(enabled: bool) -> Iterator[ProgressCallback | None]:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=".",
               show_default=True, help="Directory the bundle is written into.")
 @click.option("--archive", is_flag=True, help="Write <bundle>.tar instead of a directory.")
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Sign the bundle with this Ed25519 key (`edgerunner keygen`).")
+@click.option("--mender", "mender_type", metavar="DEVICE_TYPE",
+              help="Also write <bundle>.mender, a Mender module-image artifact for DEVICE_TYPE.")
+@click.option("--mender-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Sign the .mender artifact with this key (`edgerunner keygen --mender`).")
 @plan_flags
 @json_option
 def pack_cmd(
-    model: Path | None, profile_ref: str, output: Path, archive: bool, as_json: bool,
-    **plan_values: Any,
+    model: Path | None, profile_ref: str, output: Path, archive: bool, sign_key: Path | None,
+    mender_type: str | None, mender_key: Path | None, as_json: bool, **plan_values: Any,
 ) -> None:
     """Plan, quantize and write a verified bundle for a device (MODEL defaults to SmolLM2-135M)."""
     from edgerunner.pack.packer import pack
 
+    if mender_key is not None and mender_type is None:
+        raise click.UsageError("--mender-key signs the artifact --mender DEVICE_TYPE writes")
+    if sign_key is not None:
+        from edgerunner.device.sign import load_private_key
+
+        load_private_key(sign_key)  # a bad key fails before minutes of quantizing
     profile = resolve_profile(profile_ref)
     options = plan_options(**plan_values)
-    with _progress_bar(not as_json) as progress:
-        result = pack(model, profile, output, options, archive=archive, progress=progress)
+    release = None
+    finishing = sign_key is not None or mender_type is not None
+    scratch = None
+    if finishing and archive:
+        from edgerunner.device.release import staging_dir
+
+        scratch = staging_dir(output)
+    try:
+        with _progress_bar(not as_json) as progress:
+            result = pack(model, profile, scratch or output, options,
+                          archive=archive and not finishing, progress=progress)
+        if finishing:
+            from edgerunner.device.release import finish
+
+            release = finish(result.path, result.manifest, output, sign=sign_key,
+                             archive=archive, mender_device_type=mender_type,
+                             mender_key=mender_key)
+            result.path, result.archive = release.path, archive
+    finally:
+        if scratch is not None:
+            from edgerunner.device.release import discard
+
+            discard(scratch)
     if as_json:
         print_json({
             "path": str(result.path),
@@ -91,6 +124,8 @@ def pack_cmd(
             "warnings": result.warnings,
             "timings": {k: round(v, 3) for k, v in result.timings.items()},
             "manifest": result.manifest,
+            "signed_by": release.key_id if release else None,
+            "mender_artifact": str(release.mender) if release and release.mender else None,
         })
         return
     out = console()
@@ -117,3 +152,8 @@ def pack_cmd(
         f"{result.predicted_size / 2**20:.1f} MiB{error}"
     )
     out.print(f"wrote {result.path}  ({result.timings['total']:.1f} s)")
+    if release is not None and release.key_id:
+        out.print(f"signed with key {release.key_id} (manifest.sig in {release.path})")
+    if release is not None and release.mender is not None:
+        out.print(f"wrote {release.mender} (Mender artifact for {mender_type}"
+                  f"{', signed' if mender_key else ', UNSIGNED: pass --mender-key'})")

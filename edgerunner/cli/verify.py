@@ -18,12 +18,16 @@ if TYPE_CHECKING:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--here", is_flag=True,
               help="Also check that the plan fits this machine's memory now.")
+@click.option("--keyring", type=click.Path(file_okay=False, path_type=Path),
+              help="Trusted public keys (*.pub) [default: $EDGERUNNER_KEYRING or "
+              "/etc/edgerunner/keys]. Once it holds a key, unsigned bundles fail.")
 @json_option
-def verify_cmd(bundle: Path, here: bool, as_json: bool) -> None:
+def verify_cmd(bundle: Path, here: bool, keyring: Path | None, as_json: bool) -> None:
     """Check a bundle (directory or .tar): every file's hash, the schema and the runtime version.
 
     With --here, also whether it fits this machine's memory now, and which llama.cpp path
-    decodes on this CPU (the daemon's preflight, cached).
+    decodes on this CPU (the daemon's preflight, cached). A signed bundle's signature is
+    checked against the keyring.
     """
     from edgerunner.bundle.archive import extract_archive
     from edgerunner.bundle.store import verify_bundle
@@ -35,11 +39,13 @@ def verify_cmd(bundle: Path, here: bool, as_json: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="edgerunner-verify-") as tmp:
             unpacked = extract_archive(bundle, Path(tmp))
             report = verify_bundle(unpacked, here=here)
+            _check_signature(unpacked, keyring, report)
             if here and report.ok:
                 _check_decode_here(unpacked, report)
             report.bundle = str(bundle)
     else:
         report = verify_bundle(bundle, here=here)
+        _check_signature(bundle, keyring, report)
         if here and report.ok:
             _check_decode_here(bundle, report)
     if as_json:
@@ -53,6 +59,18 @@ def verify_cmd(bundle: Path, here: bool, as_json: bool) -> None:
         report.raise_for_problems()
     elif not as_json:
         console().print(f"bundle {bundle} verified")
+
+
+def _check_signature(path: Path, keyring: Path | None, report: VerifyReport) -> None:
+    from edgerunner.device.sign import check_signature, default_keyring
+    from edgerunner.errors import BundleError
+
+    try:
+        found = check_signature(path, keyring or default_keyring())
+    except BundleError as exc:
+        report.add("signature", False, exc.message + (f"; {exc.hint}" if exc.hint else ""))
+        return
+    report.add("signature", True, found.detail)
 
 
 def _check_decode_here(path: Path, report: VerifyReport) -> None:

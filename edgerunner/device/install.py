@@ -14,8 +14,12 @@ leaves the old bundle running. Installing the same bundle twice changes nothing.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import filecmp
+import functools
 import grp
+import hashlib
 import logging
 import os
 import shlex
@@ -23,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -97,9 +102,15 @@ def _under(root: Path, absolute: str) -> Path:
 
 def install_bundle(
     source: Path, root: Path = Path("/"), dry_run: bool = False, enable: bool = False,
-    executable: str | None = None,
+    executable: str | None = None, keyring: Path | None = None,
+    on_verified: Callable[[BundleManifest, str], None] | None = None,
 ) -> InstallReport:
-    """Verify a bundle (directory or .tar) and install it under root; keep the old one."""
+    """Verify a bundle (directory or .tar) and install it under root; keep the old one.
+
+    The bundle's signature is checked against keyring (default: the device's, under root)
+    before anything is moved. on_verified(manifest, bundle id) runs after the checks, before
+    the switch.
+    """
     root = Path(root)
     source = Path(source)
     if not source.exists():
@@ -114,8 +125,11 @@ def install_bundle(
             _mkdir(bundles)
         holder, staged = _stage(source, stage_parent)
         try:
-            manifest = _verified(staged)
+            manifest = _verified(staged, keyring if keyring is not None else
+                                 _default_keyring(root), shown=source)
             config = _read_config(staged)
+            if on_verified is not None and not dry_run:
+                on_verified(manifest, bundle_id(staged))
             report, rotated = _place(staged, manifest, root, dry_run)
         finally:
             shutil.rmtree(holder, ignore_errors=True)
@@ -178,11 +192,7 @@ def rollback(
     )
     report.changes.append(f"swap {current} with {previous}")
     if not dry_run:
-        parked = bundles / f".{name}.swap"
-        shutil.rmtree(parked, ignore_errors=True)
-        os.rename(current, parked)
-        os.rename(previous, current)
-        os.rename(parked, previous)
+        exchange(previous, current)
     config = _read_config(previous if dry_run else current)
     etc_config = _write_config(report, config, root, dry_run,
                                installed_from=current if dry_run else previous)
@@ -236,13 +246,31 @@ def _read_config(bundle: Path) -> str:
                            hint="re-pack the bundle") from exc
 
 
-def _verified(bundle: Path) -> BundleManifest:
+def bundle_id(bundle: Path) -> str:
+    """First 12 hex digits of the sha256 of manifest.json: names one bundle's content."""
+    try:
+        return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:12]
+    except OSError:
+        return ""
+
+
+def _default_keyring(root: Path) -> Path:
+    from edgerunner.device.sign import default_keyring
+
+    return default_keyring(root)
+
+
+def _verified(bundle: Path, keyring: Path | None = None,
+              shown: Path | None = None) -> BundleManifest:
     # Verify the copy that will actually run, not the source: it also catches copy errors.
     from edgerunner.bundle.store import verify_bundle
+    from edgerunner.device.sign import check_signature
 
     report = verify_bundle(bundle)
     try:
         report.raise_for_problems()
+        if keyring is not None:
+            check_signature(bundle, keyring, shown)
     except BundleError as exc:
         raise InstallError(f"refusing to install: {exc.message}",
                            hint=exc.hint or "re-pack or copy the bundle again") from exc
@@ -282,13 +310,50 @@ def _place(
             _mkdir(previous.parent)
             if previous.exists():
                 shutil.rmtree(previous)
-            os.rename(current, previous)
-        os.rename(staged, current)
+            # One atomic step puts the new bundle in place: at no moment is there none.
+            exchange(staged, current)
+            os.rename(staged, previous)
+        else:
+            os.rename(staged, current)
     except OSError as exc:
         raise InstallError(f"could not move {name} into {bundles}: {exc.strerror or exc}",
                            hint="check permissions; the previous bundle is in "
                            f"{previous}") from exc
     return report, rotated
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                     ctypes.c_uint]
+    func.restype = ctypes.c_int
+    result: Callable[..., int] = func
+    return result
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two directories atomically (renameat2 RENAME_EXCHANGE); three renames where the
+    filesystem cannot (then a crash between them leaves a `.<name>.swap` to recover from)."""
+    func = _renameat2()
+    if func is not None:
+        if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(a))
+    parked = b.with_name(f".{b.name}.swap")
+    shutil.rmtree(parked, ignore_errors=True)
+    os.rename(b, parked)
+    os.rename(a, b)
+    os.rename(parked, a)
 
 
 def _same_bundle(a: Path, b: Path) -> bool:

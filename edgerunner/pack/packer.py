@@ -29,6 +29,7 @@ from edgerunner.pack.default_model import DEFAULT_MODEL_SHA256, ensure_default_m
 from edgerunner.pack.gguf_info import ModelInfo, read_model_info
 from edgerunner.pack.planner import PlanOptions, PlanResult, make_plan
 from edgerunner.pack.quantize import Progress, check_architecture, quantize
+from edgerunner.pack.smoke import default_smoke
 from edgerunner.profiles import DeviceProfile
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def _pack(
             plan=plan.runtime,
             prediction=plan.prediction,
             files={MODEL_FILE: model_entry},
+            smoke=default_smoke(plan.prediction),
         )
         _render_side_files(stage, manifest)
         if archive:
