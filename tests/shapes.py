@@ -507,3 +507,28 @@ def serve_and_measure(model: Path, plan: Any, prompt_tokens: int, max_tokens: in
             buffers[name] = sum(float(x) for x in found)
     return Served(vmhwm_mb=got["VmHWM"], loaded_mb=got["loaded"], filled=got["filled"],
                   buffers=buffers, log=got["log"])
+
+
+def f16_from_default(default_model: Path) -> Path:
+    """The default model's weights dequantized to F16 by llama.cpp (a Q4_1 -> F16 requantize):
+    real weights, a reference for relative quality figures. Cached beside the shapes."""
+    import llama_cpp
+
+    from edgerunner.pack.default_model import DEFAULT_MODEL_SHA256
+    from edgerunner.pack.quant_rules import PRESETS
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = cache / "edgerunner" / "shapes"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"SmolLM2-135M-Instruct-{DEFAULT_MODEL_SHA256[:12]}-f16.gguf"
+    if not target.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = PRESETS["F16"]
+        params.allow_requantize = True
+        params.nthread = 2
+        tmp = target.with_suffix(f".{os.getpid()}.partial")
+        if llama_cpp.llama_model_quantize(str(default_model).encode(), str(tmp).encode(),
+                                          params) != 0:
+            raise RuntimeError("llama.cpp could not dequantize the default model to F16")
+        tmp.replace(target)
+    return target

@@ -42,22 +42,27 @@ def plan_flags(func: Any) -> Any:
 
 
 @contextmanager
-def _progress_bar(enabled: bool) -> Iterator[ProgressCallback | None]:
+def progress_bar(enabled: bool) -> Iterator[tuple[ProgressCallback | None, Any]]:
+    """(tensor progress for quantizing, step progress for the imatrix and quality chunks)."""
     err = Console(stderr=True)
     if not enabled or not err.is_terminal:
-        yield None
+        yield None, None
         return
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("tensors"), TimeElapsedColumn(), console=err, transient=True,
+        TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=err, transient=True,
     ) as bar:
         # Until llama.cpp reports its first tensor, pack is reading the header and planning.
-        task = bar.add_task("reading and planning", total=None)
+        task = bar.add_task("reading and planning", total=None, unit="")
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description="quantizing")
+            bar.update(task, completed=done, total=total, description="quantizing",
+                       unit="tensors")
 
-        yield update
+        def step(what: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=what, unit="chunks")
+
+        yield update, step
 
 
 @click.command("pack")
@@ -67,19 +72,38 @@ def _progress_bar(enabled: bool) -> Iterator[ProgressCallback | None]:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=".",
               show_default=True, help="Directory the bundle is written into.")
 @click.option("--archive", is_flag=True, help="Write <bundle>.tar instead of a directory.")
+@click.option("--imatrix", "imatrix_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Quantize with this importance matrix (llama.cpp's .gguf imatrix format).")
+@click.option("--no-imatrix", is_flag=True,
+              help="Never compute an importance matrix (default: for presets below Q4_K).")
+@click.option("--quality-chunks", type=click.IntRange(min=0), default=None,
+              help="512-token calibration chunks to measure quality on (0: do not measure; "
+              "default 8).")
 @plan_flags
 @json_option
 def pack_cmd(
     model: Path | None, profile_ref: str, output: Path, archive: bool, as_json: bool,
+    imatrix_file: Path | None, no_imatrix: bool, quality_chunks: int | None,
     **plan_values: Any,
 ) -> None:
-    """Plan, quantize and write a verified bundle for a device (MODEL defaults to SmolLM2-135M)."""
-    from edgerunner.pack.packer import pack
+    """Plan, quantize and write a verified bundle for a device (MODEL defaults to SmolLM2-135M).
 
+    From an F16/BF16/F32 source the packed model is measured against it on a shipped
+    calibration text (KL divergence, top-1 agreement, perplexity ratio); presets below Q4_K
+    are quantized with an importance matrix computed on the same text."""
+    from edgerunner.pack.packer import pack
+    from edgerunner.pack.quality import DEFAULT_CHUNKS
+
+    if imatrix_file is not None and no_imatrix:
+        raise click.UsageError("--imatrix and --no-imatrix exclude each other")
     profile = resolve_profile(profile_ref)
     options = plan_options(**plan_values)
-    with _progress_bar(not as_json) as progress:
-        result = pack(model, profile, output, options, archive=archive, progress=progress)
+    imatrix: Path | bool | None = imatrix_file if imatrix_file is not None else (
+        False if no_imatrix else None)
+    chunks = DEFAULT_CHUNKS if quality_chunks is None else quality_chunks
+    with progress_bar(not as_json) as (progress, step):
+        result = pack(model, profile, output, options, archive=archive, progress=progress,
+                      quality_chunks=chunks, imatrix=imatrix, step_progress=step)
     if as_json:
         print_json({
             "path": str(result.path),
@@ -90,6 +114,8 @@ def pack_cmd(
             "predicted_size": result.predicted_size,
             "warnings": result.warnings,
             "timings": {k: round(v, 3) for k, v in result.timings.items()},
+            "quality": result.manifest.quality,
+            "imatrix": result.manifest.imatrix,
             "manifest": result.manifest,
         })
         return
@@ -116,4 +142,25 @@ def pack_cmd(
         f"model.gguf {result.actual_size / 2**20:.1f} MiB, predicted "
         f"{result.predicted_size / 2**20:.1f} MiB{error}"
     )
+    out.print(quality_line(result.manifest.quality, result.manifest.imatrix))
     out.print(f"wrote {result.path}  ({result.timings['total']:.1f} s)")
+
+
+def quality_line(quality: Any, imatrix: Any) -> str:
+    """One line on the measured quality and the imatrix (shared with inspect and verify)."""
+    if imatrix is None or imatrix.used == "none":
+        im = "no imatrix" + (f" ({imatrix.reason})" if imatrix is not None and imatrix.reason
+                             else "")
+    elif imatrix.used == "file":
+        im = f"imatrix from {imatrix.path} ({imatrix.entries} matrices)"
+    else:
+        im = (f"imatrix computed on the calibration text ({imatrix.entries} matrices, "
+              f"{imatrix.n_chunks} chunks, {imatrix.seconds:.1f} s)")
+    if quality is None:
+        return f"quality: not recorded (packed before edgerunner measured it); {im}"
+    if not quality.measured:
+        return f"quality: not measured: {quality.reason}; {im}"
+    return (f"quality vs source: mean KLD {quality.mean_kld:.5f}, top-1 agreement "
+            f"{100 * quality.top1_agreement:.1f}%, perplexity ratio {quality.ppl_ratio:.4f} "
+            f"({quality.ppl:.2f} vs {quality.ppl_source:.2f}), {quality.n_chunks} chunks × "
+            f"{quality.chunk_tokens} tokens of {quality.text} in {quality.seconds:.1f} s; {im}")
