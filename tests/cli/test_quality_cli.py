@@ -42,12 +42,13 @@ def test_inspect_and_verify_show_the_measured_quality(q2k_pack: dict) -> None:
     bundle = q2k_pack["path"]
     shown = run("inspect", bundle)
     assert shown.exit_code == 0, shown.output
-    assert "quality vs source: mean KLD" in shown.output and "imatrix computed" in shown.output
+    flat = "".join(shown.output.split())  # the table folds long rows
+    assert "qualityvssource:meanKLD" in flat and "imatrixcomputed" in flat
     as_json = json.loads(run("inspect", bundle, "--json").stdout)
     assert as_json["quality"]["mean_kld"] == q2k_pack["quality"]["mean_kld"]
     verified = run("verify", bundle)
     assert verified.exit_code == 0, verified.output
-    assert "top-1 agreement" in verified.output
+    assert "top-1agreement" in "".join(verified.output.split())
     report = json.loads(run("verify", bundle, "--json").stdout)
     assert report["ok"] and report["quality"]["mean_kld"] == q2k_pack["quality"]["mean_kld"]
 
@@ -61,7 +62,7 @@ def test_imatrix_and_no_imatrix_exclude_each_other(default_f16: Path, tmp_path: 
 
 def test_plan_measure_ranks_the_short_list_by_what_it_measured(default_f16: Path) -> None:
     result = run("plan", str(default_f16), "--profile", "rpi5", "--measure",
-                 "--quality-chunks", "1", "--max-ctx", "1024", "--json")
+                 "--quality-chunks", "1", "--min-ctx", "512", "--max-ctx", "1024", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     measured = data["measured"]
