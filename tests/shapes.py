@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
+from json import dumps as json_dumps
+from json import loads as json_loads
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +240,295 @@ def cached_info(
     partial.write_text(info.model_dump_json())
     partial.replace(saved)
     return info
+
+
+# --- the shape matrix: small-layer models with real (random) weights, served for real --------
+
+
+@dataclass(frozen=True)
+class MatrixShape:
+    """A decoder small enough to serve in a test, with the vocabulary and attention geometry
+    of a real one: what scales with the vocabulary (embeddings, output, logits, tokenizer) is
+    real size, the layers are few and narrow."""
+
+    name: str
+    arch: str  # "llama" or "gemma3" (sliding-window layers, period 6)
+    n_vocab: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_layer: int
+    tied: bool
+    vocab: str  # "bpe": the default model's tokenizer padded; "spm": a generated SentencePiece
+    quant: str  # the preset the matrix packs it to
+    sliding_window: int = 0
+
+    @property
+    def gqa(self) -> int:
+        return self.n_head // self.n_head_kv
+
+
+# Vocabularies 32k/128k/262k, tied and untied output, GQA 1/4/8, head sizes 64/128/256, one
+# sliding-window model (Gemma 3 270M's geometry: 640-wide, 4 heads over 1 KV head of 256,
+# 262144 tokens, tied). The presets exercise x86's repack rules (Q4_0, Q4_K) and ARM's (Q8_0,
+# Q6_K, the tied output copy).
+MATRIX = [
+    MatrixShape("v32k-untied-gqa1-h64", "llama", 32000, 256, 4, 4, 64, 512, 2, tied=False,
+                vocab="spm", quant="Q4_0"),
+    MatrixShape("v128k-tied-gqa4-h128", "llama", 128256, 512, 8, 2, 128, 1024, 2, tied=True,
+                vocab="bpe", quant="Q8_0"),
+    MatrixShape("v128k-untied-gqa8-h64", "llama", 128256, 256, 8, 1, 64, 768, 2, tied=False,
+                vocab="bpe", quant="Q4_K_M"),
+    MatrixShape("v262k-tied-swa-gqa4-h256", "gemma3", 262144, 640, 4, 1, 256, 2048, 6,
+                tied=True, vocab="spm", quant="Q4_K_M", sliding_window=512),
+]
+_MATRIX_LAYOUT_VERSION = 1
+
+
+def spm_tokenizer(n_vocab: int) -> Tokenizer:
+    """A generated SentencePiece vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then
+    letter strings with and without the word-start mark, scored by rank."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [int(gguf.TokenType.UNKNOWN)] + [int(gguf.TokenType.CONTROL)] * 2
+    types += [int(gguf.TokenType.BYTE)] * 256
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    i = 0
+    while len(tokens) < n_vocab:
+        word, k = "", i
+        while True:
+            word = letters[k % 26] + word
+            k = k // 26 - 1
+            if k < 0:
+                break
+        for piece in ("\u2581" + word, word):
+            if len(tokens) < n_vocab:
+                tokens.append(piece)
+                types.append(int(gguf.TokenType.NORMAL))
+        i += 1
+    return Tokenizer(model="llama", pre="default", tokens=tokens, token_types=types, merges=[],
+                     bos=1, eos=2, chat_template=None)
+
+
+def matrix_tensors(shape: MatrixShape) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Tensor name -> (shape in ggml order, type) for a matrix shape."""
+    q, kv = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
+    out: dict[str, tuple[tuple[int, ...], Any]] = {
+        "token_embd.weight": ((shape.n_embd, shape.n_vocab), F16),
+        "output_norm.weight": ((shape.n_embd,), F32),
+    }
+    if not shape.tied:
+        out["output.weight"] = ((shape.n_embd, shape.n_vocab), F16)
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        out[b + "attn_norm.weight"] = ((shape.n_embd,), F32)
+        out[b + "attn_q.weight"] = ((shape.n_embd, q), F16)
+        out[b + "attn_k.weight"] = ((shape.n_embd, kv), F16)
+        out[b + "attn_v.weight"] = ((shape.n_embd, kv), F16)
+        out[b + "attn_output.weight"] = ((q, shape.n_embd), F16)
+        out[b + "ffn_norm.weight"] = ((shape.n_embd,), F32)
+        out[b + "ffn_gate.weight"] = ((shape.n_embd, shape.n_ff), F16)
+        out[b + "ffn_up.weight"] = ((shape.n_embd, shape.n_ff), F16)
+        out[b + "ffn_down.weight"] = ((shape.n_ff, shape.n_embd), F16)
+        if shape.arch == "gemma3":
+            out[b + "attn_q_norm.weight"] = ((shape.head_dim,), F32)
+            out[b + "attn_k_norm.weight"] = ((shape.head_dim,), F32)
+            out[b + "post_attention_norm.weight"] = ((shape.n_embd,), F32)
+            out[b + "post_ffw_norm.weight"] = ((shape.n_embd,), F32)
+    return out
+
+
+def write_matrix_source(shape: MatrixShape, tokenizer: Tokenizer, path: Path) -> None:
+    """An F16 GGUF of this shape with random weights (norms 1), loadable and servable."""
+    if len(tokenizer.tokens) > shape.n_vocab:
+        raise ValueError(f"{shape.name}'s vocabulary is smaller than the tokenizer's")
+    pad = shape.n_vocab - len(tokenizer.tokens)
+    tokens = tokenizer.tokens + [f"<|unused_{i}|>" for i in range(pad)]
+    types = tokenizer.token_types + [int(gguf.TokenType.UNUSED)] * pad
+    rng = np.random.default_rng(zlib.crc32(shape.name.encode()))
+    tmp = path.with_suffix(f".{os.getpid()}.partial")
+    w = gguf.GGUFWriter(tmp, shape.arch)
+    w.add_name(shape.name)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(shape.n_layer)
+    w.add_context_length(32768)
+    w.add_embedding_length(shape.n_embd)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_key_length(shape.head_dim)
+    w.add_value_length(shape.head_dim)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(shape.n_vocab)
+    if shape.sliding_window:
+        w.add_sliding_window(shape.sliding_window)
+    w.add_tokenizer_model(tokenizer.model)
+    if tokenizer.pre:
+        w.add_tokenizer_pre(tokenizer.pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if tokenizer.model == "llama":
+        w.add_token_scores([-float(i) for i in range(len(tokens))])
+    if tokenizer.merges:
+        w.add_token_merges(tokenizer.merges)
+    if tokenizer.bos is not None:
+        w.add_bos_token_id(tokenizer.bos)
+    if tokenizer.eos is not None:
+        w.add_eos_token_id(tokenizer.eos)
+    for name, (dims, ttype) in matrix_tensors(shape).items():
+        rows = tuple(reversed(dims))  # numpy order
+        if ttype == F32:
+            w.add_tensor(name, np.ones(rows, dtype=np.float32))
+        else:
+            data = rng.standard_normal(rows, dtype=np.float32) * np.float32(0.02)
+            w.add_tensor(name, data.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+
+
+def matrix_source(shape: MatrixShape, tokenizer_from: Path, cache_dir: Path | None = None) -> Path:
+    """The shape's F16 source, generated on first use and kept in the shapes cache."""
+    identity = (asdict(shape), tokenizer_from.name, tokenizer_from.stat().st_size,
+                _MATRIX_LAYOUT_VERSION, version("gguf"))
+    key = hashlib.sha256(repr(identity).encode()).hexdigest()[:12]
+    directory = cache_dir or _cache_dir()
+    path = directory / f"matrix-{shape.name}-f16-{key}.gguf"
+    if not path.exists():
+        tokenizer = (spm_tokenizer(shape.n_vocab) if shape.vocab == "spm"
+                     else read_tokenizer(tokenizer_from))
+        write_matrix_source(shape, tokenizer, path)
+    return path
+
+
+def matrix_model(shape: MatrixShape, tokenizer_from: Path, cache_dir: Path | None = None) -> Path:
+    """The shape quantized to its preset by llama.cpp's quantizer (cached next to the source)."""
+    import llama_cpp
+
+    from edgerunner.pack.quant_rules import PRESETS
+
+    source = matrix_source(shape, tokenizer_from, cache_dir)
+    target = source.with_name(source.stem.replace("-f16-", f"-{shape.quant.lower()}-") + ".gguf")
+    if not target.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = PRESETS[shape.quant]
+        params.nthread = 2
+        tmp = target.with_suffix(f".{os.getpid()}.partial")
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {source} to {shape.quant}")
+        tmp.replace(target)
+    return target
+
+
+def _cache_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = cache / "edgerunner" / "shapes"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+# What a serving process holds, measured in a fresh interpreter: the daemon's imports, the
+# Engine loading the model as the plan says (llama.cpp's log captured), one request filling
+# the context, VmHWM read at the end.
+_SERVE_CHILD = r"""
+import dataclasses, json, sys
+args = json.loads(sys.argv[1])
+import edgerunner.runtime.supervise.daemon  # everything the daemon imports
+from edgerunner.bundle.manifest import RuntimePlan
+from edgerunner.pack.llama_log import capture_llama_log
+from edgerunner.runtime.engine.core import Engine
+from edgerunner.runtime.protocol import CompletionRequest
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+engine = Engine(args["model"], RuntimePlan.model_validate(args["plan"]), name="matrix",
+                n_threads=args["threads"])
+with capture_llama_log() as lines:
+    engine.load()
+loaded = status("VmRSS")
+prepared = engine.prepare(CompletionRequest(prompt="a", max_tokens=args["max_tokens"],
+                                            temperature=0.0), args["max_tokens"])
+first = args["first_token"]
+tokens = [first + i % 1000 for i in range(args["prompt_tokens"])]
+prepared = dataclasses.replace(prepared, prompt_tokens=tokens)
+outcome = engine.run(prepared, None, lambda: False)
+print(json.dumps({"log": "".join(lines), "loaded": loaded, "VmHWM": status("VmHWM"),
+                  "VmRSS": status("VmRSS"), "filled": outcome.prompt_tokens +
+                  outcome.completion_tokens}))
+"""
+
+_BUFFER_LINES = {
+    "CPU": r"\bCPU model buffer size =\s+([\d.]+) MiB",
+    "CPU_Mapped": r"CPU_Mapped model buffer size =\s+([\d.]+) MiB",
+    "CPU_REPACK": r"CPU_REPACK model buffer size =\s+([\d.]+) MiB",
+    "KV": r"llama_kv_cache: size =\s+([\d.]+) MiB",
+    "compute": r"CPU compute buffer size =\s+([\d.]+) MiB",
+    "output": r"CPU\s+output buffer size =\s+([\d.]+) MiB",
+}
+
+
+@dataclass
+class Served:
+    """What one served request cost: VmHWM and llama.cpp's buffers as it logged them (MiB)."""
+
+    vmhwm_mb: float
+    loaded_mb: float
+    filled: int
+    buffers: dict[str, float]
+    log: str
+
+
+def serve_and_measure(model: Path, plan: Any, prompt_tokens: int, max_tokens: int = 4,
+                      threads: int = 2, first_token: int = 300) -> Served:
+    """Serve one request of `prompt_tokens` + `max_tokens` in a fresh process, as the daemon
+    would; its peak RSS and llama.cpp's buffer sizes."""
+    import re
+    import subprocess
+    import sys
+
+    args = {"model": str(model), "plan": plan.model_dump(), "threads": threads,
+            "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "first_token": first_token}
+    done = subprocess.run([sys.executable, "-c", _SERVE_CHILD, json_dumps(args)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"serving {model} failed: {done.stderr[-2000:]}")
+    got = json_loads(done.stdout.strip().splitlines()[-1])
+    buffers: dict[str, float] = {}
+    for name, pattern in _BUFFER_LINES.items():
+        found = re.findall(pattern, got["log"])
+        if found:
+            buffers[name] = sum(float(x) for x in found)
+    return Served(vmhwm_mb=got["VmHWM"], loaded_mb=got["loaded"], filled=got["filled"],
+                  buffers=buffers, log=got["log"])
+
+
+def f16_from_default(default_model: Path) -> Path:
+    """The default model's weights dequantized to F16 by llama.cpp (a Q4_1 -> F16 requantize):
+    real weights, a reference for relative quality figures. Cached beside the shapes."""
+    import llama_cpp
+
+    from edgerunner.pack.default_model import DEFAULT_MODEL_SHA256
+    from edgerunner.pack.quant_rules import PRESETS
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = cache / "edgerunner" / "shapes"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"SmolLM2-135M-Instruct-{DEFAULT_MODEL_SHA256[:12]}-f16.gguf"
+    if not target.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = PRESETS["F16"]
+        params.allow_requantize = True
+        params.nthread = 2
+        tmp = target.with_suffix(f".{os.getpid()}.partial")
+        if llama_cpp.llama_model_quantize(str(default_model).encode(), str(tmp).encode(),
+                                          params) != 0:
+            raise RuntimeError("llama.cpp could not dequantize the default model to F16")
+        tmp.replace(target)
+    return target

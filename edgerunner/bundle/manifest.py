@@ -73,6 +73,39 @@ class Prediction(_Model):
     file_size: int = Field(0, ge=0, description="Predicted model.gguf size in bytes")
 
 
+class QualityReport(_Model):
+    """The packed model measured against its source on the calibration text (pack.quality)."""
+
+    measured: bool = Field(False, description="False: not measured (see reason)")
+    reason: str = Field("", description="Why it was not measured")
+    mean_kld: float = Field(0.0, ge=0, description="Mean KL divergence vs the source, nats")
+    top1_agreement: float = Field(0.0, ge=0, le=1, description="Share of positions where both "
+                                  "models' most likely next token agree")
+    ppl_ratio: float = Field(0.0, ge=0, description="Perplexity of the packed model over the "
+                             "source's on the calibration text")
+    ppl: float = Field(0.0, ge=0, description="Perplexity of the packed model")
+    ppl_source: float = Field(0.0, ge=0, description="Perplexity of the source")
+    n_chunks: int = Field(0, ge=0, description="Chunks evaluated")
+    chunk_tokens: int = Field(0, ge=0, description="Tokens per chunk (its second half scored)")
+    n_scored: int = Field(0, ge=0, description="Token positions scored")
+    text: str = Field("", description="Calibration text file")
+    text_sha256: str = Field("", description="sha256 of the calibration text")
+    seconds: float = Field(0.0, ge=0, description="Time the measurement took")
+
+
+class ImatrixRecord(_Model):
+    """Whether llama.cpp's quantizer was given an importance matrix, and which."""
+
+    used: Literal["none", "computed", "file"] = Field(
+        "none", description="computed from the calibration text, a user's file, or none")
+    reason: str = Field("", description="Why none was used")
+    path: str = Field("", description="The user's imatrix file (used=file)")
+    sha256: str = Field("", description="sha256 of the user's file, or of the calibration text")
+    entries: int = Field(0, ge=0, description="Weight matrices it covers")
+    n_chunks: int = Field(0, ge=0, description="Calibration chunks it was computed over")
+    seconds: float = Field(0.0, ge=0, description="Time computing it took")
+
+
 class SourceModel(_Model):
     name: str = Field(..., description="Model name from the GGUF header")
     path: str = Field("", description="Where it was packed from")
@@ -117,3 +150,5 @@ class BundleManifest(_Model):
     files: dict[str, FileEntry] = Field(default_factory=dict)
     smoke: list[SmokePrompt] = Field(default_factory=list,
                                      description="Prompts that prove an installed bundle answers")
+    quality: QualityReport | None = Field(None, description="Measured against the source")
+    imatrix: ImatrixRecord | None = Field(None, description="Importance matrix used, if any")

@@ -50,9 +50,21 @@ def _human(n: float) -> str:
 @click.argument("model", type=click.Path(path_type=Path))
 @json_option
 def inspect_cmd(model: Path, as_json: bool) -> None:
-    """Show a GGUF model's architecture, shapes, tensor types and chat template."""
+    """Show a GGUF model's architecture, shapes, tensor types and chat template.
+
+    MODEL may be a bundle directory: its model.gguf, and the quality pack measured."""
+    manifest = None
+    if model.is_dir() and (model / "manifest.json").is_file():
+        from edgerunner.bundle.manifest import BundleManifest
+        from edgerunner.bundle.store import MODEL_FILE
+
+        manifest = BundleManifest.model_validate_json((model / "manifest.json").read_text())
+        model = model / MODEL_FILE
     info = read_model_info(model)
     data = model_summary(info)
+    if manifest is not None:
+        data["quality"] = manifest.quality.model_dump() if manifest.quality else None
+        data["imatrix"] = manifest.imatrix.model_dump() if manifest.imatrix else None
     if as_json:
         print_json(data)
         return
@@ -79,6 +91,10 @@ def inspect_cmd(model: Path, as_json: bool) -> None:
         ("tensors", ", ".join(f"{k} {v}" for k, v in data["tensor_types"].items())),
         ("chat template", "yes" if data["chat_template"] else "no"),
     ]
+    if manifest is not None:
+        from edgerunner.cli.pack import quality_line
+
+        rows.append(("quality", quality_line(manifest.quality, manifest.imatrix)))
     for key, value in rows:
         table.add_row(key, value)
     console().print(table)

@@ -42,22 +42,27 @@ def plan_flags(func: Any) -> Any:
 
 
 @contextmanager
-def _progress_bar(enabled: bool) -> Iterator[ProgressCallback | None]:
+def progress_bar(enabled: bool) -> Iterator[tuple[ProgressCallback | None, Any]]:
+    """(tensor progress for quantizing, step progress for the imatrix and quality chunks)."""
     err = Console(stderr=True)
     if not enabled or not err.is_terminal:
-        yield None
+        yield None, None
         return
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("tensors"), TimeElapsedColumn(), console=err, transient=True,
+        TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=err, transient=True,
     ) as bar:
         # Until llama.cpp reports its first tensor, pack is reading the header and planning.
-        task = bar.add_task("reading and planning", total=None)
+        task = bar.add_task("reading and planning", total=None, unit="")
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description="quantizing")
+            bar.update(task, completed=done, total=total, description="quantizing",
+                       unit="tensors")
 
-        yield update
+        def step(what: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=what, unit="chunks")
+
+        yield update, step
 
 
 @click.command("pack")
@@ -73,15 +78,31 @@ def _progress_bar(enabled: bool) -> Iterator[ProgressCallback | None]:
               help="Also write <bundle>.mender, a Mender module-image artifact for DEVICE_TYPE.")
 @click.option("--mender-key", type=click.Path(dir_okay=False, path_type=Path),
               help="Sign the .mender artifact with this key (`edgerunner keygen --mender`).")
+@click.option("--imatrix", "imatrix_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Quantize with this importance matrix (llama.cpp's .gguf imatrix format).")
+@click.option("--no-imatrix", is_flag=True,
+              help="Never compute an importance matrix (default: for presets below Q4_K).")
+@click.option("--quality-chunks", type=click.IntRange(min=0), default=None,
+              help="512-token calibration chunks to measure quality on (0: do not measure; "
+              "default 8).")
 @plan_flags
 @json_option
 def pack_cmd(
     model: Path | None, profile_ref: str, output: Path, archive: bool, sign_key: Path | None,
-    mender_type: str | None, mender_key: Path | None, as_json: bool, **plan_values: Any,
+    mender_type: str | None, mender_key: Path | None, as_json: bool,
+    imatrix_file: Path | None, no_imatrix: bool, quality_chunks: int | None,
+    **plan_values: Any,
 ) -> None:
-    """Plan, quantize and write a verified bundle for a device (MODEL defaults to SmolLM2-135M)."""
-    from edgerunner.pack.packer import pack
+    """Plan, quantize and write a verified bundle for a device (MODEL defaults to SmolLM2-135M).
 
+    From an F16/BF16/F32 source the packed model is measured against it on a shipped
+    calibration text (KL divergence, top-1 agreement, perplexity ratio); presets below Q4_K
+    are quantized with an importance matrix computed on the same text."""
+    from edgerunner.pack.packer import pack
+    from edgerunner.pack.quality import DEFAULT_CHUNKS
+
+    if imatrix_file is not None and no_imatrix:
+        raise click.UsageError("--imatrix and --no-imatrix exclude each other")
     if mender_key is not None and mender_type is None:
         raise click.UsageError("--mender-key signs the artifact --mender DEVICE_TYPE writes")
     if sign_key is not None:
@@ -90,6 +111,9 @@ def pack_cmd(
         load_private_key(sign_key)  # a bad key fails before minutes of quantizing
     profile = resolve_profile(profile_ref)
     options = plan_options(**plan_values)
+    imatrix: Path | bool | None = imatrix_file if imatrix_file is not None else (
+        False if no_imatrix else None)
+    chunks = DEFAULT_CHUNKS if quality_chunks is None else quality_chunks
     release = None
     finishing = sign_key is not None or mender_type is not None
     scratch = None
@@ -98,9 +122,10 @@ def pack_cmd(
 
         scratch = staging_dir(output)
     try:
-        with _progress_bar(not as_json) as progress:
+        with progress_bar(not as_json) as (progress, step):
             result = pack(model, profile, scratch or output, options,
-                          archive=archive and not finishing, progress=progress)
+                          archive=archive and not finishing, progress=progress,
+                          quality_chunks=chunks, imatrix=imatrix, step_progress=step)
         if finishing:
             from edgerunner.device.release import finish
 
@@ -123,6 +148,8 @@ def pack_cmd(
             "predicted_size": result.predicted_size,
             "warnings": result.warnings,
             "timings": {k: round(v, 3) for k, v in result.timings.items()},
+            "quality": result.manifest.quality,
+            "imatrix": result.manifest.imatrix,
             "manifest": result.manifest,
             "signed_by": release.key_id if release else None,
             "mender_artifact": str(release.mender) if release and release.mender else None,
@@ -151,9 +178,30 @@ def pack_cmd(
         f"model.gguf {result.actual_size / 2**20:.1f} MiB, predicted "
         f"{result.predicted_size / 2**20:.1f} MiB{error}"
     )
+    out.print(quality_line(result.manifest.quality, result.manifest.imatrix))
     out.print(f"wrote {result.path}  ({result.timings['total']:.1f} s)")
     if release is not None and release.key_id:
         out.print(f"signed with key {release.key_id} (manifest.sig in {release.path})")
     if release is not None and release.mender is not None:
         out.print(f"wrote {release.mender} (Mender artifact for {mender_type}"
                   f"{', signed' if mender_key else ', UNSIGNED: pass --mender-key'})")
+
+
+def quality_line(quality: Any, imatrix: Any) -> str:
+    """One line on the measured quality and the imatrix (shared with inspect and verify)."""
+    if imatrix is None or imatrix.used == "none":
+        im = "no imatrix" + (f" ({imatrix.reason})" if imatrix is not None and imatrix.reason
+                             else "")
+    elif imatrix.used == "file":
+        im = f"imatrix from {imatrix.path} ({imatrix.entries} matrices)"
+    else:
+        im = (f"imatrix computed on the calibration text ({imatrix.entries} matrices, "
+              f"{imatrix.n_chunks} chunks, {imatrix.seconds:.1f} s)")
+    if quality is None:
+        return f"quality: not recorded (packed before edgerunner measured it); {im}"
+    if not quality.measured:
+        return f"quality: not measured: {quality.reason}; {im}"
+    return (f"quality vs source: mean KLD {quality.mean_kld:.5f}, top-1 agreement "
+            f"{100 * quality.top1_agreement:.1f}%, perplexity ratio {quality.ppl_ratio:.4f} "
+            f"({quality.ppl:.2f} vs {quality.ppl_source:.2f}), {quality.n_chunks} chunks × "
+            f"{quality.chunk_tokens} tokens of {quality.text} in {quality.seconds:.1f} s; {im}")

@@ -40,7 +40,8 @@ def render_plan(result: PlanResult) -> None:
         # candidates are compared as one stream; the choice is shown as it will serve
         streams = f"{r.n_parallel}×{p.stream_tps:.1f}={p.aggregate_tps:.1f}" if chosen else "1"
         table.add_row(
-            c.quant, f"{c.kl_divergence:.4f}", kv, str(c.n_ctx), f"{m.total_mb:.0f}",
+            c.quant, f"{c.kl_divergence:.4f}" + (" (measured)" if c.kld_measured else ""), kv,
+            str(c.n_ctx), f"{m.total_mb:.0f}",
             f"{m.weights_mb:.0f}+{m.kv_mb:.0f}+{m.compute_mb:.0f}+"
             f"{m.logits_mb + m.overhead_mb:.0f}",
             f"{c.decode_tps:.1f}", streams,
@@ -67,17 +68,37 @@ def render_plan(result: PlanResult) -> None:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--profile", "profile_ref", required=True,
               help="Device profile: name, alias or path to a .toml file.")
+@click.option("--measure", is_flag=True,
+              help="Quantize the chosen preset and its neighbours and measure their quality "
+              "against the source (F16/BF16/F32) instead of trusting llama.cpp's table.")
+@click.option("--quality-chunks", type=click.IntRange(min=1), default=None,
+              help="512-token calibration chunks --measure evaluates (default 8).")
 @plan_flags
 @json_option
-def plan_cmd(model: str | None, profile_ref: str, as_json: bool, **flags: Any) -> None:
+def plan_cmd(model: str | None, profile_ref: str, as_json: bool, measure: bool,
+             quality_chunks: int | None, **flags: Any) -> None:
     """Show every candidate (quant, KV cache, context) for MODEL on a device, and the choice.
 
     MODEL defaults to SmolLM2-135M-Instruct, fetched and cached on first use.
     """
     profile = resolve_profile(profile_ref)
-    info = read_model_info(_model_path(model))
-    result = make_plan(info, profile, plan_options(**flags))
+    path = _model_path(model)
+    info = read_model_info(path)
+    if not measure:
+        result = make_plan(info, profile, plan_options(**flags))
+        print_json(result) if as_json else render_plan(result)
+        return
+    from edgerunner.cli.pack import progress_bar
+    from edgerunner.pack.quality import DEFAULT_CHUNKS, measured_plan
+
+    with progress_bar(not as_json) as (_, step):
+        result, reports = measured_plan(path, info, profile, plan_options(**flags),
+                                        n_chunks=quality_chunks or DEFAULT_CHUNKS, progress=step)
     if as_json:
-        print_json(result)
-    else:
-        render_plan(result)
+        print_json({"plan": result, "measured": reports})
+        return
+    render_plan(result)
+    from edgerunner.cli.pack import quality_line
+
+    for quant, report in reports.items():
+        console().print(f"  {quant}: {quality_line(report, None).split('; ')[0]}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -43,18 +43,25 @@ def verify_cmd(bundle: Path, here: bool, keyring: Path | None, as_json: bool) ->
             if here and report.ok:
                 _check_decode_here(unpacked, report)
             report.bundle = str(bundle)
+            quality = _quality(unpacked)
     else:
         report = verify_bundle(bundle, here=here)
         _check_signature(bundle, keyring, report)
         if here and report.ok:
             _check_decode_here(bundle, report)
+        quality = _quality(bundle)
     if as_json:
-        print_json({"ok": report.ok, "bundle": report.bundle, "checks": report.checks})
+        print_json({"ok": report.ok, "bundle": report.bundle, "checks": report.checks,
+                    "quality": quality[0], "imatrix": quality[1]})
     else:
         out = console()
         for check in report.checks:
             mark = "[green]ok[/]  " if check.ok else "[red]FAIL[/]"
             out.print(f"{mark} {check.name}: {check.detail}")
+        if quality != (None, None):
+            from edgerunner.cli.pack import quality_line
+
+            out.print(quality_line(*quality))
     if not report.ok:
         report.raise_for_problems()
     elif not as_json:
@@ -71,6 +78,17 @@ def _check_signature(path: Path, keyring: Path | None, report: VerifyReport) -> 
         report.add("signature", False, exc.message + (f"; {exc.hint}" if exc.hint else ""))
         return
     report.add("signature", True, found.detail)
+
+
+def _quality(path: Path) -> tuple[Any, Any]:
+    """(quality, imatrix) the manifest records; (None, None) if it cannot be read."""
+    from edgerunner.bundle.manifest import BundleManifest
+
+    try:
+        manifest = BundleManifest.model_validate_json((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    return manifest.quality, manifest.imatrix
 
 
 def _check_decode_here(path: Path, report: VerifyReport) -> None:

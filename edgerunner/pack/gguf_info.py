@@ -16,6 +16,8 @@ from edgerunner.errors import ModelError
 # Architectures whose sliding-window layers follow a fixed period when the GGUF carries no
 # explicit per-layer pattern (llama.cpp hard-codes these in llama-model.cpp): every n-th layer
 # is a full-attention layer, the rest use the window.
+# libstdc++ keeps strings of up to 15 bytes inside the std::string (small-string optimisation)
+_SSO_BYTES = 15
 _SWA_PERIOD = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2, "exaone4": 4}
 
 # Architectures llama.cpp cannot run as a text generator, or that need a different
@@ -56,6 +58,10 @@ class ModelInfo(BaseModel):
     sliding_window: int = Field(0, ge=0, description="Window of SWA layers (0 = none)")
     swa_layers: list[bool] = Field(default_factory=list, description="Per layer: uses the window")
     n_vocab: int = Field(..., ge=1, description="Vocabulary size")
+    n_merges: int = Field(0, ge=0, description="BPE merges (tokenizer.ggml.merges)")
+    n_long_tokens: int = Field(
+        0, ge=0, description="Token strings longer than 15 bytes (held on the heap, not inline)"
+    )
     n_ctx_train: int = Field(..., ge=1, description="Training context length")
     file_size: int = Field(0, ge=0, description="Bytes on disk")
     tensors: list[TensorInfo] = Field(default_factory=list, description="Every tensor")
@@ -179,6 +185,10 @@ def _info_from_header(
         heads = ("output.weight", "token_embd.weight")
         output = next((t for t in tensors if t.name in heads), None)
         n_vocab = output.shape[-1] if output else 1
+    merges = reader.fields.get("tokenizer.ggml.merges")
+    long_tokens = 0
+    if tokens is not None:
+        long_tokens = sum(1 for i in tokens.data if len(tokens.parts[i]) > _SSO_BYTES)
     file_type_id = _field(reader, "general.file_type")
     counts = Counter(t.type for t in tensors)
     return ModelInfo(
@@ -196,6 +206,8 @@ def _info_from_header(
         sliding_window=window,
         swa_layers=_swa_layers(arch, n_layer, window, key("attention.sliding_window_pattern")),
         n_vocab=int(n_vocab),
+        n_merges=len(merges.data) if merges is not None else 0,
+        n_long_tokens=long_tokens,
         n_ctx_train=int(key("context_length") or 2048),
         file_size=size,
         tensors=tensors,

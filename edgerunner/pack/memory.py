@@ -52,17 +52,26 @@ GGUF_ALIGNMENT = 32
 CTX_PAD = 256
 
 # Measured on x86_64, Python 3.11, llama-cpp-python 0.3.36, by `python tools/bench/bench_memory.py
-# --overhead` (a fresh process per measurement, VmRSS read from /proc/self/status):
-# - RSS of a process that has imported the daemon (edgerunner.runtime.supervise.daemon: llama_cpp,
-#   uvicorn, starlette, paho, pydantic, numpy) + llama_backend_init(): 61.5 MiB. The daemon is
-#   the process the prediction is for; bare `import llama_cpp` alone is ~41.5 MiB.
-# - anonymous memory a loaded model holds beyond its tensors (vocab tables, token-piece
-#   cache, merges, metadata) divided by n_vocab: 16.6 MiB / 49152 tokens ≈ 354 bytes/token.
-# - per-request slack (tokenizer lists, sampler, chat formatting) seen after one prompt
-#   beyond the modelled graph buffers: ~4 MiB.
-OVERHEAD_BASE_MB = 61.5
-OVERHEAD_PER_VOCAB_BYTES = 354
-OVERHEAD_REQUEST_MB = 4.0
+# --overhead` (fresh processes; VmRSS from /proc/self/status) and the shape matrix
+# (tests/pack/test_shape_matrix.py), whose vocabularies run from 32k to 262k tokens:
+# - what a serving process holds besides the model's buffers: the daemon's imports
+#   (edgerunner.runtime.supervise.daemon: llama_cpp, uvicorn, starlette, paho, pydantic, numpy),
+#   llama_backend_init, the Engine and its llama_context's host structures: 67 MiB, the same
+#   for every shape of the matrix once the vocabulary's part (below) is taken out.
+# - the vocabulary's host structures (llama-vocab.cpp): per token its id_to_token entry, its
+#   token_to_id hash node and its piece in cache_token_to_piece, ~155 bytes (a vocab-only load:
+#   4.6 MiB for 32000 tokens, 38.8 MiB for 262144); a token string longer than libstdc++'s 15
+#   inline bytes lives on the heap in each of its copies, +72 bytes; a BPE merge is a node of
+#   bpe_ranks (a std::map of two strings), ~196 bytes (SmolLM2's 48900 merges: 9.1 MiB).
+# - per request: the sampler's candidate array (n_vocab llama_token_data of 12 bytes, built
+#   for every sampled token) and the logits row it reads, ~20 bytes per token, plus ~1 MiB of
+#   tokenizer lists and bookkeeping.
+OVERHEAD_BASE_MB = 67.0
+VOCAB_TOKEN_BYTES = 155
+VOCAB_LONG_TOKEN_BYTES = 72
+VOCAB_MERGE_BYTES = 196
+OVERHEAD_REQUEST_MB = 1.0
+REQUEST_PER_VOCAB_BYTES = 20
 
 # Each stream of a batch samples with its own llama_sampler chain (runtime/engine/batch.py), which
 # keeps, once it has sampled, a token-data buffer of n_vocab × sizeof(llama_token_data) = 12
@@ -346,7 +355,8 @@ def graph_bytes(
     n_ff = info.n_ff or 4 * n_embd
     heads_kv = max(info.n_head_kv, default=0)
     mask_elem = 2 if flash_attn else f32
-    has_swa_mask = info.has_swa and n_kv_swa != n_kv
+    # an iSWA cache builds a second mask for its windowed layers, even at the same size
+    has_swa_mask = info.has_swa
     # Inputs: token ids, positions, KQ mask(s), cache row indices, output ids, the embeddings.
     inputs = t * 4 + t * 4 + n_kv * t * mask_elem + t * 8 + n_outputs * 4 + t * n_embd * f32
     if has_swa_mask:
@@ -429,12 +439,22 @@ def sampler_state_bytes(info: ModelInfo, n_parallel: int = 1) -> int:
     return max(0, n_parallel - 1) * per_stream
 
 
+def vocab_bytes(info: ModelInfo) -> int:
+    """The vocabulary's host structures in llama.cpp: tokens, their long strings, BPE merges."""
+    return (VOCAB_TOKEN_BYTES * info.n_vocab + VOCAB_LONG_TOKEN_BYTES * info.n_long_tokens
+            + VOCAB_MERGE_BYTES * info.n_merges)
+
+
+def request_bytes(info: ModelInfo) -> int:
+    """What serving one request adds beyond the graph: the sampler's candidates, bookkeeping."""
+    return int(OVERHEAD_REQUEST_MB * MIB) + REQUEST_PER_VOCAB_BYTES * info.n_vocab
+
+
 def overhead_bytes(info: ModelInfo, n_parallel: int = 1) -> int:
-    """Python + libraries + the vocabulary's host structures + per-request slack (measured),
-    and the sampler state of each extra parallel stream."""
-    mb = OVERHEAD_BASE_MB + OVERHEAD_REQUEST_MB
-    vocab = OVERHEAD_PER_VOCAB_BYTES * info.n_vocab
-    return int(mb * MIB) + vocab + sampler_state_bytes(info, n_parallel)
+    """Python + libraries + the Engine (measured), the vocabulary's host structures, one
+    request's sampling, and the sampler state of each extra parallel stream."""
+    return (int(OVERHEAD_BASE_MB * MIB) + vocab_bytes(info) + request_bytes(info)
+            + sampler_state_bytes(info, n_parallel))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from edgerunner import __version__
 from edgerunner._fs import sha256_file
-from edgerunner.bundle.manifest import SCHEMA_VERSION, BundleManifest, FileEntry, SourceModel
+from edgerunner.bundle.manifest import (
+    SCHEMA_VERSION,
+    BundleManifest,
+    FileEntry,
+    ImatrixRecord,
+    QualityReport,
+    SourceModel,
+)
 from edgerunner.bundle.store import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -27,7 +34,17 @@ from edgerunner.bundle.store import (
 from edgerunner.errors import BundleError
 from edgerunner.pack.default_model import DEFAULT_MODEL_SHA256, ensure_default_model
 from edgerunner.pack.gguf_info import ModelInfo, read_model_info
+from edgerunner.pack.imatrix import IMATRIX_CHUNKS, Imatrix
 from edgerunner.pack.planner import PlanOptions, PlanResult, make_plan
+from edgerunner.pack.quality import (
+    DEFAULT_CHUNKS,
+    StepProgress,
+    calibration_chunks,
+    calibration_sha256,
+    cannot_measure,
+    measure_quality,
+    unmeasured,
+)
 from edgerunner.pack.quantize import Progress, check_architecture, quantize
 from edgerunner.pack.smoke import default_smoke
 from edgerunner.profiles import DeviceProfile
@@ -82,8 +99,16 @@ def pack(
     progress: Progress | None = None,
     n_threads: int | None = None,
     info: ModelInfo | None = None,
+    quality_chunks: int = DEFAULT_CHUNKS,
+    imatrix: Path | bool | None = None,
+    step_progress: StepProgress | None = None,
 ) -> PackResult:
-    """Plan, quantize and write a bundle for `profile` into output_dir; returns where it went."""
+    """Plan, quantize and write a bundle for `profile` into output_dir; returns where it went.
+
+    `quality_chunks` calibration chunks measure the packed model against an unquantized
+    source (0: not measured). `imatrix`: None computes an importance matrix for the presets
+    that want one (pack.imatrix.IMATRIX_PRESETS), False never, a Path is the user's own
+    (llama.cpp's GGUF imatrix format). `step_progress` follows those two steps."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if model is None:
@@ -93,7 +118,7 @@ def pack(
     try:
         return _pack(source, hasher, profile, output_dir, options, archive=archive,
                      progress=progress, n_threads=n_threads, info=info, timings=timings,
-                     start=start)
+                     start=start, extras=_Extras(quality_chunks, imatrix, step_progress))
     finally:
         hasher.cancel()
 
@@ -111,7 +136,9 @@ def _pack(
     info: ModelInfo | None,
     timings: dict[str, float],
     start: float,
+    extras: _Extras | None = None,
 ) -> PackResult:
+    extras = extras or _Extras()
     if info is None:
         info = read_model_info(source)
     timings["read_header"] = time.perf_counter() - start
@@ -137,13 +164,20 @@ def _pack(
         source_hash = hasher.result()
         timings["hash_source_wait"] = time.perf_counter() - mark
         mark = time.perf_counter()
+        threads = n_threads or os.cpu_count()
+        imatrix_data, imatrix_record = _imatrix(source, quant, extras, threads)
+        timings["imatrix"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         result = quantize(
             source, stage.path / MODEL_FILE, quant,
-            n_threads=n_threads or os.cpu_count(), progress=progress,
-            source_type=info.file_type,
+            n_threads=threads, progress=progress,
+            source_type=info.file_type, imatrix=imatrix_data,
         )
         timings["quantize"] = time.perf_counter() - mark
         warnings.extend(result.warnings)
+        mark = time.perf_counter()
+        quality = _quality(source, info, result.path, extras, threads)
+        timings["quality"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         model_entry = FileEntry(sha256=sha256_file(result.path), size=result.size)
@@ -163,6 +197,8 @@ def _pack(
             prediction=plan.prediction,
             files={MODEL_FILE: model_entry},
             smoke=default_smoke(plan.prediction),
+            quality=quality,
+            imatrix=imatrix_record,
         )
         _render_side_files(stage, manifest)
         if archive:
@@ -180,6 +216,52 @@ def _pack(
                 result.size, 100 * (result.size - predicted) / predicted if predicted else 0.0)
     return PackResult(path=dest, manifest=final, plan=plan, warnings=warnings, timings=timings,
                       actual_size=result.size, archive=archive)
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """pack's measuring options: quality chunks, the imatrix choice, their progress."""
+
+    quality_chunks: int = DEFAULT_CHUNKS
+    imatrix: Path | bool | None = None
+    step_progress: StepProgress | None = None
+
+
+def _imatrix(
+    source: Path, quant: str, extras: _Extras, n_threads: int | None
+) -> tuple[Imatrix | None, ImatrixRecord]:
+    """The importance matrix handed to the quantizer, and the manifest's record of it."""
+    from edgerunner.pack.imatrix import compute_imatrix, read_imatrix, wants_imatrix
+
+    if isinstance(extras.imatrix, Path):
+        data = read_imatrix(extras.imatrix)
+        return data, ImatrixRecord(used="file", path=str(extras.imatrix.resolve()),
+                                   sha256=sha256_file(extras.imatrix), entries=len(data.sums),
+                                   n_chunks=data.n_chunks)
+    if extras.imatrix is False:
+        return None, ImatrixRecord(used="none", reason="turned off (--no-imatrix)")
+    if not wants_imatrix(quant):
+        return None, ImatrixRecord(used="none", reason=f"{quant} keeps 4 bits or more per "
+                                   "weight: llama.cpp's quantizer does well without one")
+    chunks = calibration_chunks(source, IMATRIX_CHUNKS)
+    data = compute_imatrix(source, chunks, n_threads=n_threads, progress=extras.step_progress)
+    return data, ImatrixRecord(used="computed", sha256=calibration_sha256(),
+                               entries=len(data.sums), n_chunks=data.n_chunks,
+                               seconds=round(data.seconds, 2))
+
+
+def _quality(
+    source: Path, info: ModelInfo, packed: Path, extras: _Extras, n_threads: int | None
+) -> QualityReport:
+    """The packed model measured against its source, or why it was not."""
+    reason = cannot_measure(info.file_type)
+    if reason is None and extras.quality_chunks <= 0:
+        reason = "not asked for (--quality-chunks 0)"
+    if reason is not None:
+        logger.info("quality not measured: %s", reason)
+        return unmeasured(reason)
+    return measure_quality(source, packed, n_chunks=extras.quality_chunks, n_threads=n_threads,
+                           progress=extras.step_progress)
 
 
 class _SourceHash:

@@ -79,6 +79,10 @@ class PlanOptions(BaseModel):
         None, ge=1, le=MAX_PARALLEL, description="Force this many streams decoded together "
         "(default: the most the device's speed, memory and context allow, of 1, 2, 4, 8)",
     )
+    measured_kld: dict[str, float] | None = Field(
+        None, description="Mean KL divergences measured for this model (pack.quality): only "
+        "these presets are considered, ranked by them instead of llama.cpp's table",
+    )
 
 
 class Candidate(BaseModel):
@@ -95,7 +99,9 @@ class Candidate(BaseModel):
     memory: MemoryEstimate = Field(..., description="Predicted peak RSS at n_ctx")
     decode_tps: float = Field(0.0, ge=0, description="Predicted decode tokens/s at n_ctx")
     file_size: int = Field(0, ge=0, description="Predicted model.gguf bytes")
-    kl_divergence: float = Field(0.0, ge=0, description="llama.cpp's KLD vs FP16 (quality)")
+    kl_divergence: float = Field(0.0, ge=0, description="llama.cpp's KLD vs FP16 (quality), "
+                                 "or the KLD measured for this model")
+    kld_measured: bool = Field(False, description="kl_divergence was measured for this model")
     fits: bool = Field(False, description="Fits the device at n_ctx ≥ min_ctx")
     rejected: str | None = Field(None, description="Why it was not chosen (None: chosen)")
 
@@ -191,6 +197,11 @@ class _Planner:
                 "quality past it is not guaranteed"
             )
 
+    def kld(self, quant: str) -> float:
+        """The measured KLD of a preset when there is one, else llama.cpp's table's."""
+        measured = self.options.measured_kld or {}
+        return measured[quant] if quant in measured else KL_DIVERGENCE[quant]
+
     def estimate(
         self, facts: QuantFacts, quant: str, n_ctx: int, kv: KVType, fa: bool, swa_full: bool,
         mmap: bool,
@@ -230,7 +241,8 @@ class _Planner:
             quant=quant, kv_type=kv, n_ctx=n_ctx, swa_full=swa_full, flash_attn=fa, mmap=mmap,
             memory=memory, file_size=facts.file_bytes,
             decode_tps=round(tps(n_ctx), 2),
-            kl_divergence=KL_DIVERGENCE[quant], fits=best is not None,
+            kl_divergence=self.kld(quant), kld_measured=quant in (self.options.measured_kld or {}),
+            fits=best is not None,
             rejected=None if best else (
                 f"needs {memory.total_mb:.0f} MiB at n_ctx={self.min_ctx}, "
                 f"{self.budget_mb:.0f} MiB available"
@@ -279,6 +291,10 @@ def _presets(info: ModelInfo, options: PlanOptions) -> tuple[list[str], list[str
                 hint=f"choose one of {', '.join(allowed)} or start from an F16/BF16 GGUF",
             )
         return [quant], []
+    if options.measured_kld:
+        measured = [p for p in allowed if p in options.measured_kld]
+        if measured:
+            return measured, [p for p in PRESETS if p not in allowed and p != "BF16"]
     return allowed, [p for p in PRESETS if p not in allowed and p != "BF16"]
 
 
@@ -317,7 +333,8 @@ def _pick(
     equal = _equal_quality(fast, band)
     # best quality first, so a full tie (F16 and BF16 from a BF16 source) keeps the better
     # named one deterministically: max() returns the first of equal keys
-    order = sorted(equal, key=lambda q: (KL_DIVERGENCE[q], q))
+    kld = {c.quant: c.kl_divergence for c in fast}
+    order = sorted(equal, key=lambda q: (kld[q], q))
     configs = [_best_config([c for c in fast if c.quant == q]) for q in order]
     chosen = max(configs, key=lambda c: (c.n_ctx, c.decode_tps))
     return chosen, equal

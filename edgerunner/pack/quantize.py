@@ -11,12 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llama_cpp
 
 from edgerunner.bundle.store import reached_size_limit, too_large_error
 from edgerunner.errors import BundleError, QuantizeError
 from edgerunner.pack.llama_log import llama_log_hook
+
+if TYPE_CHECKING:
+    from edgerunner.pack.imatrix import Imatrix
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +97,12 @@ def quantize(
     n_threads: int | None = None,
     progress: Progress | None = None,
     source_type: str | None = None,
+    imatrix: Imatrix | None = None,
 ) -> QuantizeResult:
     """Quantize src into dst with preset `quant`; dst is removed again if llama.cpp fails.
 
     source_type is the source's file type (e.g. "F16", "Q4_1"); given it, no header is re-read.
+    `imatrix` (pack.imatrix) is handed to llama.cpp's quantizer as llama_model_imatrix_data.
     """
     ftype = ftype_for(quant)
     if not src.is_file():
@@ -120,6 +126,12 @@ def quantize(
     params.ftype = ftype
     params.nthread = n_threads or 0
     params.allow_requantize = requantize
+    keep_alive: list[object] = []
+    if imatrix is not None:
+        from edgerunner.pack.imatrix import imatrix_param
+
+        pointer, keep_alive = imatrix_param(imatrix)
+        params.imatrix = pointer
 
     log = _LogHook(progress)
     start = time.perf_counter()
@@ -128,6 +140,7 @@ def quantize(
             str(src).encode(), str(dst).encode(), ctypes.byref(params)
         )
     seconds = time.perf_counter() - start
+    del keep_alive
     if rc != 0:
         full = _disk_full(dst.parent)
         written = _size(dst)

@@ -25,7 +25,7 @@ from rich.table import Table
 from edgerunner.host.cpu import host_cpu_features
 from edgerunner.pack.default_model import ensure_default_model
 from edgerunner.pack.gguf_info import ModelInfo, read_model_info
-from edgerunner.pack.memory import MIB, estimate_memory, prefer_mmap
+from edgerunner.pack.memory import MIB, estimate_memory, prefer_mmap, vocab_bytes
 from edgerunner.pack.quant_rules import PRESETS
 
 CHILD = r"""
@@ -91,8 +91,9 @@ def measure_overhead(model: Path, info: ModelInfo) -> None:
     anon = min(r["model"]["RssAnon"] - r["import"]["RssAnon"] for r in runs)
     print(f"RSS after importing the daemon + backend init: {base:.1f} MiB")
     print(f"anonymous memory of a loaded model (beyond mmap'd tensors): {anon:.1f} MiB")
-    per_token = anon * MIB / info.n_vocab
-    print(f"  = {per_token:.0f} bytes per vocabulary token (n_vocab={info.n_vocab})")
+    print(f"  the vocabulary model (memory.vocab_bytes) says {vocab_bytes(info) / MIB:.1f} MiB for "
+          f"{info.n_vocab} tokens ({info.n_long_tokens} longer than 15 bytes), "
+          f"{info.n_merges} merges")
 
 
 def bench(model: Path, presets: list[str], contexts: list[int], threads: int) -> float:
