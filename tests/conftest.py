@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +12,13 @@ from pathlib import Path
 import pytest
 
 from edgerunner.pack.default_model import ensure_default_model
+
+# The daemon keeps verification stamps and saved prefix caches in its state directory
+# ($XDG_STATE_HOME/edgerunner outside systemd). A run gets its own, so one run's saved prefixes
+# never warm another's daemons and nothing is left in the user's home.
+if "STATE_DIRECTORY" not in os.environ:
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="edgerunner-test-state-")
+    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
