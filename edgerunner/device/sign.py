@@ -74,17 +74,29 @@ def generate_keypair(private_path: Path, force: bool = False) -> tuple[Path, Pat
 
     Returns (private path, public path, key id).
     """
+    public_path = refuse_overwrite(private_path, force)
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    write_key_pair(private_path, public_path, private_pem, key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private_path, public_path, key_id(key.public_key())
+
+
+def refuse_overwrite(private_path: Path, force: bool) -> Path:
+    """The .pub path beside a private key path; an existing key is kept unless force."""
     public_path = private_path.with_name(private_path.name + ".pub")
     for path in (private_path, public_path):
         if path.exists() and not force:
             raise BundleError(f"{path} already exists; refusing to overwrite a key",
                               hint="pick another path, or pass --force to replace it")
-    key = Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public_path
+
+
+def write_key_pair(private_path: Path, public_path: Path, private_pem: bytes,
+                   public_pem: bytes) -> None:
+    """Write a key pair atomically: the private key 0600, the public key 0644."""
     try:
         private_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(private_path, private_pem.decode(),
@@ -94,7 +106,6 @@ def generate_keypair(private_path: Path, force: bool = False) -> tuple[Path, Pat
     except OSError as exc:
         raise BundleError(f"cannot write the key pair at {private_path}: {exc.strerror or exc}",
                           hint="check the directory exists and is writable") from exc
-    return private_path, public_path, key_id(key.public_key())
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

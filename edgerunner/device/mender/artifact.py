@@ -10,7 +10,6 @@ bundle's Ed25519 signature, which the update module checks against the device ke
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,8 +17,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgerunner._fs import atomic_write_text
 from edgerunner.bundle.manifest import BundleManifest
+from edgerunner.device.sign import refuse_overwrite, write_key_pair
 from edgerunner.errors import BundleError
 
 PAYLOAD_TYPE = "edgerunner-bundle"
@@ -28,26 +27,14 @@ TOOL = "mender-artifact"
 
 def generate_mender_key(private_path: Path, force: bool = False) -> tuple[Path, Path, str]:
     """An ECDSA P-256 key in SEC1 PEM (mender-artifact 3.9's format) and its public PEM."""
-    public_path = private_path.with_name(private_path.name + ".pub")
-    for path in (private_path, public_path):
-        if path.exists() and not force:
-            raise BundleError(f"{path} already exists; refusing to overwrite a key",
-                              hint="pick another path, or pass --force to replace it")
+    public_path = refuse_overwrite(private_path, force)
     key = ec.generate_private_key(ec.SECP256R1())
     private_pem = key.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.TraditionalOpenSSL,
                                     serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    try:
-        private_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(private_path, private_pem.decode(),
-                          before_rename=lambda tmp: os.chmod(tmp, 0o600))
-        atomic_write_text(public_path, public_pem.decode(),
-                          before_rename=lambda tmp: os.chmod(tmp, 0o644))
-    except OSError as exc:
-        raise BundleError(f"cannot write the key pair at {private_path}: {exc.strerror or exc}",
-                          hint="check the directory exists and is writable") from exc
+    write_key_pair(private_path, public_path, private_pem, public_pem)
     return private_path, public_path, hashlib.sha256(public_pem).hexdigest()[:16]
 
 
