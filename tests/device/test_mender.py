@@ -30,6 +30,7 @@ from edgerunner.device.mender.module import STATES_LOG, install_module
 from edgerunner.device.release import finish
 from edgerunner.device.service import DirectController
 from edgerunner.device.sign import generate_keypair
+from tests.device.test_update import variant
 
 pytestmark = [
     pytest.mark.slow,
@@ -85,13 +86,8 @@ def artifact(device: Device, bundle: Path, out: Path, marker: str, *,
              smoke_tokens: int | None = None, sign_bundle: bool = True,
              sign_artifact: bool = True) -> tuple[Path, str]:
     """A new version of bundle as a .mender artifact: (path, bundle id)."""
-    copy = out / marker / bundle.name
-    shutil.copytree(bundle, copy)
+    copy = variant(bundle, out, marker, smoke_tokens)
     manifest = BundleManifest.model_validate_json((copy / "manifest.json").read_text())
-    manifest.created = f"{manifest.created} {marker}"
-    if smoke_tokens is not None:
-        manifest.smoke[-1].max_tokens = smoke_tokens
-    (copy / "manifest.json").write_text(manifest.model_dump_json(indent=2))
     release = finish(copy, manifest, out / marker,
                      sign=device.bundle_key if sign_bundle else None, archive=False,
                      mender_device_type=DEVICE_TYPE,
