@@ -317,3 +317,72 @@ def ollama_request(n: int = DEFAULT_ENTITIES, user: str = "Turn on the kitchen c
         messages.append(message)
     return {"model": model, "messages": messages, "tools": body["tools"], "stream": True,
             "keep_alive": -1, "options": {"num_ctx": OLLAMA_NUM_CTX}}
+
+
+# -- tool round trips -------------------------------------------------------------------------
+
+# a plausible state (and HA's "interesting" attributes) per domain, for GetLiveContext
+_STATES: dict[str, tuple[str, dict[str, Any]]] = {
+    "light": ("on", {"brightness": "180"}),
+    "media_player": ("playing", {"volume_level": 0.35, "media_title": "Morning Jazz"}),
+    "climate": ("heat", {"current_temperature": 20.5, "temperature": "21"}),
+    "lock": ("locked", {}),
+    "cover": ("open", {"current_position": "100"}),
+    "switch": ("off", {}),
+    "fan": ("on", {"percentage": "50"}),
+    "sensor": ("21.4", {"unit_of_measurement": "°C", "device_class": "temperature"}),
+    "binary_sensor": ("off", {"device_class": "motion"}),
+}
+
+
+def _yaml_scalar(value: Any) -> str:
+    # yaml quotes strings that would read back as numbers or booleans
+    if isinstance(value, str):
+        if value.lower() in ("on", "off", "yes", "no", "true", "false"):
+            return f"'{value}'"
+        try:
+            float(value)
+        except ValueError:
+            return value
+        return f"'{value}'"
+    return str(value)
+
+
+def live_context(n: int = DEFAULT_ENTITIES) -> str:
+    """GetLiveContext's result text for the `n` entities (HA's yaml with state)."""
+    lines = []
+    for entity in entities(n):
+        state, attributes = _STATES[entity["domain"]]
+        lines.append(f"- names: {entity['names']}\n  domain: {entity['domain']}\n"
+                     f"  state: {_yaml_scalar(state)}\n  areas: {entity['areas']}\n")
+        if attributes:
+            lines.append("  attributes:\n" + "".join(
+                f"    {k}: {_yaml_scalar(v)}\n" for k, v in attributes.items()))
+    return ("Live Context: An overview of the areas and the devices in this smart home:\n"
+            + "".join(lines))
+
+
+def tool_result(data: dict[str, Any]) -> str:
+    """A tool message's content as HA's Ollama integration sends it."""
+    return json.dumps({"data": data, "error": None})
+
+
+def round_trips(n: int = DEFAULT_ENTITIES, name: str = "Kitchen Ceiling"
+                ) -> list[dict[str, Any]]:
+    """The history of a turn that asked for the live context, then turned a light on:
+    two assistant calls, each with its tool result (OpenAI shape)."""
+    entity_id = "light." + name.lower().replace(" ", "_")
+    turned_on = {"speech": {}, "response_type": "action_done", "data": {
+        "targets": [], "success": [{"name": name, "type": "entity", "id": entity_id}],
+        "failed": []}}
+    history: list[dict[str, Any]] = []
+    for i, (tool, arguments, result) in enumerate((
+            ("GetLiveContext", {}, {"success": True, "result": live_context(n)}),
+            ("HassTurnOn", {"name": name, "domain": ["light"]}, turned_on))):
+        call_id = f"call_{i}"
+        history.append({"role": "assistant", "content": "", "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": tool, "arguments": json.dumps(arguments)}}]})
+        history.append({"role": "tool", "tool_call_id": call_id, "name": tool,
+                        "content": tool_result(result)})
+    return history
