@@ -288,9 +288,10 @@ def exposed_domains(n: int = DEFAULT_ENTITIES) -> set[str]:
 
 def request(n: int = DEFAULT_ENTITIES, user: str = "Turn on the kitchen ceiling light",
             history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The OpenAI-shaped body (`messages`, `tools`) of one Assist turn with `n` entities."""
-    return {"messages": [{"role": "system", "content": system_prompt(n)}, *(history or []),
-                         {"role": "user", "content": user}],
+    """The OpenAI-shaped body (`messages`, `tools`) of one Assist turn with `n` entities;
+    `history`: the calls and results that followed the user's message in this turn."""
+    return {"messages": [{"role": "system", "content": system_prompt(n)},
+                         {"role": "user", "content": user}, *(history or [])],
             "tools": tools(exposed_domains(n))}
 
 
@@ -379,7 +380,7 @@ def round_trips(n: int = DEFAULT_ENTITIES, name: str = "Kitchen Ceiling"
     for i, (tool, arguments, result) in enumerate((
             ("GetLiveContext", {}, {"success": True, "result": live_context(n)}),
             ("HassTurnOn", {"name": name, "domain": ["light"]}, turned_on))):
-        call_id = f"call_{i}"
+        call_id = f"call{i:05d}"  # 9 alphanumerics: Mistral's template insists
         history.append({"role": "assistant", "content": "", "tool_calls": [
             {"id": call_id, "type": "function",
              "function": {"name": tool, "arguments": json.dumps(arguments)}}]})
