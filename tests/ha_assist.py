@@ -16,6 +16,8 @@ Where each piece comes from (home-assistant/core):
   components/media_player/intent.py @02d12de8, components/climate/intent.py
   (HassClimateSetTemperature), components/light/intent.py (HassLightSet), components/fan/intent.py
   (HassFanSetSpeed), components/intent/timers.py (HassCancelAllTimers).
+- homeassistant/components/conversation/chat_log.py (where it sets SystemContent): the system
+  message is the instructions, the API prompt and (without GetDateTime) the time, by "\n".
 - homeassistant/components/ollama/entity.py @0d0db908: `_format_tool` ({"type": "function",
   "function": {name, parameters, description}}), messages, `tools` on every streamed /api/chat,
   MAX_TOOL_ITERATIONS = 10; num_ctx from const.DEFAULT_NUM_CTX (8192).
@@ -278,8 +280,9 @@ def system_prompt(n: int = DEFAULT_ENTITIES) -> str:
             DEVICE_CONTROL, NO_DEVICE_AREA, NO_TIMERS, DYNAMIC_CONTEXT,
             "Static Context: An overview of the areas and the devices in this smart home:",
             _yaml(exposed)])
-    # GetDateTime is offered, so HA adds no date/time line
-    return INSTRUCTIONS + "\n" + api_prompt
+    # conversation/chat_log.py: the instructions rendered as a template (which strips them),
+    # the API prompt, no date/time line since GetDateTime is offered, joined by newlines
+    return INSTRUCTIONS.strip() + "\n" + api_prompt
 
 
 def exposed_domains(n: int = DEFAULT_ENTITIES) -> set[str]:
