@@ -179,7 +179,8 @@ def valid(calls: list[dict[str, Any]], schemas: dict[str, dict[str, Any]]) -> bo
     return True
 
 
-def daemon_runs(http: httpx.Client, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def daemon_runs(http: httpx.Client, n: int, generic: bool, args: argparse.Namespace
+                ) -> dict[str, Any]:
     base = HA.request(n)
     with_tools = True
     try:
@@ -189,10 +190,19 @@ def daemon_runs(http: httpx.Client, n: int, args: argparse.Namespace) -> dict[st
             raise
         with_tools = False  # the daemon does not take tools yet: plain chat, same prompt
     tools = {"tools": base["tools"]} if with_tools else {}
+    block = ""
+    if not with_tools and generic:
+        # the generic format puts the tools in the system turn: the same prompt tokens
+        block = "\n\n" + F.generic_system_block(typed_tools(base["tools"]))
     before = http.get("/health").json()["prefix_cache"]
-    cold, hit, rates, prompt_tokens, cached = [], [], [], [], []
+    cold: list[float] = []
+    hit: list[float] = []
+    rates: list[float] = []
+    prompt_tokens: list[int] = []
+    cached: list[int] = []
     for i in range(args.requests):
-        system = f"Request {i}.\n" + HA.system_prompt(n)  # a new first line: nothing cached
+        # a new first line: nothing cached
+        system = f"Request {i}.\n" + HA.system_prompt(n) + block
         for j, user in enumerate((USERS[i % len(USERS)], USERS[(i + 3) % len(USERS)])):
             body = {"messages": [{"role": "system", "content": system},
                                  {"role": "user", "content": user}], **tools,
@@ -213,8 +223,9 @@ def daemon_runs(http: httpx.Client, n: int, args: argparse.Namespace) -> dict[st
             if j == 1 and "cached_tokens" in details:
                 cached.append(details["cached_tokens"])
     after = http.get("/health").json()["prefix_cache"]
-    result: dict[str, Any] = {"with_tools": with_tools, "cold": cold, "hit": hit,
-                              "rates": rates, "prompt_tokens": prompt_tokens, "cached": cached,
+    result: dict[str, Any] = {"with_tools": with_tools, "block": bool(block), "cold": cold,
+                              "hit": hit, "rates": rates, "prompt_tokens": prompt_tokens,
+                              "cached": cached,
                               "cache_cells": after["cells"],
                               "hits": after["hits"] - before["hits"],
                               "reused": after["tokens_reused"] - before["tokens_reused"]}
@@ -299,7 +310,8 @@ def main() -> None:
     parser.add_argument("--entities", type=int, default=HA.DEFAULT_ENTITIES,
                         help=f"exposed entities in the request (0..{len(HA.HOME)})")
     parser.add_argument("--requests", type=int, default=6, help="cold/hit TTFT pairs")
-    parser.add_argument("--seeds", type=int, default=10, help="seeded calls per validity row")
+    parser.add_argument("--seeds", type=int, default=10,
+                        help="seeded calls per validity row (0: no validity rows)")
     parser.add_argument("--max-tokens", type=int, default=64, help="per TTFT request")
     parser.add_argument("--call-tokens", type=int, default=160, help="per validity request")
     parser.add_argument("--prompt-only", action="store_true", help="only the token table")
@@ -328,15 +340,17 @@ def main() -> None:
         try:
             with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
                               base_url="http://edgerunner", timeout=900) as http:
-                d = daemon_runs(http, args.entities, args)
+                d = daemon_runs(http, args.entities, renderer.family is F.GENERIC, args)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        inproc = in_process_validity(bundle, args.entities, args)
+        inproc = in_process_validity(bundle, args.entities, args) if args.seeds else None
 
     ratios = [h / c for c, h in zip(d["cold"], d["hit"], strict=True) if c == c and h == h]
-    what = "tools, tool_choice required" if d["with_tools"] else \
-        "PLAIN CHAT: the daemon refused tools"
+    what = ("tools, tool_choice required" if d["with_tools"] else
+            "the daemon refused tools: plain chat with the generic tools block in the system "
+            "prompt, the same tokens" if d["block"] else
+            "PLAIN CHAT without the tools: the daemon refused them")
     table = Table(title=f"{bundle.manifest.name}, {args.entities} entities, "
                         f"{len(HA.request(args.entities)['tools'])} tools ({what}); "
                         f"medians of {args.requests} pairs")
@@ -354,10 +368,11 @@ def main() -> None:
     if "valid" in d:
         table.add_row("schema-valid calls, daemon (tool grammar)",
                       f"{d['valid']}/{args.seeds}", f"{args.seeds}/{args.seeds}")
-    table.add_row("schema-valid calls, in-process with the tool grammar",
-                  f"{inproc['grammar']}/{args.seeds}", f"{args.seeds}/{args.seeds}")
-    table.add_row("schema-valid calls, in-process without a grammar",
-                  f"{inproc['none']}/{args.seeds}", "counted")
+    if inproc is not None:
+        table.add_row("schema-valid calls, in-process with the tool grammar",
+                      f"{inproc['grammar']}/{args.seeds}", f"{args.seeds}/{args.seeds}")
+        table.add_row("schema-valid calls, in-process without a grammar",
+                      f"{inproc['none']}/{args.seeds}", "counted")
     console.print(table)
 
 
