@@ -305,22 +305,27 @@ MAX_TOOL_ITERATIONS = 10  # HA's ollama entity.py
 def ollama_request(n: int = DEFAULT_ENTITIES, user: str = "Turn on the kitchen ceiling light",
                    model: str = "default", history: list[dict[str, Any]] | None = None
                    ) -> dict[str, Any]:
-    """The same turn as HA's Ollama integration posts it to /api/chat (streamed, num_ctx
-    from its options, tool-call arguments as objects in the history)."""
+    """The same turn as HA's Ollama integration posts it to /api/chat: through the `ollama`
+    client's own ChatRequest (HA calls `client.chat(..., tools=..., stream=True)`), which keeps
+    of each property only type, items, description and enum (no minimum/maximum, no anyOf);
+    tool-call arguments as objects, tool results without a name."""
+    from ollama._types import ChatRequest  # the client's wire model (what it serializes)
+
     body = request(n, user, history)
     messages = []
     for message in body["messages"]:
-        message = dict(message)
+        # HA's tool messages carry only role and content (no tool_name, no id)
+        message = {k: v for k, v in message.items() if k not in ("tool_call_id", "name")}
         if message.get("tool_calls"):
             message["tool_calls"] = [
                 {"function": {"name": c["function"]["name"],
-                              "arguments": (json.loads(c["function"]["arguments"])
-                                            if isinstance(c["function"]["arguments"], str)
-                                            else c["function"]["arguments"])}}
+                              "arguments": json.loads(c["function"]["arguments"])}}
                 for c in message["tool_calls"]]
         messages.append(message)
-    return {"model": model, "messages": messages, "tools": body["tools"], "stream": True,
-            "keep_alive": -1, "options": {"num_ctx": OLLAMA_NUM_CTX}}
+    wire: dict[str, Any] = ChatRequest(
+        model=model, messages=messages, tools=body["tools"], stream=True, keep_alive=-1,
+        options={"num_ctx": OLLAMA_NUM_CTX}).model_dump(exclude_none=True)
+    return wire
 
 
 # -- tool round trips -------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Tool calling at Home Assistant's size, on one bundle: the Assist request of tests/ha_assist.py
 (its system prompt, its intent tools, N exposed entities).
 
-- prompt size: tokens of the system prompt, of the tools as the model reads them, of the whole
-  rendered first turn (runtime.engine.tools.families.render: the model's own template with
-  `tools`, or the generic block), and of a turn after two tool round trips (GetLiveContext with
-  every entity's state, then HassTurnOn) plus the answer: the n_ctx the plan must leave;
+- prompt size, with the tools as HA's Ollama integration sends them: tokens of the system
+  prompt, of the tools as the model reads them, of the whole rendered first turn
+  (runtime.engine.tools.families.render: the model's own template with `tools`, or the generic
+  block), and of a turn after two tool round trips (GetLiveContext with every entity's state,
+  then HassTurnOn) plus the answer: the n_ctx the plan must leave;
 - against `edgerunner serve BUNDLE` (started as bench_serve.py starts it), streamed over the
   unix socket: time to first token with a cold prefix (a different first line in the system
   prompt each time) vs a prefix-cache hit (the same system prompt and tools, a new user turn),
@@ -100,7 +101,8 @@ def prompt_sizes(renderer: Renderer, sizes: list[int]) -> list[dict[str, int]]:
     rows = []
     for n in sizes:
         body = HA.request(n)
-        tools = body["tools"]
+        # the tools as HA's Ollama integration puts them on the wire (its client drops bounds)
+        tools = HA.ollama_request(n)["tools"]
         first = renderer.render(body["messages"], tools)
         later = renderer.render(HA.request(n, history=HA.round_trips(n))["messages"], tools)
         block = (F.generic_system_block(typed_tools(tools)) if not renderer.family.native

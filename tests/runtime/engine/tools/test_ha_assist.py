@@ -36,6 +36,11 @@ def test_the_request_is_well_formed_at_every_size(n: int) -> None:
     ollama = HA.ollama_request(n, history=HA.round_trips(max(n, 1)))
     assert all(isinstance(c["function"]["arguments"], dict)
                for m in ollama["messages"] for c in m.get("tool_calls") or ())
+    # the ollama client HA sends through keeps no bounds: /api/chat sees HassLightSet's
+    # brightness as a bare integer
+    wire = json.dumps(ollama["tools"])
+    assert [t["function"]["name"] for t in ollama["tools"]] == names
+    assert "minimum" not in wire and "maximum" not in wire and "anyOf" not in wire
 
 
 def test_the_tools_grammar_builds_within_the_bounds(default_model: Path) -> None:
