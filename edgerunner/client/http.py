@@ -143,11 +143,12 @@ class Client:
         if self.socket_path is None:
             return
         try:
-            present = self.socket_path.exists()
+            self.socket_path.stat()
         except PermissionError as exc:  # a service's runtime directory is 0750
             raise self._denied() from exc
-        if not present:
-            raise self._unreachable(FileNotFoundError(f"{self.socket_path} does not exist"))
+        except OSError as exc:
+            raise self._unreachable(
+                FileNotFoundError(f"{self.socket_path} does not exist")) from exc
 
     def _unreachable(self, exc: Exception) -> ClientError:
         if self.socket_path is not None and _caused_by(exc, PermissionError):

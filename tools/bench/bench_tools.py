@@ -263,7 +263,7 @@ def in_process_validity(bundle: Bundle, n: int, args: argparse.Namespace
     engine = Engine(bundle.model_path, bundle.manifest.plan, name="bench",
                     prefix_cache_cells=bundle.manifest.plan.n_ctx // 2)
     engine.load()
-    counts = {"grammar": 0, "none": 0}
+    counts = {"grammar": 0, "none": 0, "grammar_cut": 0, "none_cut": 0}
     try:
         model = engine._llm._model  # type: ignore[union-attr]
         grammar = build(options, renderer.family, engine.grammars)
@@ -271,7 +271,7 @@ def in_process_validity(bundle: Bundle, n: int, args: argparse.Namespace
             messages = [base["messages"][0], {"role": "user", "content": USERS[seed % len(USERS)]}]
             prompt = renderer.render(messages, base["tools"])
             tokens = list(renderer.llm.tokenize(prompt.encode(), add_bos=False, special=True))
-            for kind in counts:
+            for kind in ("grammar", "none"):
                 chain = LlamaSampler()
                 if kind == "grammar" and grammar is not None:
                     add_to_chain(chain, model, grammar)
@@ -286,13 +286,19 @@ def in_process_validity(bundle: Bundle, n: int, args: argparse.Namespace
                     while not generation.done:
                         engine.step()
                 finally:
-                    engine.end(generation)
+                    outcome = engine.end(generation)
                 parser = StreamParser(renderer.family)
                 parser.feed("".join(pieces))
                 parser.finish()
                 calls = [{"name": c.name, "arguments": c.arguments}
                          for c in parser.result().calls]
-                counts[kind] += valid(calls, schemas)
+                ok = valid(calls, schemas)
+                counts[kind] += ok
+                if not ok and outcome.finish_reason == "length":
+                    counts[f"{kind}_cut"] += 1
+                if not ok and args.show_invalid:
+                    print(f"-- invalid ({kind}, seed {seed}, {outcome.finish_reason}): "
+                          f"{''.join(pieces)[:400]!r}")
     finally:
         engine.close()
         renderer.close()
@@ -317,6 +323,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="per TTFT request")
     parser.add_argument("--call-tokens", type=int, default=160, help="per validity request")
     parser.add_argument("--prompt-only", action="store_true", help="only the token table")
+    parser.add_argument("--show-invalid", action="store_true",
+                        help="print the in-process outputs that were not a valid call")
     args = parser.parse_args()
 
     console = Console()
@@ -371,10 +379,13 @@ def main() -> None:
         table.add_row("schema-valid calls, daemon (tool grammar)",
                       f"{d['valid']}/{args.seeds}", f"{args.seeds}/{args.seeds}")
     if inproc is not None:
-        table.add_row("schema-valid calls, in-process with the tool grammar",
-                      f"{inproc['grammar']}/{args.seeds}", f"{args.seeds}/{args.seeds}")
-        table.add_row("schema-valid calls, in-process without a grammar",
-                      f"{inproc['none']}/{args.seeds}", "counted")
+        every = f"{args.seeds}/{args.seeds}"
+        for kind, label, goal in (("grammar", "with the tool grammar", every),
+                                  ("none", "without a grammar", "counted")):
+            cut = inproc[f"{kind}_cut"]
+            table.add_row(f"schema-valid calls, in-process {label}",
+                          f"{inproc[kind]}/{args.seeds}"
+                          + (f" ({cut} of the rest cut at --call-tokens)" if cut else ""), goal)
     console.print(table)
 
 
