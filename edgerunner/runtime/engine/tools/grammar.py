@@ -155,17 +155,35 @@ def _bounds(node: dict[str, Any]) -> tuple[int, int] | None:
     return low, high
 
 
+# keywords that only annotate: a schema with nothing else allows any value (HA's GetLiveContext
+# `domain` is {"description": ...}), which llama-cpp-python's converter refuses as it stands
+_ANNOTATIONS = frozenset({"description", "title", "default", "examples", "$comment",
+                          "deprecated", "readOnly", "writeOnly"})
+_ANY_TYPE = ["string", "number", "boolean", "array", "object", "null"]
+
+
+def _any_if_bare(schema: Any) -> Any:
+    if isinstance(schema, dict) and set(schema) <= _ANNOTATIONS:
+        return {**schema, "type": list(_ANY_TYPE)}
+    return schema
+
+
 def hold_schema(node: Any) -> Any:
     """The parameters' schema rewritten so the grammar holds what the converter would let
     pass: every array of enum items at most as long as there are values (Home Assistant's
     `domain` has no maxItems: a small model repeated "fan" until max_tokens; a larger
-    minItems or a smaller maxItems is kept), and an integer between minimum and maximum (up
-    to MAX_RANGE_ENUM values) as the enum of those values (HA's brightness 0-100)."""
+    minItems or a smaller maxItems is kept), an integer between minimum and maximum (up to
+    MAX_RANGE_ENUM values) as the enum of those values (HA's brightness 0-100), and a
+    property or item schema that only annotates as any JSON value."""
     if isinstance(node, list):
         return [hold_schema(x) for x in node]
     if not isinstance(node, dict):
         return node
     out = {k: hold_schema(v) for k, v in node.items()}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: _any_if_bare(v) for k, v in out["properties"].items()}
+    if "items" in out:
+        out["items"] = _any_if_bare(out["items"])
     bounds = _bounds(out) if out.get("type") == "integer" and "enum" not in out else None
     if bounds is not None and 0 < bounds[1] - bounds[0] + 1 <= MAX_RANGE_ENUM:
         out = {k: v for k, v in out.items() if k not in (

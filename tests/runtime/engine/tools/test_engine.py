@@ -193,3 +193,45 @@ def test_fifty_seeds_under_required_always_parse_and_validate(engine: Engine) ->
     print(f"\n50 seeds, required, generic format: with the grammar {valid} valid / {parsed} "
           f"parsed; without it {free_valid} valid / {free_parsed} parsed")
     assert (parsed, valid) == (len(SEEDS), len(SEEDS)), failures[:3]
+
+
+def test_the_request_sink_turns_text_into_content_deltas_and_whole_calls() -> None:
+    """ToolEvents (between the scheduler and a transport): streamed pieces and the whole text
+    give the same content and calls; each call is also sent whole once, as it closes."""
+    from edgerunner.runtime.engine.tools.events import ToolEvents
+    from edgerunner.runtime.protocol import (
+        DoneEvent,
+        TextEvent,
+        ToolCallEvent,
+        ToolDeltaEvent,
+        Usage,
+    )
+
+    calls = [ParsedCall("HassTurnOn", {"name": "kitchen"}), ParsedCall("HassMediaPause",
+                                                                       {"mode": "soft"})]
+    text = F.GENERIC.format_calls(calls)
+    streamed: list[Any] = []
+    sink = ToolEvents(streamed.append, F.GENERIC)
+    for i in range(0, len(text), 3):
+        sink(TextEvent(text[i:i + 3]))
+    sink(DoneEvent(text, "stop", Usage()))
+    whole: list[Any] = []
+    ToolEvents(whole.append, F.GENERIC)(DoneEvent(text, "stop", Usage()))
+    assert not any(isinstance(e, TextEvent) for e in streamed)
+    deltas = [e.delta for e in streamed if isinstance(e, ToolDeltaEvent)]
+    assert [d.name for d in deltas if d.name] == ["HassTurnOn", "HassMediaPause"]
+    finished = [e for e in streamed if isinstance(e, ToolCallEvent)]
+    assert [(e.index, e.call.name, e.call.arguments) for e in finished] == [
+        (0, "HassTurnOn", {"name": "kitchen"}), (1, "HassMediaPause", {"mode": "soft"})]
+    assert streamed.index(finished[0]) < streamed.index(
+        next(e for e in streamed if isinstance(e, ToolDeltaEvent) and e.delta.index == 1))
+    done, only = streamed[-1], whole[-1]
+    assert len(whole) == 1 and isinstance(done, DoneEvent) and isinstance(only, DoneEvent)
+    assert done.finish_reason == only.finish_reason == "tool_calls"
+    assert [(c.name, c.arguments) for c in done.tool_calls] == [
+        (c.name, c.arguments) for c in only.tool_calls] == [(c.name, c.arguments) for c in calls]
+    assert [c.id for c in done.tool_calls] == [e.call.id for e in finished]
+    # text, and a call cut off by max_tokens: content as it was, "length" kept
+    plain: list[Any] = []
+    ToolEvents(plain.append, F.GENERIC)(DoneEvent('Hi {"tool_calls": [{"name', "length"))
+    assert plain[-1].finish_reason == "length" and not plain[-1].tool_calls

@@ -182,8 +182,12 @@ def test_enum_arrays_are_capped_and_integer_ranges_become_enums() -> None:
         "few": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 1},
         "many": {"type": "array", "items": {"enum": ["a"]}, "minItems": 2},
         "wide": {"type": "integer", "minimum": 0, "maximum": 10_000},
-        "open": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4}}})
+        "open": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4},
+        "any": {"description": "a domain or a list of them"},  # HA's GetLiveContext
+        "description": {"type": "string"}}})  # a property named like a keyword
     props = held["properties"]
+    assert props["any"]["type"] == ["string", "number", "boolean", "array", "object", "null"]
+    assert props["description"] == {"type": "string"}
     assert props["few"]["maxItems"] == 1 and props["many"]["maxItems"] == 2
     assert props["wide"] == {"type": "integer", "minimum": 0, "maximum": 10_000}  # too many
     assert props["open"] == {"enum": [1, 2, 3]}
