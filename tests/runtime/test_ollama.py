@@ -57,8 +57,7 @@ def daemon(bundle: Bundle) -> Iterator[RunningDaemon]:
 @pytest.fixture(params=["unix", "tcp"])
 def client(request: pytest.FixtureRequest, daemon: RunningDaemon) -> Iterator[ollama.Client]:
     if request.param == "unix":
-        made = ollama.Client(host="http://edgerunner", timeout=120,
-                             transport=httpx.HTTPTransport(uds=str(daemon.socket)))
+        made = daemon.ollama_client()
     else:
         made = ollama.Client(host=daemon.tcp_url, timeout=120)  # type: ignore[attr-defined]
     yield made
@@ -67,8 +66,7 @@ def client(request: pytest.FixtureRequest, daemon: RunningDaemon) -> Iterator[ol
 
 @pytest.fixture
 def uds(daemon: RunningDaemon) -> Iterator[ollama.Client]:
-    made = ollama.Client(host="http://edgerunner", timeout=120,
-                         transport=httpx.HTTPTransport(uds=str(daemon.socket)))
+    made = daemon.ollama_client()
     yield made
     made.close()
 

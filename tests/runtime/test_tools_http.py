@@ -142,8 +142,7 @@ def test_refusals_are_400s_that_say_what_to_change(client: openai.OpenAI, model:
 
 @pytest.fixture
 def uds(served: RunningDaemon) -> Iterator[ollama.Client]:
-    made = ollama.Client(host="http://edgerunner", timeout=120,
-                         transport=httpx.HTTPTransport(uds=str(served.socket)))
+    made = served.ollama_client()
     yield made
     made.close()
 
