@@ -240,8 +240,9 @@ class ChatCompletionRequest(_Sampling):
 
     @property
     def uses_tools(self) -> bool:
-        """Tools offered, or a conversation that already holds calls or their results."""
-        return bool(self.tools) or any(m.tool_calls or m.role == "tool" for m in self.messages)
+        """Tool fields sent, or a conversation that already holds calls or their results."""
+        return bool(self.tools) or self.tool_choice is not None or any(
+            m.tool_calls or m.role == "tool" for m in self.messages)
 
 
 class CompletionRequest(_Sampling):

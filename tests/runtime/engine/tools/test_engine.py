@@ -39,6 +39,7 @@ def engine(default_model: Path) -> Iterator[Engine]:
 
 def request(user: str = "Turn on the kitchen light", **extra: Any) -> ChatCompletionRequest:
     body = {"messages": [{"role": "user", "content": user}], "tools": TOOLS, **extra}
+    body = {k: v for k, v in body.items() if v is not None}
     parsed = parse_request("chat", body)
     assert isinstance(parsed, ChatCompletionRequest)
     return parsed
@@ -95,6 +96,7 @@ def test_a_round_trip_renders_the_call_and_the_result_resolving_its_name(
     ({"tool_choice": {"type": "function", "function": {"name": "Nope"}}},
      "not in tools (declared: HassLightSet, HassMediaPause, HassTurnOn)"),
     ({"response_format": {"type": "json_object"}}, "tools and response_format"),
+    ({"tools": None, "tool_choice": "required"}, "at least one entry in tools"),
 ])
 def test_refusals_say_what_to_change(engine: Engine, extra: dict[str, Any],
                                      phrase: str) -> None:
