@@ -189,6 +189,43 @@ def test_ollama_history_with_calls_and_tool_results(uds: ollama.Client,
     assert after.prompt_eval_count > first.prompt_eval_count  # the call and its result
 
 
+def _ollama_turn(user: str, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": name, "arguments": arguments}}]},
+            {"role": "tool", "tool_name": name, "content": "ok"},
+            {"role": "assistant", "content": "Done."}]
+
+
+# three earlier turns that called tools: the small model then calls one itself under auto
+FEW_SHOT = [*_ollama_turn("Turn on the desk lamp", "HassTurnOn", {"name": "desk lamp"}),
+            *_ollama_turn("Pause the TV", "HassMediaPause", {"mode": "soft"}),
+            *_ollama_turn("Dim the hall light to 40", "HassLightSet",
+                          {"name": "hall light", "brightness": 40}),
+            {"role": "user", "content": "Turn on the kitchen light"}]
+
+
+def test_ollama_call_whole_and_streamed(uds: ollama.Client, served: RunningDaemon) -> None:
+    name = served.daemon.manifest.name
+    options = {"num_predict": 48, "temperature": 0}
+    for _ in range(2):  # the second starts from the cached prompt, as the stream will
+        whole = uds.chat(model=name, messages=FEW_SHOT, tools=TOOLS, stream=False,
+                         options=options)
+    assert whole.done_reason == "stop" and whole.message.content == ""
+    calls = [(c.function.name, dict(c.function.arguments)) for c in whole.message.tool_calls]
+    assert calls
+    for call_name, arguments in calls:
+        jsonschema.validate(arguments, SCHEMAS[call_name])
+    pieces = list(uds.chat(model=name, messages=FEW_SHOT, tools=TOOLS, stream=True,
+                           options=options))
+    with_calls = [p for p in pieces if p.message.tool_calls]
+    # each call arrives whole, arguments as an object, in a piece of its own before the end
+    assert [len(p.message.tool_calls or []) for p in with_calls] == [1] * len(calls)
+    assert all(not p.done for p in with_calls) and pieces[-1].done
+    assert [(c.function.name, dict(c.function.arguments))
+            for p in with_calls for c in p.message.tool_calls or []] == calls
+
+
 def test_ollama_streams_each_call_whole_in_its_own_line() -> None:
     """The NDJSON line a finished call becomes, read by the ollama client's own model."""
     from edgerunner.runtime.http import ollama as ollama_api
