@@ -88,9 +88,11 @@ LLAMA3 = Family(
     triggers=("<|python_tag|>",), start='{"name":', args_key="parameters", syntax="json",
     open="", call_open="", call_close="", sep="", close="", parallel=False,
     gbnf_one="call", gbnf_open='("<|python_tag|>" ws)?')
+# [TOOL_CALLS] is a control token, which the engine's text leaves out (the grammar still sees
+# it): the call array at the answer's start is read as the call too
 MISTRAL = Family(
     name="mistral", markers=("[TOOL_CALLS]",), native=True, triggers=("[TOOL_CALLS]",),
-    start=None, args_key="arguments", syntax="json", open="[TOOL_CALLS][", call_open="",
+    start='[{"name":', args_key="arguments", syntax="json", open="[TOOL_CALLS][", call_open="",
     call_close="", sep=", ", close="]", parallel=True,
     gbnf_one="call", gbnf_open='"[TOOL_CALLS]" ws "[" ws', gbnf_sep='ws "," ws',
     gbnf_close='ws "]"')

@@ -163,7 +163,11 @@ def test_a_possible_trigger_is_held_back_then_released_as_text(text: str) -> Non
      [("set", {"level": "a, b{c}", "n": 3, "on": True, "xs": [1, "y"], "o": {"k": "v"}})]),
     # a call's shape mid-answer is content for the formats that call only at the start
     (F.LLAMA3, 'Here is JSON: {"name": "x", "parameters": {}}', []),
-], ids=["phi4-tags", "phi4-space", "functiongemma-values", "llama3-mid-answer"])
+    # control-token triggers are left out of the generated text: the call shape at the start
+    (F.MISTRAL, '[{"name": "GetLiveContext", "arguments": {}}]', [("GetLiveContext", {})]),
+    (F.LLAMA3, '{"name": "GetLiveContext", "parameters": {}}', [("GetLiveContext", {})]),
+], ids=["phi4-tags", "phi4-space", "functiongemma-values", "llama3-mid-answer",
+        "mistral-no-trigger-text", "llama3-no-trigger-text"])
 def test_answers_parse_to_their_calls(family: F.Family, text: str,
                                       calls: list[tuple[str, dict[str, Any]]]) -> None:
     result = parse(family, text)
