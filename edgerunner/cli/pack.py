@@ -27,7 +27,9 @@ def plan_options(**values: Any) -> Any:
 def plan_flags(func: Any) -> Any:
     """The planner's flags, shared with `plan`."""
     flags = [
-        click.option("--min-ctx", type=click.IntRange(min=16), help="Smallest acceptable context."),
+        click.option("--min-ctx", type=click.IntRange(min=16),
+                     help="Smallest acceptable context (Home Assistant's Assist with tools: "
+                     "--min-ctx 16384 --max-ctx 16384, see the README)."),
         click.option("--max-ctx", type=click.IntRange(min=16), help="Largest context to plan."),
         click.option("--min-tps", type=click.FloatRange(min=0), help="Slowest acceptable decode."),
         click.option("--quant", help="Force this quantization preset, e.g. Q4_K_M."),

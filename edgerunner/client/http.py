@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import socket
@@ -85,6 +86,31 @@ class _UnixTransport(httpx.HTTPTransport):
             keepalive_expiry=limits.keepalive_expiry)
 
 
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `exc` or anything it was raised from is a `kind` (httpx wraps OSErrors twice)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _group_of(path: Path) -> str:
+    """The group of `path`, or of its nearest parent this user can stat (a closed directory
+    hides the socket inside it), by name when it has one."""
+    for candidate in (path, *path.parents):
+        try:
+            gid = candidate.stat().st_gid
+        except OSError:
+            continue
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return str(gid)
+    return "unknown"
+
+
 class Client:
     """Talks to `edgerunner serve`: chat (whole or streamed), health, models."""
 
@@ -114,13 +140,32 @@ class Client:
 
     def _check_socket(self) -> None:
         # a missing socket file is the common mistake: say so plainly
-        if self.socket_path is not None and not self.socket_path.exists():
-            raise self._unreachable(FileNotFoundError(f"{self.socket_path} does not exist"))
+        if self.socket_path is None:
+            return
+        try:
+            self.socket_path.stat()
+        except PermissionError as exc:  # a service's runtime directory is 0750
+            raise self._denied() from exc
+        except OSError as exc:
+            raise self._unreachable(
+                FileNotFoundError(f"{self.socket_path} does not exist")) from exc
 
     def _unreachable(self, exc: Exception) -> ClientError:
+        if self.socket_path is not None and _caused_by(exc, PermissionError):
+            return self._denied()
         return ClientError(f"cannot reach the daemon at {self.where}: {exc}",
                            "is `edgerunner serve` running? pass --socket PATH if it listens "
                            "elsewhere")
+
+    def _denied(self) -> ClientError:
+        """The socket (or its directory) is closed to this user: name the group that opens it."""
+        assert self.socket_path is not None
+        group = _group_of(self.socket_path)
+        return ClientError(
+            f"permission denied opening the daemon's socket {self.socket_path}: only its owner "
+            f"and the group {group!r} may connect",
+            f"add your user to that group (`sudo usermod -aG {group} $USER`, then log in again "
+            f"or run `newgrp {group}`), or run the command as a member of it")
 
     @staticmethod
     def _raise_for_error(response: httpx.Response) -> None:

@@ -80,8 +80,10 @@ def test_rendered_config_toml_loads_back_to_the_defaults(tmp_path: Path, bundle_
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n: Input should be 1"),
-        ({"messages": [{"role": "user", "content": "x"}], "tools": []},
-         "tools: unknown field"),
+        ({"messages": [{"role": "user", "content": "x"}], "functions": []},
+         "functions: unknown field"),  # OpenAI's deprecated form of tools
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]},
+         "tools.0.type"),
         ({"messages": [{"role": "user", "content": "x"}],
           "response_format": {"type": "json_schema"}}, "needs a \"json_schema\""),
     ],
