@@ -15,6 +15,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgerunner.runtime.tool_protocol import (
+    MAX_TOOLS,
+    ParsedCall,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolsOptions,
+)
+
 ErrorCode = Literal[
     "invalid_request",
     "context_length_exceeded",
@@ -91,17 +101,53 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    """A chat message; tool-calling clients' too: an assistant turn may carry `tool_calls` and
+    no content, a `tool` turn answers a call by `tool_call_id` (OpenAI) or `tool_name`
+    (Ollama)."""
+
     role: Literal["system", "user", "assistant", "developer", "tool"] = Field(
         ..., description="Who says it"
     )
-    content: str | list[TextPart] = Field(..., description="Text, or a list of text parts")
+    content: str | list[TextPart] | None = Field(None, description="Text, or text parts")
     name: str | None = Field(None, max_length=256, description="Optional speaker name")
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS,
+                                              description="Calls an assistant turn made")
+    tool_call_id: str | None = Field(None, max_length=256, description="The call answered")
+    tool_name: str | None = Field(None, max_length=256,
+                                  description="Ollama: the function whose result this is")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role!r}")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role!r} message needs content")
+        return self
 
     def text(self) -> str:
-        """The content as one string."""
+        """The content as one string ("" for a call-only assistant turn)."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def template_dict(self, content: str | None = None) -> dict[str, Any]:
+        """The message as chat templates read it (arguments as objects, as HF templates and
+        llama-server's --jinja give them); `content` stands in for the text when given."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text() if content is None else content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": call.id or "", "type": "function",
+                 "function": {"name": call.function.name,
+                              "arguments": call.function.arguments_dict()}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_name is not None or self.name is not None:
+            out["name"] = self.tool_name or self.name
+        return out
 
 
 class JsonSchemaFormat(_Strict):
@@ -175,12 +221,28 @@ class ChatCompletionRequest(_Sampling):
         None, ge=1, le=1_048_576, description="Newer OpenAI name for max_tokens"
     )
     response_format: ResponseFormat | None = Field(None, description="Constrain output to JSON")
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS,
+                                     description="Functions the model may call")
+    tool_choice: ToolChoice | None = Field(
+        None, description="auto (default with tools), none, required or one function")
+    parallel_tool_calls: bool | None = Field(None, description="Several calls in one answer")
 
     @model_validator(mode="after")
     def _merge_max(self) -> ChatCompletionRequest:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    def tools_options(self) -> ToolsOptions:
+        """The tool fields as the engine takes them (OpenAI's defaults filled in)."""
+        return ToolsOptions(tools=self.tools or [], tool_choice=self.tool_choice or "auto",
+                            parallel_tool_calls=self.parallel_tool_calls is not False)
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tool fields sent, or a conversation that already holds calls or their results."""
+        return bool(self.tools) or self.tool_choice is not None or any(
+            m.tool_calls or m.role == "tool" for m in self.messages)
 
 
 class CompletionRequest(_Sampling):
@@ -303,24 +365,43 @@ class Usage(_Strict):
     total_tokens: int = Field(0, ge=0)
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-# Events the scheduler hands a transport's sink, in order: TextEvent* then DoneEvent | ErrorEvent.
+# Events the scheduler hands a transport's sink, in order: streamed events (TextEvent, and with
+# tools ToolDeltaEvent and ToolCallEvent; streaming requests only) then DoneEvent | ErrorEvent.
 @dataclass(frozen=True)
 class TextEvent:
-    """A piece of generated text (streaming requests only)."""
+    """A piece of generated text (streaming requests only); with tools, content only."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class ToolDeltaEvent:
+    """A streamed piece of a tool call, as OpenAI's `delta.tool_calls[]` carries it: the
+    first of each call has its index, id and name, the rest argument text."""
+
+    delta: ToolCallDelta
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    """A tool call the model has finished writing (Ollama streams calls whole)."""
+
+    call: ParsedCall
+    index: int  # its place among the answer's calls
 
 
 @dataclass(frozen=True)
 class DoneEvent:
-    """Generation finished: the whole text, why it stopped, and token counts."""
+    """Generation finished: the whole text (the content, with tools), why it stopped, token
+    counts, and the tool calls the answer made."""
 
     text: str
     finish_reason: FinishReason
     usage: Usage = field(default_factory=lambda: Usage.model_validate({}))
+    tool_calls: tuple[ParsedCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -330,11 +411,17 @@ class ErrorEvent:
     error: RequestError
 
 
-Event = TextEvent | DoneEvent | ErrorEvent
+StreamEvent = TextEvent | ToolDeltaEvent | ToolCallEvent
+FinalEvent = DoneEvent | ErrorEvent
+Event = StreamEvent | FinalEvent
 
 
 def chat_completion(job_id: str, model: str, created: int, done: DoneEvent) -> dict[str, Any]:
-    """A `chat.completion` object."""
+    """A `chat.completion` object (content null beside tool calls, as OpenAI sends it)."""
+    message: dict[str, Any] = {"role": "assistant", "content": done.text}
+    if done.tool_calls:
+        message["content"] = done.text or None
+        message["tool_calls"] = [call.openai() for call in done.tool_calls]
     return {
         "id": job_id,
         "object": "chat.completion",
@@ -342,7 +429,7 @@ def chat_completion(job_id: str, model: str, created: int, done: DoneEvent) -> d
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": done.text},
+            "message": message,
             "finish_reason": done.finish_reason,
         }],
         "usage": done.usage.model_dump(),
@@ -358,6 +445,7 @@ def chat_chunk(
     role: bool = False,
     finish_reason: FinishReason | None = None,
     usage: Usage | None = None,
+    tool_calls: list[ToolCallDelta] | None = None,
 ) -> dict[str, Any]:
     """A `chat.completion.chunk` object."""
     delta: dict[str, Any] = {}
@@ -365,6 +453,8 @@ def chat_chunk(
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = [piece.openai() for piece in tool_calls]
     chunk: dict[str, Any] = {
         "id": job_id,
         "object": "chat.completion.chunk",

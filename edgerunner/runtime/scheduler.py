@@ -11,7 +11,8 @@ Contract for transports (HTTP, MQTT, anything else):
   `busy` (a `BusyError` with `.retry_after` seconds: queue full), or `cancelled` when the daemon
   is draining. Nothing was queued when it raises.
 * Otherwise the job is queued and `sink(event)` is later called **from the worker thread**, in
-  order: zero or more `TextEvent(text)` (only when `request.stream` is true), then exactly one
+  order: zero or more `TextEvent(text)` (only when `request.stream` is true; with tools also
+  `ToolDeltaEvent` and `ToolCallEvent`, and the text is the content), then exactly one
   `DoneEvent(text, finish_reason, usage)` or `ErrorEvent(RequestError)`. Every job gets exactly
   one final event — a job is never dropped silently. The sink must be quick and thread-safe
   (e.g. `loop.call_soon_threadsafe(queue.put_nowait, event)` for asyncio, or a paho publish). If
@@ -241,7 +242,9 @@ class Scheduler:
         if self.admission is not None:
             self.admission()
         timeout_at = time.monotonic() + self.request_timeout_s
-        job = Job(request=request, prepared=prepared, sink=sink, deadline=timeout_at,
+        # with tools the sink hears content, call deltas and calls, not raw text
+        job = Job(request=request, prepared=prepared, sink=prepared.sink(sink),
+                  deadline=timeout_at,
                   expires=deadline if deadline is not None and deadline < timeout_at else None,
                   id=job_id)
         with self._cond:

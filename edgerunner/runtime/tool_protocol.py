@@ -1,10 +1,14 @@
 """Tool-calling shapes shared by every transport: OpenAI `tools`, `tool_choice`,
-`parallel_tool_calls`, assistant `tool_calls` and `role: "tool"` messages (Ollama's `tool_name`
-too), the calls a model made, and the 400s a tools request gets before it reaches the engine.
+`parallel_tool_calls`, the `tool_calls` an assistant turn carries, the calls a model made, and
+the 400s a tools request gets before it reaches the engine. The chat message that carries calls
+and results (`role: "tool"`, `tool_call_id`, Ollama's `tool_name`) is protocol.ChatMessage.
 
 Validated here so HTTP and MQTT refuse the same requests with the same words; the engine
 (runtime.engine.tools) renders the tools into the prompt, holds the output to their schemas
 and parses the calls back.
+
+protocol.py builds its request model from these types, so this module imports RequestError
+where it raises it, not at the top (the two modules would import each other).
 """
 
 from __future__ import annotations
@@ -14,9 +18,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from edgerunner.runtime.protocol import RequestError, TextPart
+from pydantic import BaseModel, ConfigDict, Field
 
 FUNCTION_NAME = r"^[a-zA-Z0-9_.\-]{1,64}$"  # OpenAI's rule for function names
 MAX_TOOLS = 128  # OpenAI's own ceiling on `tools`
@@ -65,6 +67,8 @@ class ToolCallFunction(_Strict):
 
     def arguments_dict(self) -> dict[str, Any]:
         """The arguments as an object; RequestError if the JSON is not one."""
+        from edgerunner.runtime.protocol import RequestError
+
         if isinstance(self.arguments, dict):
             return self.arguments
         try:
@@ -87,55 +91,6 @@ class ToolCall(_Strict):
     function: ToolCallFunction = Field(..., description="The call")
 
 
-class ToolChatMessage(_Strict):
-    """A chat message as tool-calling clients send it: assistant turns may carry `tool_calls`
-    and no content, `tool` turns answer a call by `tool_call_id` (OpenAI) or `tool_name`
-    (Ollama)."""
-
-    role: Literal["system", "user", "assistant", "developer", "tool"] = Field(
-        ..., description="Who says it")
-    content: str | list[TextPart] | None = Field(None, description="Text, or text parts")
-    name: str | None = Field(None, max_length=256, description="Optional speaker name")
-    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS,
-                                              description="Calls an assistant turn made")
-    tool_call_id: str | None = Field(None, max_length=256, description="The call answered")
-    tool_name: str | None = Field(None, max_length=256,
-                                  description="Ollama: the function whose result this is")
-
-    @model_validator(mode="after")
-    def _shape(self) -> ToolChatMessage:
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError(f"only assistant messages carry tool_calls, not {self.role!r}")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role!r} message needs content")
-        return self
-
-    def text(self) -> str:
-        """The content as one string ("" for a call-only assistant turn)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-    def template_dict(self) -> dict[str, Any]:
-        """The message as chat templates read it (arguments as objects, as HF templates and
-        llama-server's --jinja give them)."""
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
-                               "content": self.text()}
-        if self.tool_calls:
-            out["tool_calls"] = [
-                {"id": call.id or "", "type": "function",
-                 "function": {"name": call.function.name,
-                              "arguments": call.function.arguments_dict()}}
-                for call in self.tool_calls]
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        if self.tool_name is not None or self.name is not None:
-            out["name"] = self.tool_name or self.name
-        return out
-
-
 class ToolsOptions(_Strict):
     """The tool fields of a chat request, as a transport hands them to the engine."""
 
@@ -147,6 +102,8 @@ class ToolsOptions(_Strict):
     def check(self, *, response_format: bool = False) -> None:
         """RequestError (400) for a combination edgerunner will not serve, saying what to
         change: a duplicate or unknown function name, tools beside response_format."""
+        from edgerunner.runtime.protocol import RequestError
+
         seen: set[str] = set()
         for i, tool in enumerate(self.tools):
             if tool.function.name in seen:
@@ -210,9 +167,11 @@ class ParsedCall:
                 "function": {"name": self.name,
                              "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
 
-    def ollama(self) -> dict[str, Any]:
-        """As Ollama's `message.tool_calls[]` (arguments as an object)."""
-        return {"function": {"name": self.name, "arguments": self.arguments}}
+    def ollama(self, index: int) -> dict[str, Any]:
+        """As Ollama's `message.tool_calls[]`: arguments as an object, the call's place in the
+        answer as `function.index` (Ollama's own parser numbers them so)."""
+        return {"id": self.id, "function": {"index": index, "name": self.name,
+                                            "arguments": self.arguments}}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
 import pytest
 
 from edgerunner.bundle.manifest import BundleManifest, RuntimePlan
@@ -85,6 +86,11 @@ class RunningDaemon:
     def client(self, **kwargs: Any) -> httpx.Client:
         transport = httpx.HTTPTransport(uds=str(self.socket))
         return httpx.Client(transport=transport, base_url="http://edgerunner", **kwargs)
+
+    def ollama_client(self) -> ollama.Client:
+        """The unmodified `ollama` client on the daemon's unix socket."""
+        return ollama.Client(host="http://edgerunner", timeout=120,
+                             transport=httpx.HTTPTransport(uds=str(self.socket)))
 
 
 def make_config(sock: Path, **overrides: Any) -> ServeConfig:

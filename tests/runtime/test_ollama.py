@@ -57,8 +57,7 @@ def daemon(bundle: Bundle) -> Iterator[RunningDaemon]:
 @pytest.fixture(params=["unix", "tcp"])
 def client(request: pytest.FixtureRequest, daemon: RunningDaemon) -> Iterator[ollama.Client]:
     if request.param == "unix":
-        made = ollama.Client(host="http://edgerunner", timeout=120,
-                             transport=httpx.HTTPTransport(uds=str(daemon.socket)))
+        made = daemon.ollama_client()
     else:
         made = ollama.Client(host=daemon.tcp_url, timeout=120)  # type: ignore[attr-defined]
     yield made
@@ -67,8 +66,7 @@ def client(request: pytest.FixtureRequest, daemon: RunningDaemon) -> Iterator[ol
 
 @pytest.fixture
 def uds(daemon: RunningDaemon) -> Iterator[ollama.Client]:
-    made = ollama.Client(host="http://edgerunner", timeout=120,
-                         transport=httpx.HTTPTransport(uds=str(daemon.socket)))
+    made = daemon.ollama_client()
     yield made
     made.close()
 
@@ -107,7 +105,7 @@ def test_list_show_ps_version(client: ollama.Client, daemon: RunningDaemon) -> N
     shown = client.show(name)
     assert shown.modelinfo is not None
     assert shown.modelinfo["edgerunner.n_ctx"] == daemon.daemon.engine.n_ctx  # type: ignore[union-attr]
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]
     assert client.show(f"{name}:latest").details == shown.details
     running = client.ps()
     assert [m.model for m in running.models] == [f"{name}:latest"]
@@ -195,8 +193,8 @@ def test_errors_are_ollama_shaped(uds: ollama.Client, daemon: RunningDaemon) -> 
              str(n_ctx * 4), str(n_ctx))
     tool = {"type": "function", "function": {"name": "f", "description": "d",
                                              "parameters": {"type": "object", "properties": {}}}}
-    _refused(lambda: uds.chat(model=name, messages=HELLO, tools=[tool]), 400, "tools",
-             "not supported")
+    _refused(lambda: uds.chat(model=name, messages=HELLO, tools=[tool], format="json"), 400,
+             "tools and response_format cannot be combined")
     image = [{"role": "user", "content": "what is this?", "images": [b"\x89PNG"]}]
     _refused(lambda: uds.chat(model=name, messages=image), 400, "images", "not supported")
     _refused(lambda: uds.generate(model=name, prompt="x", suffix="y"), 400, "suffix")

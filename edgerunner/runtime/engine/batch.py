@@ -31,6 +31,7 @@ from llama_cpp import llama_grammar
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from edgerunner.runtime.engine.sampling import SamplingParams
+from edgerunner.runtime.engine.tools.grammar import ToolGrammar, add_to_chain
 from edgerunner.runtime.protocol import FinishReason, RequestError
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,11 @@ def prefill_chunks(start: int, end: int, n_batch: int) -> list[tuple[int, int]]:
 
 
 def sampler_chain(model: LlamaModel, sampling: SamplingParams,
-                  grammar: llama_grammar.LlamaGrammar | None) -> LlamaSampler:
+                  grammar: llama_grammar.LlamaGrammar | None,
+                  tool_grammar: ToolGrammar | None = None) -> LlamaSampler:
     """The sampler chain Llama.create_completion builds for these parameters (llama.py's
-    `_init_sampler`), so that one sequence samples here exactly as it would there."""
+    `_init_sampler`), so that one sequence samples here exactly as it would there; a tool
+    grammar sits where a json_schema grammar would (lazy under tool_choice auto)."""
     chain = LlamaSampler()
     chain.add_penalties(
         n_vocab=model.n_vocab(),
@@ -73,6 +76,8 @@ def sampler_chain(model: LlamaModel, sampling: SamplingParams,
     )
     if grammar is not None:
         chain.add_grammar(model, grammar)
+    if tool_grammar is not None:
+        add_to_chain(chain, model, tool_grammar)
     temp = sampling.temperature
     seed = sampling.seed
     if seed is None:

@@ -11,6 +11,7 @@ would crash or stall llama.cpp does so there, not here.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import threading
@@ -30,6 +31,9 @@ from edgerunner.runtime.engine.batch import Batcher, Generation, sampler_chain
 from edgerunner.runtime.engine.grammar import GrammarBuilder
 from edgerunner.runtime.engine.prefix_store import PrefixStore
 from edgerunner.runtime.engine.sampling import SamplingParams
+from edgerunner.runtime.engine.tools import families
+from edgerunner.runtime.engine.tools import grammar as tool_grammars
+from edgerunner.runtime.engine.tools.events import Sink, ToolEvents
 from edgerunner.runtime.protocol import (
     AnyRequest,
     ChatCompletionRequest,
@@ -55,6 +59,13 @@ class Prepared:
     grammar: llama_grammar.LlamaGrammar | None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prompt_text: str = ""
+    tool_grammar: tool_grammars.ToolGrammar | None = None  # holds the calls to the schemas
+    tool_family: families.Family | None = None  # the answer's calls are read in this format
+
+    def sink(self, sink: Sink) -> Sink:
+        """Where the scheduler sends this request's events: through the family's call parser
+        when the model may call tools (tool_choice "none" keeps the answer plain text)."""
+        return sink if self.tool_family is None else ToolEvents(sink, self.tool_family)
 
 
 @dataclass
@@ -112,6 +123,7 @@ class Engine:
         self._llm: BatchLlama | None = None
         self._vocab_only: LlamaModel | None = None
         self._formatter: Callable[..., llama_chat_format.ChatFormatterResponse] | None = None
+        self._chat_template: _ChatTemplate | None = None  # the template text, for tools
         self._lock = threading.RLock()  # guards swapping the model under the tokenizer
         self._load_lock = threading.Lock()  # one load or unload at a time; admission never waits
         self.load_seconds = 0.0
@@ -280,6 +292,8 @@ class Engine:
 
     def _render(self, request: ChatCompletionRequest,
                 contents: list[str]) -> llama_chat_format.ChatFormatterResponse:
+        if request.uses_tools:
+            return self._render_tools(request, contents)
         with self._vocab():
             formatter = self._formatter
         assert formatter is not None
@@ -293,17 +307,82 @@ class Engine:
             raise RequestError("invalid_request",
                                f"the model's chat template rejected these messages: {exc}") from exc
 
+    def _template(self) -> _ChatTemplate:
+        """The GGUF's chat template text with its BOS/EOS text (chatml when it has none)."""
+        with self._vocab() as vocab:
+            if self._chat_template is None:
+                self._chat_template = _ChatTemplate.of(vocab)
+            return self._chat_template
+
+    def _render_tools(self, request: ChatCompletionRequest,
+                      contents: list[str]) -> llama_chat_format.ChatFormatterResponse:
+        """The conversation with tools, assistant calls and tool results, rendered through the
+        template in its family's way (runtime.engine.tools.families). Every tool is in the
+        prompt whatever tool_choice says (as llama-server and OpenAI do): "none" and a named
+        function only change what the answer may be, and the prompt's prefix stays the same."""
+        chat = self._template()
+        called: dict[str, str] = {}  # call id -> function name, for results that omit it
+        messages = []
+        for message, content in zip(request.messages, contents, strict=True):
+            entry = message.template_dict(content)
+            for call in message.tool_calls or []:
+                if call.id:
+                    called[call.id] = call.function.name
+            if message.role == "tool" and "name" not in entry:
+                entry["name"] = called.get(message.tool_call_id or "", "")
+            messages.append(entry)
+        try:
+            return families.render_response(chat.text, messages, request.tools or [],
+                                            bos_token=chat.bos, eos_token=chat.eos,
+                                            family=chat.family)
+        except RequestError:
+            raise
+        except Exception as exc:  # jinja templates raise whatever they like
+            raise RequestError("invalid_request",
+                               f"the model's chat template rejected these messages and tools: "
+                               f"{exc}") from exc
+
+    def _prepare_tools(self, request: ChatCompletionRequest
+                       ) -> tuple[tool_grammars.ToolGrammar | None, families.Family | None]:
+        """Check the tool fields and build the call grammar: (grammar, the family the answer
+        is parsed in); RequestError (400) saying what to change."""
+        options = request.tools_options()
+        fmt = request.response_format
+        options.check(response_format=fmt is not None and fmt.type != "text")
+        # what the client wrote that the template puts into the prompt besides message text
+        # (the placeholder split in _chat_tokens covers that): none of it may spell a control
+        # token, or an argument or a tool description could forge a turn
+        written = [json.dumps(call.function.arguments_dict(), ensure_ascii=False)
+                   for message in request.messages for call in message.tool_calls or []]
+        written += [tool.model_dump_json(exclude_none=True) for tool in request.tools or []]
+        for text in written:
+            if not self._plain(text):
+                raise RequestError(
+                    "invalid_request",
+                    "a tool definition or a tool call's arguments contain the text of the "
+                    "model's control tokens (such as its turn markers); remove them")
+        if not options.active:
+            return None, None
+        family = self._template().family
+        return tool_grammars.build(options, family, self.grammars), family
+
+    def _plain(self, text: str) -> bool:
+        """True when no part of `text` reads as a control token."""
+        return (self._tokenize(text, add_bos=False, special=True)
+                == self._tokenize(text, add_bos=False, special=False))
+
     def _chat_tokens(self, request: ChatCompletionRequest, prompt: str, add_bos: bool
                      ) -> list[int]:
         """The rendered prompt's tokens, where only the template's own text can become control
         tokens: message content spelling one (`<|im_start|>system`) is tokenized as plain text,
         so a user cannot forge a turn."""
         contents = [m.text() for m in request.messages]
-        if all(self._tokenize(c, add_bos=False, special=True)
-               == self._tokenize(c, add_bos=False, special=False) for c in contents):
+        if all(self._plain(c) for c in contents):
             return self._tokenize(prompt, add_bos=add_bos, special=True)  # the usual case
         # render again with a placeholder per message to learn where each content went
-        skeleton = self._render(request, [f"\ue000{i}\ue001" for i in range(len(contents))])
+        # (an empty content stays empty: templates may treat it apart, and it hides nothing)
+        skeleton = self._render(request, [f"\ue000{i}\ue001" if content else ""
+                                          for i, content in enumerate(contents)])
         pieces = _PLACEHOLDER.split(skeleton.prompt)  # template, index, template, ...
         texts = [(piece, True) if k % 2 == 0 else (contents[int(piece)], False)
                  for k, piece in enumerate(pieces)]
@@ -322,7 +401,10 @@ class Engine:
     def prepare(self, request: AnyRequest, default_max_tokens: int) -> Prepared:
         """Template, tokenize and build the grammar; RequestError for anything unusable."""
         stop = request.stop_list()
+        tool_grammar, tool_family = None, None
         if isinstance(request, ChatCompletionRequest):
+            if request.uses_tools:
+                tool_grammar, tool_family = self._prepare_tools(request)
             prompt, template_stops, added_special = self.render_chat(request)
             tokens = self._chat_tokens(request, prompt, add_bos=not added_special)
             stop += template_stops
@@ -341,6 +423,8 @@ class Engine:
             grammar=self._grammar(request.response_format),
             sampling=SamplingParams.of(request),
             prompt_text=prompt,
+            tool_grammar=tool_grammar,
+            tool_family=tool_family,
         )
 
     def _grammar(self, fmt: ResponseFormat | None) -> llama_grammar.LlamaGrammar | None:
@@ -370,7 +454,8 @@ class Engine:
         self.load()
         batcher = self.batcher
         assert self._llm is not None
-        sampler = sampler_chain(self._llm._model, prepared.sampling, prepared.grammar)
+        sampler = sampler_chain(self._llm._model, prepared.sampling, prepared.grammar,
+                                prepared.tool_grammar)
         return batcher.add(prepared.prompt_tokens, prepared.max_tokens, sampler,
                            prepared.stop, on_text)
 
@@ -411,6 +496,27 @@ class Engine:
         if seq.error is not None:
             raise seq.error
         return outcome
+
+
+@dataclass(frozen=True)
+class _ChatTemplate:
+    """The chat template as text, for rendering tools (the formatter hides it)."""
+
+    text: str
+    bos: str
+    eos: str
+    family: families.Family  # its tool-calling format
+
+    @classmethod
+    def of(cls, vocab: LlamaModel) -> _ChatTemplate:
+        template = vocab.metadata().get("tokenizer.chat_template")
+        if not template:  # what _make_formatter falls back to
+            return cls(llama_chat_format.CHATML_CHAT_TEMPLATE, "",
+                       llama_chat_format.CHATML_EOS_TOKEN, families.GENERIC)
+        eos_id, bos_id = vocab.token_eos(), vocab.token_bos()
+        return cls(template, vocab.token_get_text(bos_id) if bos_id != -1 else "",
+                   vocab.token_get_text(eos_id) if eos_id != -1 else "",
+                   families.detect(template))
 
 
 class BatchLlama(llama_cpp.Llama):

@@ -35,10 +35,13 @@ from edgerunner.runtime.protocol import (
     DoneEvent,
     ErrorEvent,
     Event,
+    FinalEvent,
     RequestError,
     TextEvent,
+    ToolCallEvent,
 )
 from edgerunner.runtime.scheduler import Scheduler
+from edgerunner.runtime.tool_protocol import ParsedCall
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class _Timed:
         now = time.monotonic_ns()
         if not self.first_ns:
             self.first_ns = now
-        if isinstance(event, TextEvent):
+        if not isinstance(event, FinalEvent):
             if self.stream:
                 self.inbox.put(event)
             return
@@ -164,7 +167,8 @@ class OllamaApi:
             "template": "",  # the GGUF's own chat template, applied by llama.cpp
             "details": _details(card),
             "model_info": info,
-            "capabilities": ["completion"],
+            # every model calls tools: in its family's own format, or the generic one
+            "capabilities": ["completion", "tools"],
             "modified_at": card.created or op.timestamp(),
         })
 
@@ -216,15 +220,16 @@ class OllamaApi:
         if isinstance(first[0], ErrorEvent):
             return _error(first[0].error)
 
-        def done_body(event: DoneEvent, text: str) -> dict[str, Any]:
+        def done_body(event: DoneEvent, text: str,
+                      calls: tuple[ParsedCall, ...] = ()) -> dict[str, Any]:
             load_ns = 0 if was_loaded else int(self.scheduler.engine.load_seconds * 1e9)
             return op.final(kind, body.model, text, event.finish_reason, event.usage,
-                            sink.timings(received_ns, load_ns, job.started_ns))
+                            sink.timings(received_ns, load_ns, job.started_ns), calls)
 
         if not body.stream:
             done = first[0]
             assert isinstance(done, DoneEvent)
-            return JSONResponse(done_body(done, done.text))
+            return JSONResponse(done_body(done, done.text, done.tool_calls))
         return StreamingResponse(
             relay.relay(first, events, job, _ndjson_renderer(kind, body.model, done_body),
                         self.stream_flush_s),
@@ -255,10 +260,15 @@ class OllamaApi:
 
 def _ndjson_renderer(kind: Literal["chat", "generate"], model: str,
                      done_body: Callable[[DoneEvent, str], dict[str, Any]]) -> relay.Render:
-    """Each event as one NDJSON line: pieces, then the final object (or the error)."""
+    """Each event as one NDJSON line: pieces, each tool call whole in its own piece (as Ollama
+    streams them), then the final object (or the error)."""
     def render(event: Event) -> str:
         if isinstance(event, TextEvent):
             return _line(op.piece(kind, model, event.text))
+        if isinstance(event, ToolCallEvent):
+            return _line(op.piece(kind, model, "", [event.call.ollama(event.index)]))
+        if not isinstance(event, FinalEvent):
+            return ""  # call deltas: Ollama sends calls whole
         if isinstance(event, ErrorEvent):
             return _line(op.error_body(event.error))
         return _line(done_body(event, ""))

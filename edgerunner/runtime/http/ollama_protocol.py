@@ -2,8 +2,10 @@
 
 An Ollama body becomes a `ChatCompletionRequest` (or, for `/api/generate` with `raw`, a
 `CompletionRequest`) so it goes through the same validation, scheduler and guards as the
-OpenAI endpoints. What Ollama offers and edgerunner does not (tools, images, suffix, templates,
-thinking, sampling it lacks) is refused with a message that says so, never silently dropped.
+OpenAI endpoints. Tools, assistant `tool_calls` (arguments as objects) and `tool` messages
+(`tool_name`) map onto the OpenAI fields. What Ollama offers and edgerunner does not (images,
+suffix, templates, thinking, sampling it lacks) is refused with a message that says so, never
+silently dropped.
 Reference: docs/api.md in github.com/ollama/ollama.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -24,6 +27,7 @@ from edgerunner.runtime.protocol import (
     Usage,
     describe_validation,
 )
+from edgerunner.runtime.tool_protocol import MAX_TOOLS, ParsedCall, Tool, ToolCall
 
 # Options llama.cpp fixes when the bundle is loaded (the plan decides them): accepted, no effect.
 LOAD_TIME_OPTIONS = frozenset({
@@ -78,7 +82,8 @@ class Message(_Strict):
     role: Literal["system", "user", "assistant", "tool"] = Field(..., description="Who says it")
     content: str = Field("", description="The text")
     images: list[Any] | None = Field(None, description="Refused: text-only models")
-    tool_calls: list[Any] | None = Field(None, description="Refused: no tool calling")
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS,
+                                              description="Calls an assistant turn made")
     tool_name: str | None = Field(None, max_length=256, description="Name of the tool (tool role)")
     thinking: str | None = Field(None, description="Earlier thinking; ignored")
 
@@ -101,7 +106,8 @@ class ChatRequest(_Common):
 
     messages: list[Message] = Field(default_factory=list, max_length=4096,
                                     description="The conversation; empty = load the model")
-    tools: list[Any] | None = Field(None, description="Refused: no tool calling")
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS,
+                                     description="Functions the model may call")
 
 
 class GenerateRequest(_Common):
@@ -214,20 +220,20 @@ def _validated(model: type[ChatCompletionRequest] | type[CompletionRequest],
 def chat_request(req: ChatRequest, n_ctx: int) -> ChatCompletionRequest:
     """The OpenAI-shaped request an /api/chat body stands for."""
     _check_common(req)
-    if req.tools:
-        raise _refuse("tools", "no tool/function calling; leave `tools` out (Home Assistant: "
-                      "set the Ollama integration's 'Control Home Assistant' to No control)")
     messages = []
     for i, msg in enumerate(req.messages):
         if msg.images:
             raise _refuse(f"messages.{i}.images", "the served model reads text only")
-        if msg.tool_calls:
-            raise _refuse(f"messages.{i}.tool_calls", "no tool/function calling")
         entry: dict[str, Any] = {"role": msg.role, "content": msg.content}
+        if msg.tool_calls:
+            entry["tool_calls"] = [call.model_dump(exclude_none=True) for call in msg.tool_calls]
         if msg.tool_name:
-            entry["name"] = msg.tool_name
+            entry["tool_name"] = msg.tool_name
         messages.append(entry)
-    parsed = _validated(ChatCompletionRequest, {"messages": messages, **_sampling(req, n_ctx)})
+    body: dict[str, Any] = {"messages": messages, **_sampling(req, n_ctx)}
+    if req.tools:
+        body["tools"] = [tool.model_dump(exclude_none=True) for tool in req.tools]
+    parsed = _validated(ChatCompletionRequest, body)
     assert isinstance(parsed, ChatCompletionRequest)
     return parsed
 
@@ -263,11 +269,14 @@ def timestamp(at: float | None = None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def piece(kind: Literal["chat", "generate"], model: str, text: str) -> dict[str, Any]:
+def piece(kind: Literal["chat", "generate"], model: str, text: str,
+          tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One streamed object (done: false)."""
     body: dict[str, Any] = {"model": model, "created_at": timestamp()}
     if kind == "chat":
         body["message"] = {"role": "assistant", "content": text}
+        if tool_calls:
+            body["message"]["tool_calls"] = tool_calls
     else:
         body["response"] = text
     body["done"] = False
@@ -275,11 +284,13 @@ def piece(kind: Literal["chat", "generate"], model: str, text: str) -> dict[str,
 
 
 def final(kind: Literal["chat", "generate"], model: str, text: str, done_reason: str,
-          usage: Usage | None = None, timings: dict[str, int] | None = None) -> dict[str, Any]:
-    """The last object: done, why, token counts and durations (nanoseconds)."""
-    body = piece(kind, model, text)
+          usage: Usage | None = None, timings: dict[str, int] | None = None,
+          tool_calls: Sequence[ParsedCall] = ()) -> dict[str, Any]:
+    """The last object: done, why, token counts and durations (nanoseconds); an unstreamed
+    answer's tool calls (Ollama says "stop" after calls, not OpenAI's "tool_calls")."""
+    body = piece(kind, model, text, [call.ollama(i) for i, call in enumerate(tool_calls)])
     body["done"] = True
-    body["done_reason"] = done_reason
+    body["done_reason"] = "stop" if done_reason == "tool_calls" else done_reason
     if timings is not None:
         body.update(timings)
     if usage is not None:

@@ -31,6 +31,7 @@ from edgerunner.runtime.protocol import (
     Event,
     RequestError,
     TextEvent,
+    ToolDeltaEvent,
 )
 from edgerunner.runtime.scheduler import Job, Scheduler
 
@@ -119,6 +120,12 @@ def _sse_renderer(job: Job, request: AnyRequest, model: str) -> relay.Render:
                 return data(protocol.chat_chunk(job.id, model, job.created,
                                                 content=event.text, role=role))
             return data(protocol.text_completion(job.id, model, job.created, event.text, None))
+        if isinstance(event, ToolDeltaEvent):
+            role, started = not started, True
+            return data(protocol.chat_chunk(job.id, model, job.created, role=role,
+                                            tool_calls=[event.delta]))
+        if not isinstance(event, (DoneEvent, ErrorEvent)):
+            return ""  # calls went out as deltas already
         if isinstance(event, ErrorEvent):
             return data(event.error.body()) + "data: [DONE]\n\n"
         if not chat:

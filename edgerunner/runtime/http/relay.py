@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from edgerunner.runtime import protocol
-from edgerunner.runtime.protocol import AnyRequest, Event, RequestError, TextEvent
+from edgerunner.runtime.protocol import AnyRequest, Event, FinalEvent, RequestError
 from edgerunner.runtime.scheduler import Job, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Inbox:
         """Called from the worker thread (the scheduler's sink)."""
         with self._lock:
             self._items.append(event)
-            urgent = self._waiting or not isinstance(event, TextEvent)
+            urgent = self._waiting or isinstance(event, FinalEvent)
             if not urgent or self._wake_pending:
                 return
             self._wake_pending = True
@@ -147,7 +147,7 @@ async def relay(first: list[Event], events: Inbox, job: Job, render: Render,
     try:
         while True:
             # everything that arrived since the last wake-up goes out in one write
-            final = not isinstance(batch[-1], TextEvent)
+            final = isinstance(batch[-1], FinalEvent)
             yield "".join(render(event) for event in batch)
             if final:
                 return

@@ -23,14 +23,17 @@ from paho.mqtt.properties import Properties
 from edgerunner.runtime.protocol import (
     DoneEvent,
     ErrorBody,
+    ErrorEvent,
     Event,
     FinishReason,
     RequestError,
     TextEvent,
+    ToolDeltaEvent,
     Usage,
     chat_chunk,
     chat_completion,
 )
+from edgerunner.runtime.tool_protocol import ToolCallDelta
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +164,23 @@ class ReplyStream:
         self._on_final = on_final
         self._clock = clock
         self._pending = ""
+        self._pending_calls: list[ToolCallDelta] = []  # call deltas, after the pending text
         self._last_sent = float("-inf")
         self._backlog_cut = False
         self._lock = threading.Lock()
 
     def __call__(self, event: Event) -> None:
         with self._lock:
-            if isinstance(event, TextEvent):
-                self._pending += event.text
+            if isinstance(event, (TextEvent, ToolDeltaEvent)):
+                if isinstance(event, TextEvent):
+                    self._pending += event.text
+                else:
+                    self._pending_calls.append(event.delta)
                 if self._clock() - self._last_sent >= self.interval:
                     self._flush(final=False)
                 return
+            if not isinstance(event, (DoneEvent, ErrorEvent)):
+                return  # whole calls: the deltas carried them already
             try:
                 if isinstance(event, DoneEvent):
                     self._done(event)
@@ -202,7 +211,7 @@ class ReplyStream:
                 "cancelled",
                 "generation stopped: the broker was unreachable and the reply backlog filled up; "
                 "retry the request")
-        elif self.stream and self._pending:
+        elif self.stream and (self._pending or self._pending_calls):
             # text generated before the failure is still delivered, then the error
             with contextlib.suppress(ReplyBacklogFull):
                 self._flush(final=False, force=True)
@@ -217,17 +226,26 @@ class ReplyStream:
         force: bool = False,
     ) -> None:
         text, self._pending = self._pending, ""
-        if not text and not final:
+        calls, self._pending_calls = _merged(self._pending_calls), []
+        if not text and not calls and not final:
             return
-        pieces = self._split(text, usage)
-        for i, piece in enumerate(pieces):
-            last = final and i == len(pieces) - 1
+        # content first (a call never precedes text), each call's arguments split to fit
+        parts: list[tuple[str | None, ToolCallDelta | None]] = []
+        if text or not calls:
+            parts = [(piece, None) for piece in self._split(text, usage)]
+        for delta in calls:
+            for i, args in enumerate(self._split(delta.arguments, usage, delta)):
+                head = (delta.id, delta.name) if i == 0 else (None, None)
+                parts.append((None, ToolCallDelta(delta.index, *head, arguments=args)))
+        for i, (piece, call) in enumerate(parts):
+            last = final and i == len(parts) - 1
             chunk = chat_chunk(
                 self.id, self.model, self.created,
-                content=piece if piece or not last else None,
+                content=piece if piece or (call is None and not last) else None,
                 role=self.seq == 0,
                 finish_reason=finish_reason if last else None,
                 usage=(usage if last else None),
+                tool_calls=None if call is None else [call],
             )
             chunk["seq"] = self.seq
             try:
@@ -238,10 +256,13 @@ class ReplyStream:
             self.seq += 1
         self._last_sent = self._clock()
 
-    def _split(self, text: str, usage: Usage | None) -> list[str]:
-        """Pieces of `text` such that each chunk carrying one fits the packet budget."""
+    def _split(self, text: str, usage: Usage | None,
+               call: ToolCallDelta | None = None) -> list[str]:
+        """Pieces of `text` (content, or `call`'s arguments) such that each chunk carrying one
+        fits the packet budget."""
+        head = None if call is None else [ToolCallDelta(call.index, call.id, call.name)]
         empty = chat_chunk(self.id, self.model, self.created, content="", role=True,
-                           finish_reason="length", usage=usage or Usage())
+                           finish_reason="length", usage=usage or Usage(), tool_calls=head)
         empty["seq"] = self.seq + len(text)  # a seq at least as long as any this flush uses
         room = self.replier.budget(self.route) - len(encode(empty))
         if len(encode(text)) - 2 <= room:
@@ -261,3 +282,16 @@ class ReplyStream:
             size += cost
         pieces.append(text[start:])
         return pieces
+
+
+def _merged(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Consecutive deltas of one call as one (the openai client concatenates the pieces)."""
+    out: list[ToolCallDelta] = []
+    for delta in deltas:
+        if out and out[-1].index == delta.index and delta.id is None:
+            last = out[-1]
+            out[-1] = ToolCallDelta(last.index, last.id, last.name,
+                                    last.arguments + delta.arguments)
+        else:
+            out.append(delta)
+    return out

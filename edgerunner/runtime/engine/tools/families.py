@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from edgerunner.runtime.tool_protocol import ParsedCall, Tool
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_chat_format import ChatFormatterResponse
 
 WS = "[ \\t\\n]{0,4}"  # GBNF: the whitespace the wrappers allow between their pieces
 
@@ -200,6 +203,15 @@ def render(template: str, messages: Sequence[dict[str, Any]], tools: Sequence[To
            add_generation_prompt: bool = True) -> str:
     """The prompt: the model's own template rendered with `tools=` (native families) or with
     the generic block in the system message; the template's exceptions propagate."""
+    return render_response(template, messages, tools, bos_token=bos_token,
+                           eos_token=eos_token, family=family,
+                           add_generation_prompt=add_generation_prompt).prompt
+
+
+def render_response(template: str, messages: Sequence[dict[str, Any]], tools: Sequence[Tool], *,
+                    bos_token: str = "", eos_token: str = "", family: Family | None = None,
+                    add_generation_prompt: bool = True) -> ChatFormatterResponse:
+    """`render`, with the formatter's stops and whether the template added BOS."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     family = family or detect(template)
@@ -207,18 +219,15 @@ def render(template: str, messages: Sequence[dict[str, Any]], tools: Sequence[To
                                     bos_token=bos_token,
                                     add_generation_prompt=add_generation_prompt)
     if family.native:
-        result = formatter(messages=list(messages),  # type: ignore[arg-type]
-                           tools=template_tools(tools) if tools else None)  # type: ignore[arg-type]
-    else:
-        plain = generic_messages(family, messages, tools)
-        try:
-            result = formatter(messages=plain)  # type: ignore[arg-type]
-        except Exception:  # jinja templates raise whatever they like
-            if len(plain) < 2 or plain[0]["role"] != "system" or plain[1]["role"] != "user":
-                raise
-            # templates without a system role (Gemma): the block opens the first user turn
-            merged = {"role": "user",
-                      "content": plain[0]["content"] + "\n\n" + plain[1]["content"]}
-            rest: list[Any] = [merged, *plain[2:]]
-            result = formatter(messages=rest)
-    return result.prompt
+        return formatter(messages=list(messages),  # type: ignore[arg-type]
+                         tools=template_tools(tools) if tools else None)  # type: ignore[arg-type]
+    plain = generic_messages(family, messages, tools)
+    try:
+        return formatter(messages=plain)  # type: ignore[arg-type]
+    except Exception:  # jinja templates raise whatever they like
+        if len(plain) < 2 or plain[0]["role"] != "system" or plain[1]["role"] != "user":
+            raise
+    # templates without a system role (Gemma): the block opens the first user turn
+    merged = {"role": "user", "content": plain[0]["content"] + "\n\n" + plain[1]["content"]}
+    rest: list[Any] = [merged, *plain[2:]]
+    return formatter(messages=rest)

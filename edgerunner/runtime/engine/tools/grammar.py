@@ -131,12 +131,80 @@ def _rebase_refs(node: Any, base: str) -> Any:
     return out
 
 
+# integer ranges up to this many values become an enum (llama-cpp-python's converter ignores
+# minimum/maximum); each value is an alternative the grammar weighs while the number is written
+MAX_RANGE_ENUM = 256
+
+
+def _bounds(node: dict[str, Any]) -> tuple[int, int] | None:
+    """An integer schema's inclusive (low, high), when both are set as integers."""
+    low, high = node.get("minimum"), node.get("maximum")
+    if isinstance(node.get("exclusiveMinimum"), int) and not isinstance(
+            node["exclusiveMinimum"], bool):
+        low = node["exclusiveMinimum"] + 1
+    if isinstance(node.get("exclusiveMaximum"), int) and not isinstance(
+            node["exclusiveMaximum"], bool):
+        high = node["exclusiveMaximum"] - 1
+    if isinstance(low, float) and low.is_integer():
+        low = int(low)
+    if isinstance(high, float) and high.is_integer():
+        high = int(high)
+    if not isinstance(low, int) or not isinstance(high, int) or isinstance(low, bool) \
+            or isinstance(high, bool):
+        return None
+    return low, high
+
+
+# keywords that only annotate: a schema with nothing else allows any value (HA's GetLiveContext
+# `domain` is {"description": ...}), which llama-cpp-python's converter refuses as it stands
+_ANNOTATIONS = frozenset({"description", "title", "default", "examples", "$comment",
+                          "deprecated", "readOnly", "writeOnly"})
+_ANY_TYPE = ["string", "number", "boolean", "array", "object", "null"]
+
+
+def _any_if_bare(schema: Any) -> Any:
+    if isinstance(schema, dict) and set(schema) <= _ANNOTATIONS:
+        return {**schema, "type": list(_ANY_TYPE)}
+    return schema
+
+
+def hold_schema(node: Any) -> Any:
+    """The parameters' schema rewritten so the grammar holds what the converter would let
+    pass: every array of enum items at most as long as there are values (Home Assistant's
+    `domain` has no maxItems: a small model repeated "fan" until max_tokens; a larger
+    minItems or a smaller maxItems is kept), an integer between minimum and maximum (up to
+    MAX_RANGE_ENUM values) as the enum of those values (HA's brightness 0-100), and a
+    property or item schema that only annotates as any JSON value."""
+    if isinstance(node, list):
+        return [hold_schema(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: hold_schema(v) for k, v in node.items()}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: _any_if_bare(v) for k, v in out["properties"].items()}
+    if "items" in out:
+        out["items"] = _any_if_bare(out["items"])
+    bounds = _bounds(out) if out.get("type") == "integer" and "enum" not in out else None
+    if bounds is not None and 0 < bounds[1] - bounds[0] + 1 <= MAX_RANGE_ENUM:
+        out = {k: v for k, v in out.items() if k not in (
+            "type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")}
+        out["enum"] = list(range(bounds[0], bounds[1] + 1))
+    items = out.get("items")
+    if isinstance(items, dict) and isinstance(items.get("enum"), list) and items["enum"]:
+        least = out.get("minItems")
+        cap = max(len(items["enum"]), least if isinstance(least, int) else 0)
+        if not isinstance(out.get("maxItems"), int) or out["maxItems"] > cap:
+            out["maxItems"] = cap
+    return out
+
+
 def call_schema(tools: Sequence[Tool], args_key: str) -> dict[str, Any]:
     """One JSON schema for a call to any of `tools`: {"name": const, args_key: parameters}."""
     alternatives = []
     for i, tool in enumerate(tools):
         base = (f"#/anyOf/{i}" if len(tools) > 1 else "#") + f"/properties/{args_key}"
-        params = _rebase_refs(copy.deepcopy(tool.function.parameters_schema()), base)
+        params = hold_schema(_rebase_refs(copy.deepcopy(tool.function.parameters_schema()),
+                                          base))
         alternatives.append({
             "type": "object",
             "properties": {"name": {"const": tool.function.name}, args_key: params},

@@ -3,6 +3,7 @@ from): detection, rendering with tools, and the render → parse round trip of a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +98,20 @@ def test_rendered_call_parses_back(name: str) -> None:
     assert "HassTurnOn" not in result.content
 
 
-@pytest.mark.parametrize("family", [f for f in F.FAMILIES], ids=lambda f: f.name)
-def test_model_shaped_output_round_trips_with_content_and_parallel_calls(
-        family: F.Family) -> None:
+def _model_output(family: F.Family) -> tuple[list[ParsedCall], str, str]:
+    """(the calls, the content before them, the text) of an answer shaped as the model
+    writes it: two calls where the format carries several, text first where it may."""
     calls = [CALL, ParsedCall("GetLiveContext", {}, "b")]
     if not family.parallel:
         calls = calls[:1]
     lead = "" if family.start is not None else "Sure, one moment. "
-    text = lead + family.format_calls(calls)
+    return calls, lead, lead + family.format_calls(calls)
+
+
+@pytest.mark.parametrize("family", [f for f in F.FAMILIES], ids=lambda f: f.name)
+def test_model_shaped_output_round_trips_with_content_and_parallel_calls(
+        family: F.Family) -> None:
+    calls, lead, text = _model_output(family)
     result = parse(family, text)
     assert result.content == lead
     assert [(c.name, c.arguments) for c in result.calls] == [(c.name, c.arguments)
@@ -114,11 +121,7 @@ def test_model_shaped_output_round_trips_with_content_and_parallel_calls(
 @pytest.mark.parametrize("family", [f for f in F.FAMILIES], ids=lambda f: f.name)
 def test_streaming_in_small_pieces_gives_what_openai_clients_assemble(
         family: F.Family) -> None:
-    calls = [CALL, ParsedCall("GetLiveContext", {}, "b")]
-    if not family.parallel:
-        calls = calls[:1]
-    lead = "" if family.start is not None else "Sure, one moment. "
-    text = lead + family.format_calls(calls)
+    calls, lead, text = _model_output(family)
     for size in (1, 3, 7):
         parser = StreamParser(family)
         out: list[str | ToolCallDelta] = []
@@ -133,7 +136,6 @@ def test_streaming_in_small_pieces_gives_what_openai_clients_assemble(
                 assert delta.index not in assembled and delta.name is not None
                 assembled[delta.index] = {"id": delta.id, "name": delta.name, "arguments": ""}
             assembled[delta.index]["arguments"] += delta.arguments
-        import json
         assert [(a["name"], json.loads(a["arguments"])) for a in assembled.values()] == [
             (c.name, c.arguments) for c in calls]
         assert [a["id"] for a in assembled.values()] == [c.id for c in parser.result().calls]
@@ -149,24 +151,25 @@ def test_a_possible_trigger_is_held_back_then_released_as_text(text: str) -> Non
     assert parser.result().calls == []
 
 
-def test_text_mentioning_a_call_shape_mid_answer_is_content_for_start_only_formats() -> None:
-    text = 'Here is JSON: {"name": "x", "parameters": {}}'
-    result = parse(F.LLAMA3, text)
-    assert result.content == text and result.calls == []
-
-
-def test_phi4_template_call_syntax_parses() -> None:
-    text = '<|tool_call|>{"name": "HassTurnOn", "arguments": {"name": "a"}}<|/tool_call|>'
-    assert [(c.name, c.arguments) for c in parse(F.PHI4, text).calls] == [
-        ("HassTurnOn", {"name": "a"})]
-
-
-def test_functiongemma_values() -> None:
-    text = ("<start_function_call>call:set{level:<escape>a, b{c}<escape>,n:3,on:true,"
-            "xs:[1,<escape>y<escape>],o:{k:<escape>v<escape>}}<end_function_call>")
-    result = parse(F.FUNCTIONGEMMA, text)
-    assert [(c.name, c.arguments) for c in result.calls] == [
-        ("set", {"level": "a, b{c}", "n": 3, "on": True, "xs": [1, "y"], "o": {"k": "v"}})]
+@pytest.mark.parametrize(("family", "text", "calls"), [
+    # Phi-4-mini's template writes calls between its own tags
+    (F.PHI4, '<|tool_call|>{"name": "HassTurnOn", "arguments": {"name": "a"}}<|/tool_call|>',
+     [("HassTurnOn", {"name": "a"})]),
+    # the grammar allows whitespace before the bracket, so the parser must read it too
+    (F.PHI4, 'functools [{"name": "GetLiveContext", "arguments": {}}]',
+     [("GetLiveContext", {})]),
+    (F.FUNCTIONGEMMA, "<start_function_call>call:set{level:<escape>a, b{c}<escape>,n:3,"
+     "on:true,xs:[1,<escape>y<escape>],o:{k:<escape>v<escape>}}<end_function_call>",
+     [("set", {"level": "a, b{c}", "n": 3, "on": True, "xs": [1, "y"], "o": {"k": "v"}})]),
+    # a call's shape mid-answer is content for the formats that call only at the start
+    (F.LLAMA3, 'Here is JSON: {"name": "x", "parameters": {}}', []),
+], ids=["phi4-tags", "phi4-space", "functiongemma-values", "llama3-mid-answer"])
+def test_answers_parse_to_their_calls(family: F.Family, text: str,
+                                      calls: list[tuple[str, dict[str, Any]]]) -> None:
+    result = parse(family, text)
+    assert [(c.name, c.arguments) for c in result.calls] == calls
+    if not calls:
+        assert result.content == text
 
 
 def test_generic_history_renders_calls_and_results_as_text() -> None:
@@ -175,9 +178,3 @@ def test_generic_history_renders_calls_and_results_as_text() -> None:
     prompt = F.render(_template("google-gemma-2-2b-it.jinja"), messages, TOOLS)
     assert F.GENERIC.format_calls([CALL]) in prompt
     assert '"tool_response"' in prompt and '"content": "on"' in prompt
-
-
-def test_phi4_call_with_a_space_before_the_bracket_is_a_call() -> None:
-    # the grammar allows whitespace there, so the parser must read it too
-    text = 'functools [{"name": "GetLiveContext", "arguments": {}}]'
-    assert [c.name for c in parse(F.PHI4, text).calls] == ["GetLiveContext"]

@@ -21,6 +21,7 @@ from edgerunner.runtime.engine.tools.grammar import (
     add_to_chain,
     build,
     call_schema,
+    hold_schema,
     lazy_patterns,
 )
 from edgerunner.runtime.engine.tools.parse import StreamParser
@@ -170,6 +171,26 @@ def test_refusals_say_what_to_change(engine: Engine) -> None:
     assert info.value.http_status == 400
     assert "tools[3].function.parameters.properties.x" in info.value.message
     assert "maxLength 50000" in info.value.message
+
+
+def test_enum_arrays_are_capped_and_integer_ranges_become_enums() -> None:
+    schema = call_schema(ToolsOptions.model_validate({"tools": TOOLS}).tools, "arguments")
+    turn_on, light_set, _ = (alt["properties"]["arguments"] for alt in schema["anyOf"])
+    assert turn_on["properties"]["domain"]["maxItems"] == 3  # HA's domain had no maxItems
+    assert light_set["properties"]["brightness"] == {"enum": list(range(101))}
+    held = hold_schema({"type": "object", "properties": {
+        "few": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 1},
+        "many": {"type": "array", "items": {"enum": ["a"]}, "minItems": 2},
+        "wide": {"type": "integer", "minimum": 0, "maximum": 10_000},
+        "open": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4},
+        "any": {"description": "a domain or a list of them"},  # HA's GetLiveContext
+        "description": {"type": "string"}}})  # a property named like a keyword
+    props = held["properties"]
+    assert props["any"]["type"] == ["string", "number", "boolean", "array", "object", "null"]
+    assert props["description"] == {"type": "string"}
+    assert props["few"]["maxItems"] == 1 and props["many"]["maxItems"] == 2
+    assert props["wide"] == {"type": "integer", "minimum": 0, "maximum": 10_000}  # too many
+    assert props["open"] == {"enum": [1, 2, 3]}
 
 
 def test_refs_inside_parameters_point_into_the_combined_schema() -> None:

@@ -8,11 +8,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from edgerunner.runtime.protocol import RequestError
+from edgerunner.runtime.protocol import ChatMessage, RequestError, parse_request
 from edgerunner.runtime.tool_protocol import (
     ParsedCall,
     ToolCallDelta,
-    ToolChatMessage,
     ToolsOptions,
 )
 
@@ -21,11 +20,11 @@ TOOL = {"type": "function", "function": {"name": "HassTurnOn", "parameters": {
 
 
 def test_openai_history_with_calls_and_results() -> None:
-    call = ToolChatMessage.model_validate(
+    call = ChatMessage.model_validate(
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function",
              "function": {"name": "HassTurnOn", "arguments": '{"name": "kitchen"}'}}]})
-    result = ToolChatMessage.model_validate(
+    result = ChatMessage.model_validate(
         {"role": "tool", "tool_call_id": "call_1", "content": "done"})
     assert call.template_dict()["tool_calls"][0]["function"]["arguments"] == {"name": "kitchen"}
     assert call.text() == ""
@@ -34,10 +33,10 @@ def test_openai_history_with_calls_and_results() -> None:
 
 
 def test_ollama_history_with_object_arguments_and_tool_name() -> None:
-    call = ToolChatMessage.model_validate(
+    call = ChatMessage.model_validate(
         {"role": "assistant", "content": "", "tool_calls": [
             {"function": {"index": 0, "name": "HassTurnOn", "arguments": {"name": "k"}}}]})
-    result = ToolChatMessage.model_validate(
+    result = ChatMessage.model_validate(
         {"role": "tool", "tool_name": "HassTurnOn", "content": "done"})
     assert call.template_dict()["tool_calls"][0]["function"]["arguments"] == {"name": "k"}
     assert result.template_dict()["name"] == "HassTurnOn"
@@ -49,11 +48,11 @@ def test_ollama_history_with_object_arguments_and_tool_name() -> None:
 ])
 def test_malformed_messages_are_refused(message: dict) -> None:
     with pytest.raises(ValidationError):
-        ToolChatMessage.model_validate(message)
+        ChatMessage.model_validate(message)
 
 
 def test_arguments_that_are_not_an_object_say_so() -> None:
-    message = ToolChatMessage.model_validate(
+    message = ChatMessage.model_validate(
         {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1"}}]})
     with pytest.raises(RequestError, match="not valid JSON"):
         message.template_dict()
@@ -93,10 +92,25 @@ def test_wire_shapes() -> None:
     call = ParsedCall("HassTurnOn", {"name": "kitchen"}, "call_x")
     assert call.openai() == {"id": "call_x", "type": "function", "function": {
         "name": "HassTurnOn", "arguments": json.dumps({"name": "kitchen"})}}
-    assert call.ollama() == {"function": {"name": "HassTurnOn",
-                                          "arguments": {"name": "kitchen"}}}
+    assert call.ollama(1) == {"id": "call_x", "function": {
+        "index": 1, "name": "HassTurnOn", "arguments": {"name": "kitchen"}}}
     assert ToolCallDelta(0, "call_x", "HassTurnOn").openai() == {
         "index": 0, "id": "call_x", "type": "function",
         "function": {"name": "HassTurnOn", "arguments": ""}}
     assert ToolCallDelta(0, arguments='{"na').openai() == {
         "index": 0, "function": {"arguments": '{"na'}}
+
+
+def test_the_chat_request_carries_the_tool_fields() -> None:
+    request = parse_request("chat", {
+        "messages": [{"role": "user", "content": "hi"}], "tools": [TOOL],
+        "tool_choice": "required", "parallel_tool_calls": False})
+    options = request.tools_options()  # type: ignore[union-attr]
+    assert options.forced and not options.parallel_tool_calls
+    assert request.uses_tools  # type: ignore[union-attr]
+    plain = parse_request("chat", {"messages": [{"role": "user", "content": "hi"}]})
+    assert not plain.uses_tools  # type: ignore[union-attr]
+    assert plain.tools_options().tool_choice == "auto"  # type: ignore[union-attr]
+    with pytest.raises(RequestError, match="tool_choice"):
+        parse_request("chat", {"messages": [{"role": "user", "content": "hi"}],
+                               "tool_choice": "sometimes"})
