@@ -379,7 +379,7 @@ def main() -> None:
     table.add_row("TTFT prefix-cache hit", f"{med(d['hit']) * 1e3:.0f} ms", "")
     table.add_row("hit / cold (per pair)", f"{med(ratios):.3f}x", "<= 0.2x")
     table.add_row("decode tok/s of the call (hit requests)", f"{med(d['rates']):.1f}", "")
-    if "valid" in d:
+    if "valid" in d and args.seeds:
         table.add_row("schema-valid calls, daemon (tool grammar)",
                       f"{d['valid']}/{args.seeds}" + (
                           f" ({d['valid_cut']} of the rest cut at --call-tokens)"
