@@ -138,6 +138,7 @@ def stream(http: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     times: list[float] = []
     calls: dict[int, dict[str, str]] = {}
     usage: dict[str, Any] = {}
+    finish = None
     content = []
     with http.stream("POST", "/v1/chat/completions", json={
             **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
@@ -151,6 +152,7 @@ def stream(http: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk.get("choices") or []:
+                finish = choice.get("finish_reason") or finish
                 delta = choice.get("delta") or {}
                 if delta.get("content") or delta.get("tool_calls"):
                     times.append(time.perf_counter())
@@ -162,7 +164,7 @@ def stream(http: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
                     call["arguments"] += fn.get("arguments") or ""
     return {"ttft": times[0] - start if times else float("nan"), "times": times,
             "calls": [calls[i] for i in sorted(calls)], "content": "".join(content),
-            "usage": usage}
+            "usage": usage, "finish_reason": finish}
 
 
 def valid(calls: list[dict[str, Any]], schemas: dict[str, dict[str, Any]]) -> bool:
@@ -233,14 +235,16 @@ def daemon_runs(http: httpx.Client, n: int, generic: bool, args: argparse.Namesp
                               "reused": after["tokens_reused"] - before["tokens_reused"]}
     if with_tools:
         schemas = HA.schemas(base["tools"])
-        ok = 0
+        ok = cut = 0
         for seed in range(args.seeds):
             got = stream(http, {**base, "messages": [
                 base["messages"][0], {"role": "user", "content": USERS[seed % len(USERS)]}],
                 "tool_choice": "required", "max_tokens": args.call_tokens,
                 "temperature": 0.8, "top_p": 0.95, "seed": seed})
-            ok += valid(got["calls"], schemas)
-        result["valid"] = ok
+            good = valid(got["calls"], schemas)
+            ok += good
+            cut += not good and got["finish_reason"] == "length"
+        result["valid"], result["valid_cut"] = ok, cut
     return result
 
 
@@ -327,7 +331,7 @@ def main() -> None:
                         help="print the in-process outputs that were not a valid call")
     args = parser.parse_args()
 
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     with tempfile.TemporaryDirectory(prefix="er-bench-tools-", dir="/tmp") as tmp:
         path = args.bundle or default_bundle(Path(tmp))
         bundle = load_bundle(path)
@@ -375,9 +379,11 @@ def main() -> None:
     table.add_row("TTFT prefix-cache hit", f"{med(d['hit']) * 1e3:.0f} ms", "")
     table.add_row("hit / cold (per pair)", f"{med(ratios):.3f}x", "<= 0.2x")
     table.add_row("decode tok/s of the call (hit requests)", f"{med(d['rates']):.1f}", "")
-    if "valid" in d:
+    if "valid" in d and args.seeds:
         table.add_row("schema-valid calls, daemon (tool grammar)",
-                      f"{d['valid']}/{args.seeds}", f"{args.seeds}/{args.seeds}")
+                      f"{d['valid']}/{args.seeds}" + (
+                          f" ({d['valid_cut']} of the rest cut at --call-tokens)"
+                          if d["valid_cut"] else ""), f"{args.seeds}/{args.seeds}")
     if inproc is not None:
         every = f"{args.seeds}/{args.seeds}"
         for kind, label, goal in (("grammar", "with the tool grammar", every),
