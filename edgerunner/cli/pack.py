@@ -29,7 +29,7 @@ def plan_flags(func: Any) -> Any:
     flags = [
         click.option("--min-ctx", type=click.IntRange(min=16),
                      help="Smallest acceptable context (Home Assistant's Assist with tools: "
-                     "--min-ctx 16384 --max-ctx 16384, see the README)."),
+                     "--min-ctx 8192, see the README)."),
         click.option("--max-ctx", type=click.IntRange(min=16), help="Largest context to plan."),
         click.option("--min-tps", type=click.FloatRange(min=0), help="Slowest acceptable decode."),
         click.option("--quant", help="Force this quantization preset, e.g. Q4_K_M."),

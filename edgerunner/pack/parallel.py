@@ -18,9 +18,13 @@ PARALLEL_CHOICES = (1, 2, 4, 8)
 # answer of a few hundred tokens each. Less, and a fully loaded daemon turns requests away
 # with context_length_exceeded that a single stream would have served.
 MIN_SLOT_CELLS = 512
-# Home Assistant's and most chat apps' system prompts run to about a thousand tokens; the
-# cache is worth keeping when it can hold one and still leave the requests half the cells.
+# Most chat apps' system prompts run to about a thousand tokens; the cache is worth keeping
+# when it can hold one and still leave the requests half the cells.
 SYSTEM_PROMPT_CELLS = 1024
+# Home Assistant's Assist prompt with its tool list is about 3,600 tokens (25 entities, 20
+# tools; tools/bench/bench_tools.py --prompt-only): a context that can give it these cells and
+# still leave the requests half does, or every Assist turn evaluates it again.
+TOOLS_PROMPT_CELLS = 4096
 PREFIX_CACHE_SHARE = 4  # n_ctx // 4: a bounded share, the rest is the streams'
 # Aggregate speed must grow at least this much for one more doubling of the streams to pay
 # for its memory and the slower streams it makes.
@@ -44,10 +48,12 @@ class ParallelChoice:
 
 def prefix_cache_cells(n_ctx: int) -> int:
     """Cells for the shared-prefix cache: a quarter of n_ctx, raised to hold a system prompt
-    when that leaves the requests half the cells; none below that."""
+    with tools (or, below that, a plain one) when that leaves the requests half the cells;
+    none below that."""
     if n_ctx < 2 * SYSTEM_PROMPT_CELLS:
         return 0
-    return max(n_ctx // PREFIX_CACHE_SHARE, SYSTEM_PROMPT_CELLS)
+    prompt = TOOLS_PROMPT_CELLS if n_ctx >= 2 * TOOLS_PROMPT_CELLS else SYSTEM_PROMPT_CELLS
+    return max(n_ctx // PREFIX_CACHE_SHARE, prompt)
 
 
 def n_seq_max(n_parallel: int, prefix_cells: int) -> int:

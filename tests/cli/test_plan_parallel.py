@@ -14,7 +14,7 @@ def test_plan_table_shows_the_streams(default_model: Path) -> None:
     result = CliRunner().invoke(main, ["plan", str(default_model), "--profile", "rpi5"])
     assert result.exit_code == 0, result.output
     assert "streams" in result.output
-    assert "n_parallel 4, prefix cache 2048 cells" in result.output
+    assert "n_parallel 4, prefix cache 4096 cells" in result.output
     assert "per stream and" in result.output and "in all with 4" in result.output
 
 
@@ -24,7 +24,7 @@ def test_plan_json_and_parallel_flag(default_model: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["runtime"]["n_parallel"] == 2
-    assert data["runtime"]["prefix_cache_cells"] == 2048
+    assert data["runtime"]["prefix_cache_cells"] == 4096
     pred = data["prediction"]
     assert abs(pred["aggregate_tps"] - 2 * pred["stream_tps"]) < 0.02
 
