@@ -42,6 +42,7 @@ from pathlib import Path
 from edgerunner.bundle.manifest import KVType, MemoryEstimate
 from edgerunner.errors import ModelError, QuantizeError
 from edgerunner.pack.gguf_info import ModelInfo, TensorInfo
+from edgerunner.pack.isa import REPACK_ISAS, isa_features
 from edgerunner.pack.quant_rules import PRESETS, check_preset, row_bytes, tensor_bytes, tensor_types
 
 logger = logging.getLogger(__name__)
@@ -274,6 +275,14 @@ def resident_weight_bytes(
     mmap every tensor is read into an anonymous buffer once, plus a repacked tied output copy
     (tied_copy_bytes)."""
     return quant_facts(info, quant, cpu_features).resident(mmap)
+
+
+def weights_by_isa(info: ModelInfo, quant: str, mmap: bool,
+                   isas: Iterable[str] = REPACK_ISAS) -> dict[str, float]:
+    """Resident weights (MiB) with this preset and residency on each repack ISA: what the same
+    bundle holds when a CPU other than its profile's serves it."""
+    return {isa: round(quant_facts(info, quant, isa_features(isa)).resident(mmap) / MIB, 2)
+            for isa in isas}
 
 
 # --- context shapes ------------------------------------------------------------------------

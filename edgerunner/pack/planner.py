@@ -18,7 +18,15 @@ from edgerunner.bundle.manifest import (
 from edgerunner.bundle.speed import PROMPT_SPEEDUP
 from edgerunner.errors import EdgerunnerError, PlanError
 from edgerunner.pack.gguf_info import ModelInfo
-from edgerunner.pack.memory import CTX_PAD, QuantFacts, estimate_memory, kv_bytes, quant_facts
+from edgerunner.pack.isa import repack_isa
+from edgerunner.pack.memory import (
+    CTX_PAD,
+    QuantFacts,
+    estimate_memory,
+    kv_bytes,
+    quant_facts,
+    weights_by_isa,
+)
 from edgerunner.pack.parallel import ParallelChoice, choose_parallel
 from edgerunner.pack.plan_reasons import choice_reasons, explain_rejections
 from edgerunner.pack.quant_rules import PRESETS, check_preset
@@ -382,6 +390,8 @@ def make_plan(
         prediction=Prediction(
             memory=chosen.memory, decode_tps=chosen.decode_tps, file_size=chosen.file_size,
             stream_tps=parallel.stream_tps, aggregate_tps=parallel.aggregate_tps,
+            cpu=repack_isa(planner.features),
+            weights_mb_by_cpu=weights_by_isa(info, chosen.quant, chosen.mmap),
         ),
         warnings=planner.warnings,
     )
