@@ -94,7 +94,6 @@ def inspect_cmd(model: Path, as_json: bool) -> None:
     ]
     if manifest is not None:
         from edgerunner.cli.pack import quality_line
-
         from edgerunner.cli.plan import weights_by_cpu_line
 
         prediction = manifest.prediction
