@@ -113,8 +113,11 @@ _DRY_RUN_LINE = re.compile(
 )
 
 
-def dry_run_types(path: Path, quant: str) -> dict[str, str]:
-    """The type of every tensor, as llama.cpp's own quantizer decides it (dry_run, no output)."""
+def dry_run_types(path: Path, quant: str, imatrix: bool = False) -> dict[str, str]:
+    """The type of every tensor, as llama.cpp's own quantizer decides it (dry_run, no output).
+    `imatrix`: as with an importance matrix (a placeholder: the dry run reads no values)."""
+    import ctypes
+
     import llama_cpp
 
     from edgerunner.pack.llama_log import capture_llama_log
@@ -125,6 +128,13 @@ def dry_run_types(path: Path, quant: str) -> dict[str, str]:
     params.allow_requantize = True
     params.dry_run = True
     params.nthread = 1
+    if imatrix:
+        value = (ctypes.c_float * 1)(1.0)
+        entries = (llama_cpp.llama_model_imatrix_data * 2)()
+        entries[0].name, entries[0].size = b"placeholder", 1
+        entries[0].data = ctypes.cast(value, ctypes.POINTER(ctypes.c_float))
+        entries[1].name = None
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     with tempfile.TemporaryDirectory(prefix="er-dry-") as tmp, capture_llama_log() as lines:
         out = Path(tmp) / "never-written.gguf"
         status = llama_cpp.llama_model_quantize(str(path).encode(), str(out).encode(), params)
