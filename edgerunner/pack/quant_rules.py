@@ -206,9 +206,7 @@ def _pick(
             new_type = "Q4_K" if n_gqa >= 4 else "Q3_K"
         elif preset == "IQ3_XXS":
             new_type = "Q4_K" if n_gqa >= 4 else "IQ3_XXS" if qs.has_imatrix else "IQ3_S"
-        elif preset in ("IQ3_XS", "IQ3_S") and n_gqa >= 4:
-            new_type = "Q4_K"
-        elif preset == "IQ3_M":
+        elif (preset in ("IQ3_XS", "IQ3_S") and n_gqa >= 4) or preset == "IQ3_M":
             new_type = "Q4_K"
         elif preset == "Q3_K_M":
             new_type = "Q5_K" if qs.i_attention_wv < 2 else "Q4_K"
