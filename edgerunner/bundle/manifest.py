@@ -71,6 +71,13 @@ class Prediction(_Model):
     aggregate_tps: float = Field(0.0, ge=0, description="Predicted tokens/s summed over "
                                  "n_parallel streams")
     file_size: int = Field(0, ge=0, description="Predicted model.gguf size in bytes")
+    cpu: str = Field("", description="The repack ISA memory is predicted for: the profile CPU's "
+                     "features that decide which weights llama.cpp repacks (\"neon+dotprod\", "
+                     "\"avx2\", \"none\"); empty in bundles packed before it was recorded")
+    weights_mb_by_cpu: dict[str, float] = Field(
+        default_factory=dict, description="Resident weights (MiB, the plan's mmap) on each repack "
+        "ISA: a CPU other than the profile's repacks other tensors, and the daemon predicts "
+        "for the CPU that serves")
 
 
 class QualityReport(_Model):

@@ -65,6 +65,7 @@ def inspect_cmd(model: Path, as_json: bool) -> None:
     if manifest is not None:
         data["quality"] = manifest.quality.model_dump() if manifest.quality else None
         data["imatrix"] = manifest.imatrix.model_dump() if manifest.imatrix else None
+        data["prediction"] = manifest.prediction.model_dump()
     if as_json:
         print_json(data)
         return
@@ -93,7 +94,16 @@ def inspect_cmd(model: Path, as_json: bool) -> None:
     ]
     if manifest is not None:
         from edgerunner.cli.pack import quality_line
+        from edgerunner.cli.plan import weights_by_cpu_line
+        from edgerunner.pack.isa import repack_isa
 
+        prediction = manifest.prediction
+        # a manifest from before `cpu` was recorded predicted for its profile's features too
+        cpu = prediction.cpu or repack_isa(manifest.profile.cpu.features)
+        rows.append(("predicted peak", f"{prediction.memory.total_mb:.0f} MiB on "
+                     f"{manifest.profile.name}'s CPU ({cpu}); "
+                     "the daemon re-predicts the weights for the CPU that serves"))
+        rows.append(("weights by CPU", weights_by_cpu_line(prediction.weights_mb_by_cpu)))
         rows.append(("quality", quality_line(manifest.quality, manifest.imatrix)))
     for key, value in rows:
         table.add_row(key, value)

@@ -54,14 +54,21 @@ def render_plan(result: PlanResult) -> None:
         f"{', flash attention' if r.flash_attn else ''}"
         f"{'' if r.swa_full else ', sliding-window cache trimmed'}, {r.n_threads} threads, "
         f"mmap {'on' if r.mmap else 'off'}, n_parallel {r.n_parallel}, prefix cache "
-        f"{r.prefix_cache_cells} cells; predicted peak {p.memory.total_mb:.0f} MiB, "
+        f"{r.prefix_cache_cells} cells; predicted peak {p.memory.total_mb:.0f} MiB "
+        f"on {result.profile}'s CPU ({p.cpu}), "
         f"{p.decode_tps:.1f} tok/s alone, {p.stream_tps:.1f} per stream and "
         f"{p.aggregate_tps:.1f} in all with {r.n_parallel}, file {p.file_size / 2**20:.0f} MiB"
     )
+    out.print(f"  weights by CPU: {weights_by_cpu_line(p.weights_mb_by_cpu)}")
     for reason in result.reasons:
         out.print(f"  why: {reason}")
     for warning in result.warnings:
         out.print(f"[yellow]warning:[/] {warning}")
+
+
+def weights_by_cpu_line(by_cpu: dict[str, float]) -> str:
+    """"avx2 120 MiB, neon+dotprod 140 MiB, ...": another CPU repacks other weights."""
+    return ", ".join(f"{isa} {mb:.0f} MiB" for isa, mb in by_cpu.items()) or "not recorded"
 
 
 @click.command("plan")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -139,6 +140,29 @@ class _Collector:
         return True
 
 
+def _decode_chunks(
+    ctx: Any, batch: Any, chunks: list[list[int]], collector: _Collector,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    """Decode each chunk in a fresh cache, every position an output; the callback collects."""
+    import llama_cpp
+
+    for i, chunk in enumerate(chunks):
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        batch.n_tokens = len(chunk)
+        for pos, token in enumerate(chunk):
+            batch.token[pos], batch.pos[pos] = token, pos
+            batch.n_seq_id[pos], batch.seq_id[pos][0] = 1, 0
+            batch.logits[pos] = True
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if collector.error is not None:
+            raise collector.error
+        if rc != 0:
+            raise ModelError(f"llama_decode failed ({rc}) computing the imatrix")
+        if progress is not None:
+            progress("computing imatrix", i + 1, len(chunks))
+
+
 def compute_imatrix(
     model_path: Path, chunks: list[list[int]], *, n_threads: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -169,21 +193,10 @@ def compute_imatrix(
             # every position an output, as imatrix.cpp asks: else the last layer only
             # computes the last token's rows, too few for the callback
             batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-            for i, chunk in enumerate(chunks):
-                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-                batch.n_tokens = len(chunk)
-                for pos, token in enumerate(chunk):
-                    batch.token[pos], batch.pos[pos] = token, pos
-                    batch.n_seq_id[pos], batch.seq_id[pos][0] = 1, 0
-                    batch.logits[pos] = True
-                rc = llama_cpp.llama_decode(ctx, batch)
-                if collector.error is not None:
-                    raise collector.error
-                if rc != 0:
-                    raise ModelError(f"llama_decode failed ({rc}) computing the imatrix")
-                if progress is not None:
-                    progress("computing imatrix", i + 1, len(chunks))
-            llama_cpp.llama_batch_free(batch)
+            try:
+                _decode_chunks(ctx, batch, chunks, collector, progress)
+            finally:  # freed when a chunk fails too
+                llama_cpp.llama_batch_free(batch)
         finally:
             llama_cpp.llama_free(ctx)
     finally:

@@ -42,6 +42,7 @@ from pathlib import Path
 from edgerunner.bundle.manifest import KVType, MemoryEstimate
 from edgerunner.errors import ModelError, QuantizeError
 from edgerunner.pack.gguf_info import ModelInfo, TensorInfo
+from edgerunner.pack.isa import REPACK_ISAS, isa_features
 from edgerunner.pack.quant_rules import PRESETS, check_preset, row_bytes, tensor_bytes, tensor_types
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,11 @@ _DRY_RUN_LINE = re.compile(
 )
 
 
-def dry_run_types(path: Path, quant: str) -> dict[str, str]:
-    """The type of every tensor, as llama.cpp's own quantizer decides it (dry_run, no output)."""
+def dry_run_types(path: Path, quant: str, imatrix: bool = False) -> dict[str, str]:
+    """The type of every tensor, as llama.cpp's own quantizer decides it (dry_run, no output).
+    `imatrix`: as with an importance matrix (a placeholder: the dry run reads no values)."""
+    import ctypes
+
     import llama_cpp
 
     from edgerunner.pack.llama_log import capture_llama_log
@@ -124,6 +128,13 @@ def dry_run_types(path: Path, quant: str) -> dict[str, str]:
     params.allow_requantize = True
     params.dry_run = True
     params.nthread = 1
+    if imatrix:
+        value = (ctypes.c_float * 1)(1.0)
+        entries = (llama_cpp.llama_model_imatrix_data * 2)()
+        entries[0].name, entries[0].size = b"placeholder", 1
+        entries[0].data = ctypes.cast(value, ctypes.POINTER(ctypes.c_float))
+        entries[1].name = None
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     with tempfile.TemporaryDirectory(prefix="er-dry-") as tmp, capture_llama_log() as lines:
         out = Path(tmp) / "never-written.gguf"
         status = llama_cpp.llama_model_quantize(str(path).encode(), str(out).encode(), params)
@@ -274,6 +285,14 @@ def resident_weight_bytes(
     mmap every tensor is read into an anonymous buffer once, plus a repacked tied output copy
     (tied_copy_bytes)."""
     return quant_facts(info, quant, cpu_features).resident(mmap)
+
+
+def weights_by_isa(info: ModelInfo, quant: str, mmap: bool,
+                   isas: Iterable[str] = REPACK_ISAS) -> dict[str, float]:
+    """Resident weights (MiB) with this preset and residency on each repack ISA: what the same
+    bundle holds when a CPU other than its profile's serves it."""
+    return {isa: round(quant_facts(info, quant, isa_features(isa)).resident(mmap) / MIB, 2)
+            for isa in isas}
 
 
 # --- context shapes ------------------------------------------------------------------------

@@ -145,6 +145,9 @@ def _pack(
     check_architecture(info.architecture, source)
 
     mark = time.perf_counter()
+    if extras.imatrix is not None:  # --imatrix FILE / --no-imatrix: the plan's candidates follow
+        options = (options or PlanOptions()).model_copy(
+            update={"imatrix": extras.imatrix is not False})
     plan = make_plan(info, profile, options)
     timings["plan"] = time.perf_counter() - mark
     quant = plan.runtime.quant

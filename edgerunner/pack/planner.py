@@ -18,10 +18,18 @@ from edgerunner.bundle.manifest import (
 from edgerunner.bundle.speed import PROMPT_SPEEDUP
 from edgerunner.errors import EdgerunnerError, PlanError
 from edgerunner.pack.gguf_info import ModelInfo
-from edgerunner.pack.memory import CTX_PAD, QuantFacts, estimate_memory, kv_bytes, quant_facts
+from edgerunner.pack.isa import repack_isa
+from edgerunner.pack.memory import (
+    CTX_PAD,
+    QuantFacts,
+    estimate_memory,
+    kv_bytes,
+    quant_facts,
+    weights_by_isa,
+)
 from edgerunner.pack.parallel import ParallelChoice, choose_parallel
 from edgerunner.pack.plan_reasons import choice_reasons, explain_rejections
-from edgerunner.pack.quant_rules import PRESETS, check_preset
+from edgerunner.pack.quant_rules import IMATRIX_ONLY, PRESETS, check_preset
 from edgerunner.profiles import DeviceProfile
 
 logger = logging.getLogger(__name__)
@@ -79,6 +87,11 @@ class PlanOptions(BaseModel):
         None, ge=1, le=MAX_PARALLEL, description="Force this many streams decoded together "
         "(default: the most the device's speed, memory and context allow, of 1, 2, 4, 8)",
     )
+    imatrix: bool | None = Field(
+        None, description="Whether the quantizer gets an importance matrix: None as pack does "
+        "(computed for presets below 4 bits), False never (--no-imatrix: the IQ2/IQ3 presets, "
+        "which llama.cpp refuses or degrades without one, are no candidates), True a user's file",
+    )
     measured_kld: dict[str, float] | None = Field(
         None, description="Mean KL divergences measured for this model (pack.quality): only "
         "these presets are considered, ranked by them instead of llama.cpp's table",
@@ -132,13 +145,16 @@ def kl_divergence(type_name: str) -> float:
     return KL_DIVERGENCE.get(name, 0.0)
 
 
-def allowed_presets(info: ModelInfo) -> list[str]:
-    """Presets that do not claim more precision than the source has (BF16 only from BF16)."""
+def allowed_presets(info: ModelInfo, imatrix: bool | None = None) -> list[str]:
+    """Presets that do not claim more precision than the source has (BF16 only from BF16);
+    the IQ2/IQ3 ones only when the quantizer gets an importance matrix (imatrix not False)."""
     floor = kl_divergence(info.file_type)
     source = info.file_type.upper()
     presets = []
     for preset in PRESETS:
         if preset == "BF16" and source != "BF16":
+            continue
+        if preset in IMATRIX_ONLY and imatrix is False:
             continue
         if KL_DIVERGENCE[preset] >= floor:
             presets.append(preset)
@@ -281,9 +297,14 @@ class _Planner:
 
 def _presets(info: ModelInfo, options: PlanOptions) -> tuple[list[str], list[str]]:
     """(presets to consider, presets rejected as above the source's precision)."""
-    allowed = allowed_presets(info)
+    allowed = allowed_presets(info, options.imatrix)
     if options.quant:
         quant = check_preset(options.quant)
+        if quant in IMATRIX_ONLY and options.imatrix is False:
+            raise PlanError(
+                f"{quant} needs an importance matrix: llama.cpp refuses its lowest-bit tensors "
+                "without one", hint="drop --no-imatrix (pack computes one on its calibration "
+                "text), pass --imatrix FILE, or choose a K-quant such as Q2_K or Q3_K_S")
         if quant not in allowed:
             raise PlanError(
                 f"{quant} would not improve on the source's {info.file_type} precision: "
@@ -294,8 +315,14 @@ def _presets(info: ModelInfo, options: PlanOptions) -> tuple[list[str], list[str
     if options.measured_kld:
         measured = [p for p in allowed if p in options.measured_kld]
         if measured:
-            return measured, [p for p in PRESETS if p not in allowed and p != "BF16"]
-    return allowed, [p for p in PRESETS if p not in allowed and p != "BF16"]
+            return measured, _too_precise(info)
+    return allowed, _too_precise(info)
+
+
+def _too_precise(info: ModelInfo) -> list[str]:
+    """The presets left out for claiming more precision than the source has."""
+    floor = kl_divergence(info.file_type)
+    return [p for p in PRESETS if p != "BF16" and KL_DIVERGENCE[p] < floor]
 
 
 def _best_config(pool: list[Candidate]) -> Candidate:
@@ -382,6 +409,8 @@ def make_plan(
         prediction=Prediction(
             memory=chosen.memory, decode_tps=chosen.decode_tps, file_size=chosen.file_size,
             stream_tps=parallel.stream_tps, aggregate_tps=parallel.aggregate_tps,
+            cpu=repack_isa(planner.features),
+            weights_mb_by_cpu=weights_by_isa(info, chosen.quant, chosen.mmap),
         ),
         warnings=planner.warnings,
     )

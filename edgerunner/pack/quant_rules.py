@@ -8,6 +8,10 @@ llama-cpp-python 0.3.36's vendored `src/llama-quant.cpp` (`tensor_allows_quantiz
 `llama_tensor_get_type_impl`, `tensor_type_fallback`, `llama_ftype_get_default_type`), for
 the presets edgerunner offers. `measure_weights_dry_run` in memory.py cross-checks this port
 against llama.cpp's own `dry_run`.
+
+Some choices depend on whether the quantizer is given an importance matrix (IQ3_XXS's attn_v and
+ffn_down; Q4_0's and Q5_0's first ffn_down layers), so tensor_types takes that too. The IQ2/IQ3
+presets need one: llama.cpp refuses IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS tensors without it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ PRESETS: dict[str, int] = {
     "Q4_0": 2, "Q4_1": 3, "Q4_K_S": 14, "Q4_K_M": 15,
     "Q5_0": 8, "Q5_1": 9, "Q5_K_S": 16, "Q5_K_M": 17,
     "Q6_K": 18, "Q8_0": 7, "F16": 1, "BF16": 32,
+    "IQ2_XXS": 19, "IQ2_XS": 20, "IQ2_S": 28, "IQ2_M": 29,
+    "IQ3_XXS": 23, "IQ3_XS": 22, "IQ3_S": 26, "IQ3_M": 27,
 }
+# Presets llama.cpp quantizes only with an importance matrix (tensor_requires_imatrix: their
+# IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS tensors), or that are meant for one (IQ3_S/IQ3_M are IQ3_XXS's
+# siblings, measured in llama.cpp's tables with one): candidates only when an imatrix is used.
+IMATRIX_ONLY = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S",
+                          "IQ3_M"})
+_IQ2 = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M"})
 
 # llama_ftype_get_default_type: the type most tensors of a preset get.
 _DEFAULT_TYPE = {
@@ -34,10 +46,14 @@ _DEFAULT_TYPE = {
     "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
     "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
     "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "F16", "BF16": "BF16",
+    "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S",
+    "IQ3_XXS": "IQ3_XXS", "IQ3_XS": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S",
 }
 
 # tensor_type_fallback: a 256-block type on rows not divisible by 256 becomes this 32-block type.
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+             "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL",
+             "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL"}
 
 _UNQUANTIZED = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
 
@@ -97,7 +113,10 @@ class _State:
     i_attention_wv: int = 0
     n_ffn_down: int = 0
     i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
     has_tied_embeddings: bool = True
+    has_imatrix: bool = False
 
 
 def _layer_of(name: str) -> int:
@@ -146,22 +165,49 @@ def _n_expert(info: ModelInfo) -> int:
 def _pick(
     qs: _State, info: ModelInfo, t: TensorInfo, preset: str, new_type: str, n_expert: int
 ) -> str:
-    """llama_tensor_get_type_impl, for edgerunner's presets (no imatrix, no IQ/TQ types)."""
+    """llama_tensor_get_type_impl, for edgerunner's presets (no IQ1/IQ4/TQ types)."""
     category = _category(t.name)
     arch = info.architecture
     n_gqa = info.n_head // max(1, max(info.n_head_kv, default=1))
     is_70b = arch in _TYPE_70B_ARCHS and info.n_layer == 80 and n_gqa > 1
+    iq2_s_m = preset in ("IQ2_S", "IQ2_M")
 
     if category == "output" or (qs.has_tied_embeddings and category == "token_embd"):
         block, _ = block_info(new_type)
         if arch == "falcon" or t.shape[0] % block != 0:
             return "Q8_0"
+        if preset in _IQ2 or preset == "IQ3_XXS":
+            return "Q5_K"
         return new_type if new_type == "Q8_0" else "Q6_K"
     if category == "token_embd":
+        if preset in ("IQ2_XXS", "IQ2_XS"):
+            return "Q2_K"
+        if iq2_s_m or preset == "IQ3_XXS":
+            return "IQ3_S"
+        return new_type
+    if preset in _IQ2:
+        if category in ("attn_v", "attn_qkv", "attn_kv_b"):
+            new_type = "Q4_K" if n_gqa >= 4 or n_expert >= 4 else "IQ3_S" if iq2_s_m else "Q2_K"
+            qs.i_attention_wv += 1
+        elif n_expert == 8 and category == "attn_k":
+            new_type = "Q4_K"
+        elif category == "ffn_down":
+            if qs.i_ffn_down < qs.n_ffn_down // 8:
+                new_type = "IQ3_S" if iq2_s_m else "Q2_K"
+            qs.i_ffn_down += 1
+        elif category == "attn_output":
+            if n_expert == 8:
+                new_type = "Q5_K"
+            elif iq2_s_m:
+                new_type = "IQ3_S"
         return new_type
     if category in ("attn_v", "attn_qkv", "attn_kv_b"):
         if preset == "Q2_K":
             new_type = "Q4_K" if n_gqa >= 4 else "Q3_K"
+        elif preset == "IQ3_XXS":
+            new_type = "Q4_K" if n_gqa >= 4 else "IQ3_XXS" if qs.has_imatrix else "IQ3_S"
+        elif (preset in ("IQ3_XS", "IQ3_S") and n_gqa >= 4) or preset == "IQ3_M":
+            new_type = "Q4_K"
         elif preset == "Q3_K_M":
             new_type = "Q5_K" if qs.i_attention_wv < 2 else "Q4_K"
         elif preset == "Q3_K_L":
@@ -178,16 +224,25 @@ def _pick(
         qs.i_attention_wv += 1
         return new_type
     if category == "attn_k":
-        return "Q8_0" if n_expert == 8 else new_type
+        if n_expert == 8:
+            return "Q8_0"
+        return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(preset, new_type)
+    if category == "attn_q":
+        return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(preset, new_type)
     if category == "ffn_down":
         i_layer = _layer_of(t.name) if n_expert > 1 else qs.i_ffn_down
         n_layer = qs.n_ffn_down
         falcon = arch == "falcon"
         if preset == "Q2_K":
             new_type = "Q3_K"
+        elif preset == "IQ3_XXS" and not qs.has_imatrix:
+            new_type = "Q4_K" if i_layer < n_layer // 8 else "Q3_K"
         elif preset == "Q3_K_M":
             new_type = ("Q5_K" if i_layer < n_layer // 16
                         else "Q4_K" if not falcon or _use_more_bits(i_layer, n_layer) else "Q3_K")
+        elif preset == "IQ3_M" and (i_layer < n_layer // 8 or (
+                n_expert == 8 and _use_more_bits(i_layer, n_layer))):
+            new_type = "Q4_K"
         elif preset == "Q3_K_L":
             new_type = "Q4_K" if falcon else "Q5_K"
         elif preset == "Q4_K_M":
@@ -200,21 +255,30 @@ def _pick(
             new_type = "Q6_K"
         elif preset == "Q4_K_S" and not falcon and i_layer < n_layer // 8:
             new_type = "Q5_K"
+        elif preset in ("Q4_0", "Q5_0") and qs.has_imatrix and i_layer < n_layer // 8:
+            # llama.cpp guards the first ffn_down layers against Q4_0/Q5_0 with an imatrix
+            new_type = "Q4_1" if preset == "Q4_0" else "Q5_1"
         qs.i_ffn_down += 1
         return new_type
     if category == "attn_output":
         if arch != "falcon":
             if n_expert == 8:
-                if preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
+                if preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ3_XS",
+                              "IQ3_XXS", "IQ3_S", "IQ3_M"):
                     new_type = "Q5_K"
-            elif preset == "Q2_K":
-                new_type = "Q3_K"
-            elif preset == "Q3_K_M":
-                new_type = "Q4_K"
-            elif preset == "Q3_K_L":
-                new_type = "Q5_K"
+            else:
+                new_type = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K",
+                            "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(preset, new_type)
         elif preset == "Q3_K_L":
             new_type = "Q4_K"
+        return new_type
+    if category in ("ffn_gate", "ffn_up"):
+        counter = "i_ffn_gate" if category == "ffn_gate" else "i_ffn_up"
+        i_layer = _layer_of(t.name) if n_expert > 1 else getattr(qs, counter)
+        n_layer = qs.n_ffn_down  # n_ffn_gate = n_ffn_up = n_ffn_down: the layer count
+        if preset == "IQ3_XS" and n_layer // 8 <= i_layer < 7 * n_layer // 8:
+            new_type = "IQ3_XXS"
+        setattr(qs, counter, getattr(qs, counter) + 1)
         return new_type
     return new_type
 
@@ -235,12 +299,17 @@ def ordered_tensors(info: ModelInfo) -> list[TensorInfo]:
     return sorted(info.tensors, key=lambda t: (_layer_of(t.name), t.name))
 
 
-def tensor_types(info: ModelInfo, quant: str) -> dict[str, str]:
-    """The ggml type llama_model_quantize gives each tensor for this preset."""
+def tensor_types(info: ModelInfo, quant: str, imatrix: bool | None = None) -> dict[str, str]:
+    """The ggml type llama_model_quantize gives each tensor for this preset (`imatrix`: the
+    quantizer is given an importance matrix; None: as pack does, for the IMATRIX_ONLY presets).
+    A user's own imatrix on Q4_0/Q5_0 (pack --imatrix) bumps their first ffn_down layers to
+    Q4_1/Q5_1: imatrix=True says so; the plan assumes pack's default."""
     preset = check_preset(quant)
     default = _DEFAULT_TYPE[preset]
     tensors = ordered_tensors(info)
-    qs = _State(n_ffn_down=info.n_layer)
+    if imatrix is None:  # pack's default: an importance matrix for the presets made for one
+        imatrix = preset in IMATRIX_ONLY
+    qs = _State(n_ffn_down=info.n_layer, has_imatrix=imatrix)
     for t in tensors:
         category = _category(t.name)
         if category in ("attn_v", "attn_qkv", "attn_kv_b"):

@@ -44,8 +44,12 @@ def test_inspect_and_verify_show_the_measured_quality(q2k_pack: dict) -> None:
     assert shown.exit_code == 0, shown.output
     flat = "".join(shown.output.split())  # the table folds long rows
     assert "qualityvssource:meanKLD" in flat and "imatrixcomputed" in flat
+    # which CPU the memory figure is for, and the weights on the others
+    assert "onrpi5-8gb'sCPU(neon+dotprod)" in flat and "avx2" in flat
     as_json = json.loads(run("inspect", bundle, "--json").stdout)
     assert as_json["quality"]["mean_kld"] == q2k_pack["quality"]["mean_kld"]
+    assert as_json["prediction"]["cpu"] == "neon+dotprod"
+    assert set(as_json["prediction"]["weights_mb_by_cpu"]) >= {"avx2", "neon", "neon+dotprod"}
     verified = run("verify", bundle)
     assert verified.exit_code == 0, verified.output
     assert "top-1agreement" in "".join(verified.output.split())

@@ -156,3 +156,19 @@ def test_the_calibration_text_ships_with_its_licence() -> None:
     readme = (CALIBRATION_FILE.parent / "README.md").read_text()
     assert "public domain" in readme and CALIBRATION_FILE.name in readme
     assert len(CALIBRATION_FILE.read_text().split()) > 3000
+
+
+def test_a_failed_decode_frees_the_imatrix_batch(default_model: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token the vocabulary does not have makes llama_decode fail: ModelError, and the batch
+    llama_batch_init made is freed all the same (the real functions, watched)."""
+    from edgerunner.errors import ModelError
+
+    made, freed = [], []
+    init, free = llama_cpp.llama_batch_init, llama_cpp.llama_batch_free
+    monkeypatch.setattr(llama_cpp, "llama_batch_init",
+                        lambda *a: made.append(1) or init(*a))
+    monkeypatch.setattr(llama_cpp, "llama_batch_free", lambda b: freed.append(1) or free(b))
+    with pytest.raises(ModelError, match="llama_decode failed"):
+        compute_imatrix(default_model, [[1] * 31 + [10**9]], n_threads=1)
+    assert made == freed == [1]

@@ -13,6 +13,9 @@ import httpx
 import openai
 import pytest
 
+from edgerunner.host.cpu import host_cpu_features
+from edgerunner.pack.isa import repack_isa
+from edgerunner.runtime.engine.preflight import serving_features, system_info
 from tests.runtime.conftest import RunningDaemon
 
 MSG = [{"role": "user", "content": "Say hello."}]
@@ -133,8 +136,12 @@ def test_health_and_metrics(http: httpx.Client, served: RunningDaemon) -> None:
                                "slots": served.daemon.manifest.plan.n_parallel}
     assert "temperature_c" in health
     memory = health["memory"]
+    # the manifest predicts for the profile's CPU; the daemon for this one (its repack rules)
+    prediction = served.daemon.manifest.prediction
+    here = repack_isa(serving_features(system_info(), host_cpu_features()))
+    weights_here = prediction.weights_mb_by_cpu[here] - prediction.memory.weights_mb
     assert memory["predicted_mb"] == pytest.approx(
-        served.daemon.manifest.prediction.memory.total_mb, rel=1e-3)
+        prediction.memory.total_mb + weights_here, rel=1e-3)
     assert memory["rss_mb"] > 0 and memory["guard"] == "ok"
     metrics = http.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")

@@ -13,14 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "build"))
+import rootfs_tar  # noqa: E402  (the rootfs tarball both lanes keep)
+
 SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "util-linux",
             "libgomp1")  # libgomp1: llama.cpp's OpenMP runtime
@@ -51,16 +52,6 @@ def ready() -> bool:
     return tarball_path().exists()
 
 
-def host_mirror() -> str:
-    """The first Debian archive URI in the host's apt sources."""
-    texts = [p.read_text() for p in sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))]
-    texts += [p.read_text() for p in [Path("/etc/apt/sources.list")] if p.exists()]
-    for text in texts:
-        for uri in re.findall(r"(?:URIs:|deb)\s+(\S+/debian)/?\s", text):
-            return uri
-    return "http://deb.debian.org/debian"
-
-
 def llama_wheel_dir() -> Path:
     """edgerunner's cached llama-cpp-python wheel for this machine (tools/build/llama_build.py)."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -82,48 +73,39 @@ def _run(*args: str) -> None:
     subprocess.run(list(args), check=True, stdout=subprocess.DEVNULL)
 
 
+def _build(rootfs: Path) -> None:
+    """debootstrap + the dependency venv into rootfs."""
+    mirror = os.environ.get(MIRROR_ENV) or rootfs_tar.host_mirror("http://deb.debian.org/debian")
+    print(f"debootstrap {SUITE} into {rootfs} (about a minute)", flush=True)
+    _run("debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), SUITE,
+         str(rootfs), mirror)
+    wheels = rootfs / "tmp/wheelhouse"
+    wheels.mkdir(parents=True)
+    print("wheelhouse: edgerunner's dependencies (pip download)", flush=True)
+    wheel = edgerunner_wheel(rootfs.parent / "wheel")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                    "--disable-pip-version-check", "--only-binary=:all:",
+                    "--find-links", str(llama_wheel_dir()), "-d", str(wheels), str(wheel)],
+                   check=True, stderr=subprocess.DEVNULL)
+    for old in wheels.glob("edgerunner-*.whl"):
+        old.unlink()
+    names = sorted(p.name for p in wheels.glob("*.whl"))
+    _run("chroot", str(rootfs), "python3", "-m", "venv", VENV)
+    _run("chroot", str(rootfs), f"{VENV}/bin/pip", "install", "--quiet", "--no-index",
+         "--disable-pip-version-check", *[f"/tmp/wheelhouse/{n}" for n in names])
+    shutil.rmtree(wheels)
+    for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for path in (rootfs / sub).glob("*"):
+            if path.is_file():
+                path.unlink()
+    (rootfs / "etc/machine-id").write_text("")  # each boot makes its own
+
+
 def build_tarball() -> Path:
     """debootstrap + the dependency venv, packed as rootfs.tar.zst (about 2 min cold)."""
-    tar = tarball_path()
-    if tar.exists():
-        return tar
-    mirror = os.environ.get(MIRROR_ENV) or host_mirror()
-    work = Path(tempfile.mkdtemp(prefix=".rootfs-", dir=tar.parent))
-    rootfs = work / "root"
-    try:
-        print(f"debootstrap {SUITE} into {rootfs} (about a minute)", flush=True)
-        _run("debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), SUITE,
-             str(rootfs), mirror)
-        wheels = rootfs / "tmp/wheelhouse"
-        wheels.mkdir(parents=True)
-        print("wheelhouse: edgerunner's dependencies (pip download)", flush=True)
-        wheel = edgerunner_wheel(work / "wheel")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
-                        "--disable-pip-version-check", "--only-binary=:all:",
-                        "--find-links", str(llama_wheel_dir()), "-d", str(wheels), str(wheel)],
-                       check=True, stderr=subprocess.DEVNULL)
-        for old in wheels.glob("edgerunner-*.whl"):
-            old.unlink()
-        names = sorted(p.name for p in wheels.glob("*.whl"))
-        _run("chroot", str(rootfs), "python3", "-m", "venv", VENV)
-        _run("chroot", str(rootfs), f"{VENV}/bin/pip", "install", "--quiet", "--no-index",
-             "--disable-pip-version-check", *[f"/tmp/wheelhouse/{n}" for n in names])
-        shutil.rmtree(wheels)
-        for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for path in (rootfs / sub).glob("*"):
-                if path.is_file():
-                    path.unlink()
-        (rootfs / "etc/machine-id").write_text("")  # each boot makes its own
-        _run("tar", "-C", str(rootfs), "--numeric-owner", "--zstd", "-cf",
-             str(work / "rootfs.tar.zst"), ".")
-        os.replace(work / "rootfs.tar.zst", tar)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return tar
+    return rootfs_tar.cached(tarball_path(), _build)
 
 
 def restore(dest: Path) -> Path:
     """Unpack a fresh copy of the cached rootfs into dest (a couple of seconds)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    _run("tar", "-C", str(dest), "--numeric-owner", "--zstd", "-xf", str(build_tarball()))
-    return dest
+    return rootfs_tar.restore(build_tarball(), dest)

@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgerunner.bundle.manifest import RuntimePlan
+from edgerunner.bundle.manifest import BundleManifest, RuntimePlan
+from edgerunner.pack.isa import repack_isa
 
 logger = logging.getLogger(__name__)
 
@@ -28,29 +29,42 @@ def predict_totals(model_path: Path, plan: RuntimePlan, n_ctxs: list[int],
     return {int(k): float(v) for k, v in json.loads(done.stdout).items()}
 
 
-def predict_repacked_mb(model_path: Path, plan: RuntimePlan, cpu_features: list[str],
-                        timeout: float = 120.0) -> float:
-    """MiB of weights llama.cpp copies into its repack buffer on a CPU with these features."""
-    request = json.dumps({"model": str(model_path), "plan": plan.model_dump(),
-                          "repacked_for": cpu_features})
-    done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.predict"],
-                          input=request, capture_output=True, text=True, timeout=timeout,
-                          check=True)
-    return float(json.loads(done.stdout)["repacked_mb"])
+def weights_saving_mb(manifest: BundleManifest, model_path: Path, features: list[str],
+                      timeout: float = 120.0) -> float:
+    """MiB the weights hold less (negative: more) when a CPU with these features serves the
+    bundle than on the profile's CPU its manifest predicts for.
+
+    llama.cpp repacks weights by the serving CPU's rules: a Pi 5 bundle holds a repacked Q8_0
+    output copy there that an x86 AVX2 host never makes. The manifest keeps the weights for
+    every repack ISA (prediction.weights_mb_by_cpu); a bundle packed before that is asked of
+    edgerunner.pack.memory in a child process."""
+    planned = repack_isa(manifest.profile.cpu.features)
+    here = repack_isa(features)
+    if here == planned:
+        return 0.0
+    by_cpu = manifest.prediction.weights_mb_by_cpu
+    if planned not in by_cpu or here not in by_cpu:
+        request = json.dumps({"model": str(model_path), "plan": manifest.plan.model_dump(),
+                              "weights_for": [planned, here]})
+        done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.predict"],
+                              input=request, capture_output=True, text=True, timeout=timeout,
+                              check=True)
+        by_cpu = json.loads(done.stdout)["weights_mb"]
+    return by_cpu[planned] - by_cpu[here]
 
 
 def main() -> None:
     """Read {"model", "plan", "n_ctx": [...]} on stdin, print {n_ctx: total_mb}; or with
-    "repacked_for": [features] instead of "n_ctx", print {"repacked_mb": ...}."""
+    "weights_for": [repack ISAs] instead of "n_ctx", print {"weights_mb": {isa: MiB}}."""
     from edgerunner.pack.gguf_info import read_model_info
-    from edgerunner.pack.memory import MIB, estimate_memory, repacked_bytes
+    from edgerunner.pack.memory import estimate_memory, weights_by_isa
 
     request = json.loads(sys.stdin.read())
     plan = RuntimePlan.model_validate(request["plan"])
     info = read_model_info(Path(request["model"]))
-    if "repacked_for" in request:
-        repacked = repacked_bytes(info, plan.quant, request["repacked_for"])
-        json.dump({"repacked_mb": repacked / MIB}, sys.stdout)
+    if "weights_for" in request:
+        weights = weights_by_isa(info, plan.quant, plan.mmap, request["weights_for"])
+        json.dump({"weights_mb": weights}, sys.stdout)
         return
     totals = {
         n: estimate_memory(info, plan.quant, n, plan.kv_type, plan.n_batch, plan.n_ubatch,

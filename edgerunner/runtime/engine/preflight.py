@@ -151,12 +151,26 @@ _SYSTEM_INFO_FEATURES = {
 }
 
 
-def foreign_features(info: str, host: list[str]) -> list[str]:
-    """Features the llama.cpp build uses (its system info) that this CPU does not report."""
-    used = [_SYSTEM_INFO_FEATURES[key.strip()] for key, _, value in
+def _built_features(info: str) -> list[str]:
+    """The CPU features a llama.cpp system info line says the build uses."""
+    return [_SYSTEM_INFO_FEATURES[key.strip()] for key, _, value in
             (part.partition("=") for part in info.replace(":", "|").split("|"))
             if key.strip() in _SYSTEM_INFO_FEATURES and value.strip() == "1"]
-    return [feature for feature in used if host and feature not in host]
+
+
+def foreign_features(info: str, host: list[str]) -> list[str]:
+    """Features the llama.cpp build uses (its system info) that this CPU does not report."""
+    return [feature for feature in _built_features(info) if host and feature not in host]
+
+
+def serving_features(info: str, host: list[str]) -> list[str]:
+    """The CPU features llama.cpp's repack rules see here: those its CPU backend was built with
+    (its system info; with runtime CPU variants, the variant loaded) that this CPU reports.
+    Without a feature list in the system info, the CPU's own."""
+    used = _built_features(info)
+    if not used:
+        return list(host)
+    return [feature for feature in used if not host or feature in host]
 
 
 def _cannot_decode(failures: list[str]) -> PreflightError:

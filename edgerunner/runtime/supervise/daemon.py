@@ -21,12 +21,18 @@ from edgerunner.bundle.settings import ServeConfig
 from edgerunner.bundle.stamp import state_dir
 from edgerunner.bundle.store import Bundle
 from edgerunner.errors import ConfigError, ExitCode
-from edgerunner.host.cpu import CpuBudget, cpu_budget, decode_threads
+from edgerunner.host.cpu import CpuBudget, cpu_budget, decode_threads, host_cpu_features
 from edgerunner.host.memory import MemoryProbe, MemorySnapshot
+from edgerunner.pack.isa import repack_isa
 from edgerunner.runtime.engine.core import Engine
-from edgerunner.runtime.engine.predict import predict_repacked_mb, predict_totals
+from edgerunner.runtime.engine.predict import predict_totals, weights_saving_mb
 from edgerunner.runtime.engine.prefix_store import PrefixStore
-from edgerunner.runtime.engine.preflight import PreflightError, Verdict, preflight
+from edgerunner.runtime.engine.preflight import (
+    PreflightError,
+    Verdict,
+    preflight,
+    serving_features,
+)
 from edgerunner.runtime.health import (
     CpuHealth,
     DaemonState,
@@ -130,7 +136,7 @@ class Daemon:
         self.cpus: CpuBudget = cpu_budget(config.guard_root)
         self.n_threads = self._choose_threads()
         self.verdict: Verdict | None = None
-        self._repack_saving_mb = 0.0  # the repack buffer a no-extra-bufts load does not make
+        self._repack_saving_mb = 0.0  # weights the serving CPU holds less than the profile's
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -179,12 +185,19 @@ class Daemon:
             logger.warning("preflight: llama.cpp died with extra buffer types on (%s); serving "
                            "without them: no AMX, no weight repacking (%s)",
                            ", ".join(verdict.failures), how)
-            try:
-                self._repack_saving_mb = predict_repacked_mb(
-                    self.bundle.model_path, self.manifest.plan,
-                    list(self.manifest.profile.cpu.features))
-            except Exception as exc:  # the memory model is an improvement, not a requirement
-                logger.warning("repack size unknown (%s); keeping the manifest's prediction", exc)
+        # llama.cpp repacks weights by the rules of the CPU that serves, not the profile's
+        features = (serving_features(verdict.system_info, host_cpu_features())
+                    if verdict.extra_bufts else [])
+        try:
+            self._repack_saving_mb = weights_saving_mb(self.manifest, self.bundle.model_path,
+                                                       features)
+        except Exception as exc:  # the memory model is an improvement, not a requirement
+            logger.warning("weights on this CPU unknown (%s); keeping the manifest's prediction",
+                           exc)
+        if self._repack_saving_mb:
+            logger.info("memory: weights predicted for this CPU (%s): %+.1f MiB against the "
+                        "profile's (%s)", repack_isa(features), -self._repack_saving_mb,
+                        repack_isa(self.manifest.profile.cpu.features))
         return verdict
 
     async def run(self) -> ExitCode:
