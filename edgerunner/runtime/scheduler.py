@@ -64,6 +64,8 @@ Sink = Callable[[Event], None]
 IDLE_WAKEUP_S = 1.0  # an idle worker still beats this often
 WORKER_STOP_S = 5.0  # a cancelled job ends within a token or a ubatch; longer means stuck
 AdmissionCheck = Callable[[], None]
+# a prompt this long (about 4,000 tokens) renders and tokenizes in a few milliseconds
+QUICK_PROMPT_CHARS = 16_384
 
 
 @dataclass
@@ -207,6 +209,23 @@ class Scheduler:
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="edgerunner-worker", daemon=True)
         self._thread.start()
+
+    def prepares_quickly(self, request: AnyRequest) -> bool:
+        """True when `submit` does no slow work for `request`: no grammar to build, a prompt
+        of at most QUICK_PROMPT_CHARS and the weights' vocabulary loaded (so a short template
+        and tokenization, about a millisecond). A transport may then submit from its event loop
+        rather than hand it to a thread, whose wake-up the request would otherwise wait for."""
+        fmt = request.response_format
+        if not self.engine.loaded or (fmt is not None and fmt.type != "text") \
+                or getattr(request, "tools", None):
+            return False
+        if isinstance(request, ChatCompletionRequest):
+            chars = sum(len(m.content) if isinstance(m.content, str)
+                        else sum(len(part.text) for part in m.content)
+                        for m in request.messages)
+        else:
+            chars = len(request.prompt)
+        return chars <= QUICK_PROMPT_CHARS
 
     def submit(self, request: AnyRequest, *, sink: Sink, deadline: float | None = None,
                job_id: str = "") -> Job:

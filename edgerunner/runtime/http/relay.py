@@ -113,9 +113,13 @@ class Inbox:
 async def submit(scheduler: Scheduler, parsed: AnyRequest, request: Request, events: Inbox,
                  sink: Callable[[Event], None] | None = None
                  ) -> tuple[Job, list[Event] | None]:
-    """Queue the request (off the loop: submit tokenizes and may compile a grammar) and wait for
-    its first events; None for those if the client disconnected first (the job is cancelled)."""
-    job = await run_in_threadpool(lambda: scheduler.submit(parsed, sink=sink or events.put))
+    """Queue the request and wait for its first events; None for those if the client
+    disconnected first (the job is cancelled). Submitted on the loop when that is quick (a
+    short prompt, no grammar), else in a thread: submit tokenizes and may compile a grammar."""
+    def queue() -> Job:
+        return scheduler.submit(parsed, sink=sink or events.put)
+
+    job = queue() if scheduler.prepares_quickly(parsed) else await run_in_threadpool(queue)
     return job, await _first_events(events, request, job)
 
 
