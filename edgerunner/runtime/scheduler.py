@@ -338,6 +338,7 @@ class Scheduler:
     # -- worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        self._warm_up()
         while self._wait_for_work():
             try:
                 if self._queue and not self.engine.loaded and not self._reloaded():
@@ -350,6 +351,13 @@ class Scheduler:
                 logger.exception("inference step failed")
                 self._fail_active(RequestError(
                     "internal_error", f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _warm_up(self) -> None:
+        # on this thread, the one that decodes; requests queued meanwhile wait one decode
+        try:
+            self.engine.warm_up()
+        except Exception:  # a warm-up is never a reason to stop serving
+            logger.exception("warm-up decode failed")
 
     def _reloaded(self) -> bool:
         """Load the weights keep_alive unloaded; if that fails, the queue's head gets the error
@@ -508,6 +516,7 @@ class Scheduler:
         finally:
             done.set()
             beater.join()
+        self._warm_up()
         self.heartbeat()
 
     def _timeout(self, job: Job, *, queued: bool) -> RequestError:

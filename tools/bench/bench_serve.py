@@ -13,8 +13,8 @@ interleaved (raw, daemon, raw, daemon, ...) so machine load drifts hit both alik
   "ready", alternating, the model file in the page cache for all (read once first); medians of
   `--starts`. The daemon finds the bundle's verification stamp that this script's own
   load_bundle left (a restart, not a first start after install). The daemon's own breakdown
-  (the `event=startup` line of its log: exec to start, preflight, fit, load with its warm-up
-  decode and prefix restore, serve) is shown beneath, medians too.
+  (the `event=startup` line of its log: exec to start, preflight, fit, load with its prefix
+  restore, serve) is shown beneath, medians too.
 
     python tools/bench/bench_serve.py BUNDLE [--prompts 6] [--max-tokens 128] [--threads N]
     python tools/bench/bench_serve.py            # packs the default model for rpi5 into a temp dir
@@ -243,7 +243,7 @@ def main() -> None:
     table.add_row("  raw Llama() with mmap on (what the plan's mmap choice costs)",
                   f"{starts['raw_mmap'] * 1e3:.0f} ms", "", "", "")
     for key in sorted(k for k in starts if k.startswith("daemon ")):
-        # the daemon's log: load_total_s holds load_s, warm_up_s, restore_s, http_imports_s
+        # the daemon's log: load_total_s holds load_s, restore_s and http_imports_s
         table.add_row(f"  daemon start-up: {key.removeprefix('daemon ')}", "",
                       f"{starts[key] * 1e3:.0f} ms", "", "")
     Console().print(table)

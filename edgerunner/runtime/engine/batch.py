@@ -313,16 +313,19 @@ class Batcher:
         llama_cpp.llama_memory_clear(self._memory, True)
 
     def warm_up(self) -> None:
-        """Decode two tokens once and forget them (the cache is left empty, its head at 0):
-        llama.cpp sets up its threads and first touches its buffers in the first llama_decode,
-        which would otherwise fall on the first request's TTFT."""
+        """Decode two tokens once and forget them (call it with no sequence running; the prefix
+        cache's cells stay): llama.cpp starts its threads on the calling thread and first
+        touches its buffers in the first llama_decode, which would otherwise fall on the first
+        request's TTFT."""
+        assert not self.active, "warm_up needs the batch to itself"
         bos = llama_cpp.llama_vocab_bos(self._vocab)
         token = bos if bos >= 0 else 0
+        seq_id = self._free[-1]
         for row in range(2):
-            self._put(self._batch, row, token, row, 0, row == 1)
+            self._put(self._batch, row, token, row, seq_id, row == 1)
         self._batch.n_tokens = 2
         llama_cpp.llama_decode(self._ctx.ctx, self._batch)
-        llama_cpp.llama_memory_clear(self._memory, True)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
     def close(self) -> None:
         if not self._closed:

@@ -118,7 +118,7 @@ class Engine:
         self._lock = threading.RLock()  # guards swapping the model under the tokenizer
         self._load_lock = threading.Lock()  # one load or unload at a time; admission never waits
         self.load_seconds = 0.0  # the last load: llama.cpp's model and context
-        self.warm_up_seconds = 0.0  # its warm-up decode
+        self.warm_up_seconds = 0.0  # the last warm-up decode (`warm_up`)
         self.restore_seconds = 0.0  # restoring the saved prefix cache
         self.grammars = GrammarBuilder(self.model_path)  # json_schema: bounded, child-built
         self.prefix_store = prefix_store  # the prefix cache saved at unload, restored at load
@@ -175,11 +175,8 @@ class Engine:
             opened = time.perf_counter()
             self.load_seconds = opened - started
             batcher = self._open_batcher(llm)
-            batcher.warm_up()
-            warm = time.perf_counter()
-            self.warm_up_seconds = warm - opened
             self._restore_prefixes(llm, batcher, checking)
-            self.restore_seconds = time.perf_counter() - warm
+            self.restore_seconds = time.perf_counter() - opened
             with self._lock:
                 self._llm, self._batcher = llm, batcher
                 # the full model carries its own vocabulary; a second copy would only cost RSS
@@ -188,9 +185,23 @@ class Engine:
                 vocab_only.close()  # swapped out under the lock: nobody is using it
         logger.info("model loaded", extra={
             "event": "model_loaded", "seconds": round(self.load_seconds, 3),
-            "warm_up_s": round(self.warm_up_seconds, 3),
             "restore_s": round(self.restore_seconds, 3),
             "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
+
+    def warm_up(self) -> None:
+        """One throw-away decode on the calling thread, the one that will decode (the
+        scheduler's worker): llama.cpp's first llama_decode on a thread starts its OpenMP team
+        there and first touches the compute buffers, which would otherwise fall on the first
+        request's TTFT. Nothing if the weights are not loaded."""
+        with self._lock:
+            batcher = self._batcher
+        if batcher is None or batcher.active:
+            return
+        started = time.perf_counter()
+        batcher.warm_up()
+        self.warm_up_seconds = time.perf_counter() - started
+        logger.info("warm-up decode", extra={"event": "warm_up",
+                                             "seconds": round(self.warm_up_seconds, 3)})
 
     @property
     def n_parallel(self) -> int:

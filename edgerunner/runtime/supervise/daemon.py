@@ -283,8 +283,7 @@ class Daemon:
         phases["http_imports_s"] = time.perf_counter() - mark  # within load_total_s
         await loading
         phase("load_total_s")
-        phases.update(load_s=self.engine.load_seconds, warm_up_s=self.engine.warm_up_seconds,
-                      restore_s=self.engine.restore_seconds)
+        phases.update(load_s=self.engine.load_seconds, restore_s=self.engine.restore_seconds)
         self._setup_watchdog()
         self._setup_thermal()
         ceiling = config.rss_ceiling_mb or RSS_CEILING_FACTOR * fit.predicted_mb
@@ -311,7 +310,8 @@ class Daemon:
         phase("serve_s")
         # ready before MQTT connects, so its first info/state messages say so
         self.state = "ready"
-        # load_total_s holds load_s + warm_up_s + restore_s, and http_imports_s beside them
+        # load_total_s holds load_s + restore_s, and http_imports_s beside them (the warm-up
+        # decode comes after: the worker's first act, logged as event=warm_up)
         total = sum(phases.get(k, 0.0) for k in ("exec_s", "preflight_s", "fit_s",
                                                   "load_total_s", "serve_s"))
         logger.info("start-up", extra={"event": "startup", "total_s": round(total, 3),
