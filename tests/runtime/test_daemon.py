@@ -186,6 +186,8 @@ def test_ready_logs_where_start_up_time_went(
         assert phases["http_imports_s"] <= phases["load_total_s"] + 0.002
         assert phases["total_s"] == pytest.approx(
             sum(phases[k] for k in parts) + phases["exec_s"], abs=0.005)
+        # the chat template was compiled with the load, not left to the first request
+        assert running.daemon.engine is not None and running.daemon.engine._formatter is not None
         # the warm-up decode is the worker's first act, on the thread that decodes
         deadline = time.monotonic() + 60
         while not (warm := [r for r in caplog.records if getattr(r, "event", None) == "warm_up"]):

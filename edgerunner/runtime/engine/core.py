@@ -177,8 +177,11 @@ class Engine:
             batcher = self._open_batcher(llm)
             self._restore_prefixes(llm, batcher, checking)
             self.restore_seconds = time.perf_counter() - opened
+            # the chat template compiled now, not on the first request (a restart's TTFT)
+            formatter = self._formatter or self._make_formatter(llm._model)
             with self._lock:
                 self._llm, self._batcher = llm, batcher
+                self._formatter = self._formatter or formatter
                 # the full model carries its own vocabulary; a second copy would only cost RSS
                 vocab_only, self._vocab_only = self._vocab_only, None
             if vocab_only is not None:
