@@ -173,6 +173,7 @@ class Scheduler:
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.warmed = threading.Event()  # set once the worker's warm-up decode is over
         self._last_activity = time.monotonic()
 
     @property
@@ -339,6 +340,7 @@ class Scheduler:
 
     def _work(self) -> None:
         self._warm_up()
+        self.warmed.set()
         while self._wait_for_work():
             try:
                 if self._queue and not self.engine.loaded and not self._reloaded():
@@ -353,7 +355,7 @@ class Scheduler:
                     "internal_error", f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _warm_up(self) -> None:
-        # on this thread, the one that decodes; requests queued meanwhile wait one decode
+        # on this thread, the one that decodes (the daemon waits for it before READY)
         try:
             self.engine.warm_up()
         except Exception:  # a warm-up is never a reason to stop serving

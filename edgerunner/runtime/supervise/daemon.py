@@ -303,6 +303,10 @@ class Daemon:
         )
         self.guard.start()
         self.scheduler.start()
+        # its first act is a warm-up decode on its own thread: done before READY, so a request
+        # right after a (re)start does not wait for it
+        await asyncio.to_thread(self.scheduler.warmed.wait, self._expected_load_s() + 60)
+        phase("warm_up_s")
         # the API key, Host/Origin checks and connection cap from the config apply here
         self.http = transport_from_config(config, self.scheduler, self.health, self.metrics,
                                           self.served)
@@ -310,10 +314,10 @@ class Daemon:
         phase("serve_s")
         # ready before MQTT connects, so its first info/state messages say so
         self.state = "ready"
-        # load_total_s holds load_s + restore_s, and http_imports_s beside them (the warm-up
-        # decode comes after: the worker's first act, logged as event=warm_up)
+        # load_total_s holds load_s + restore_s, and http_imports_s beside them; warm_up_s is
+        # the worker's first decode, on its own thread
         total = sum(phases.get(k, 0.0) for k in ("exec_s", "preflight_s", "fit_s",
-                                                  "load_total_s", "serve_s"))
+                                                  "load_total_s", "warm_up_s", "serve_s"))
         logger.info("start-up", extra={"event": "startup", "total_s": round(total, 3),
                                        **{k: round(v, 3) for k, v in phases.items()}})
         if config.mqtt.url:
