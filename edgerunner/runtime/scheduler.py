@@ -65,6 +65,8 @@ Sink = Callable[[Event], None]
 IDLE_WAKEUP_S = 1.0  # an idle worker still beats this often
 WORKER_STOP_S = 5.0  # a cancelled job ends within a token or a ubatch; longer means stuck
 AdmissionCheck = Callable[[], None]
+# a prompt this long (about 4,000 tokens) renders and tokenizes in a few milliseconds
+QUICK_PROMPT_CHARS = 16_384
 
 
 @dataclass
@@ -172,6 +174,7 @@ class Scheduler:
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.warmed = threading.Event()  # set once the worker's warm-up decode is over
         self._last_activity = time.monotonic()
 
     @property
@@ -208,6 +211,23 @@ class Scheduler:
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="edgerunner-worker", daemon=True)
         self._thread.start()
+
+    def prepares_quickly(self, request: AnyRequest) -> bool:
+        """True when `submit` does no slow work for `request`: no grammar to build, a prompt
+        of at most QUICK_PROMPT_CHARS and the weights' vocabulary loaded (so a short template
+        and tokenization, about a millisecond). A transport may then submit from its event loop
+        rather than hand it to a thread, whose wake-up the request would otherwise wait for."""
+        fmt = request.response_format
+        if not self.engine.loaded or (fmt is not None and fmt.type != "text") \
+                or getattr(request, "tools", None):
+            return False
+        if isinstance(request, ChatCompletionRequest):
+            chars = sum(len(m.content) if isinstance(m.content, str)
+                        else sum(len(part.text) for part in m.content)
+                        for m in request.messages)
+        else:
+            chars = len(request.prompt)
+        return chars <= QUICK_PROMPT_CHARS
 
     def submit(self, request: AnyRequest, *, sink: Sink, deadline: float | None = None,
                job_id: str = "") -> Job:
@@ -322,6 +342,8 @@ class Scheduler:
     # -- worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        self._warm_up()
+        self.warmed.set()
         while self._wait_for_work():
             try:
                 if self._queue and not self.engine.loaded and not self._reloaded():
@@ -334,6 +356,13 @@ class Scheduler:
                 logger.exception("inference step failed")
                 self._fail_active(RequestError(
                     "internal_error", f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _warm_up(self) -> None:
+        # on this thread, the one that decodes (the daemon waits for it before READY)
+        try:
+            self.engine.warm_up()
+        except Exception:  # a warm-up is never a reason to stop serving
+            logger.exception("warm-up decode failed")
 
     def _reloaded(self) -> bool:
         """Load the weights keep_alive unloaded; if that fails, the queue's head gets the error
@@ -492,6 +521,7 @@ class Scheduler:
         finally:
             done.set()
             beater.join()
+        self._warm_up()
         self.heartbeat()
 
     def _timeout(self, job: Job, *, queued: bool) -> RequestError:

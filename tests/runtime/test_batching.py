@@ -22,8 +22,9 @@ from typing import Any
 import llama_cpp
 import pytest
 
-from edgerunner.runtime.engine.batch import TextTail, prefill_chunks
+from edgerunner.runtime.engine.batch import Generation, TextTail, prefill_chunks, sampler_chain
 from edgerunner.runtime.engine.core import Engine, llama_kwargs
+from edgerunner.runtime.engine.sampling import SamplingParams
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, RequestError
 from edgerunner.runtime.scheduler import Job, Scheduler
 from tests.runtime import conftest
@@ -179,6 +180,34 @@ def test_a_request_waits_for_kv_cells_and_one_that_can_never_fit_is_refused(
         assert isinstance(first.final(), DoneEvent)
         assert isinstance(second.final(), DoneEvent)
         assert job_b.started_ns > a_done_ns[0]  # it started once a's cells were back
+
+
+def test_a_failed_shared_decode_is_retried_part_by_part(default_model: Path) -> None:
+    """Prompt chunks that ride with a generating token in one llama_decode, and that together
+    do not fit the free KV cells: each part is decoded again alone, in order, so the token and
+    the first prompt go in and only the prompt that still does not fit is refused (busy)."""
+    plan = PLAN.model_copy(update={"n_ctx": 256, "prefix_cache_cells": 0})
+    with loaded_engine(default_model, plan) as eng:
+        words = eng._tokenize(" ".join(f"word{i}" for i in range(300)), add_bos=False,
+                              special=False)
+        batcher = eng.batcher
+        sampling = SamplingParams(temperature=0.0)
+
+        def add(n: int, offset: int) -> Generation:
+            return batcher.add(words[offset:offset + n], 8,
+                               sampler_chain(eng._llm._model, sampling, None), [], None)
+
+        x = add(200, 0)  # alone: its chunk is over MERGE_ROWS
+        batcher.step()
+        assert x.pending is not None and x.n_past == 200  # 56 cells left
+        b, c = add(30, 200), add(30, 230)  # 1 + 30 + 30 rows ride together, 61 > 56 cells
+        ended = batcher.step()
+        assert x.n_past == 201 and len(x.completion) == 2 and x.error is None
+        assert b.n_past == 30 and b.pending is not None and b.error is None
+        assert ended == [c] and c.error is not None and c.error.code == "busy"
+        assert c.n_past == 0
+        for seq in (x, b, c):
+            batcher.remove(seq)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from edgerunner.errors import ExitCode
 from edgerunner.runtime.health import Health
 from edgerunner.runtime.protocol import ErrorEvent
 from edgerunner.runtime.scheduler import Stats
+from edgerunner.runtime.supervise.daemon import seconds_since_exec
 from edgerunner.runtime.supervise.logfmt import LogfmtFormatter
 from edgerunner.runtime.supervise.metrics import render_metrics
 from tests.runtime.conftest import Collector, RunningDaemon, chat, make_config
@@ -162,3 +165,45 @@ def test_health_json_keeps_the_keys_clients_read() -> None:
     assert set(doc["cpu"]) == {"threads", "threads_planned", "cpus", "cpu_limits", "llama_path",
                                "preflight_cached", "preflight_s", "preflight_failures",
                                "llama_cpu_features"}
+
+
+def test_ready_logs_where_start_up_time_went(
+    bundle: Bundle, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(short_tmp / "d.sock", rss_ceiling_mb=1_000_000)
+    caplog.set_level(logging.INFO)
+    running = RunningDaemon(bundle, config).start()
+    try:
+        startup = [r for r in caplog.records if getattr(r, "event", None) == "startup"]
+        assert len(startup) == 1
+        phases = vars(startup[0])
+        parts = ("preflight_s", "fit_s", "load_total_s", "warm_up_s", "serve_s")
+        inside = ("load_s", "restore_s")
+        assert all(phases[k] >= 0 for k in (*parts, *inside, "http_imports_s"))
+        # the engine's parts and the imports beside them lie within the load; the whole sums
+        # its phases
+        assert sum(phases[k] for k in inside) <= phases["load_total_s"] + 0.002
+        assert phases["http_imports_s"] <= phases["load_total_s"] + 0.002
+        assert phases["total_s"] == pytest.approx(
+            sum(phases[k] for k in parts) + phases["exec_s"], abs=0.005)
+        # the chat template was compiled with the load, not left to the first request
+        assert running.daemon.engine is not None and running.daemon.engine._formatter is not None
+        # the warm-up decode is the worker's first act, on the thread that decodes, before READY
+        warm = [r for r in caplog.records if getattr(r, "event", None) == "warm_up"]
+        assert len(warm) == 1 and warm[0].threadName == "edgerunner-worker"
+        assert caplog.records.index(warm[0]) < caplog.records.index(startup[0])
+    finally:
+        running.stop()
+
+
+def test_seconds_since_exec_reads_proc(tmp_path: Path) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    (tmp_path / "self").mkdir()
+    # the command name may hold spaces and parentheses; starttime is field 22
+    fields = ["S", *["0"] * 18, str(100 * ticks)]
+    (tmp_path / "self/stat").write_text(f"42 (python (x) y) {' '.join(fields)} 0 0\n")
+    (tmp_path / "uptime").write_text("102.50 7.00\n")
+    assert seconds_since_exec(tmp_path) == pytest.approx(2.5)
+    assert seconds_since_exec(tmp_path / "none") is None
+    real = seconds_since_exec()
+    assert real is not None and 0 <= real < time.monotonic() + 1

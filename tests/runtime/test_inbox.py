@@ -54,3 +54,36 @@ def test_a_waiting_reader_is_woken_by_the_first_token() -> None:
         return await asyncio.wait_for(getter, timeout=60)
 
     assert asyncio.run(scenario()) == [TextEvent("first")]
+
+
+def test_a_stream_slower_than_the_linger_wakes_the_reader_once_per_token() -> None:
+    linger = 0.01
+
+    async def scenario() -> tuple[list[list[Event]], int]:
+        inbox = Inbox(asyncio.get_running_loop())
+        batches = []
+        for k in range(5):
+            getter = asyncio.ensure_future(inbox.get(linger=linger))
+            await asyncio.sleep(20 * linger)  # tokens come further apart than the linger
+            _from_worker(inbox, [TextEvent(str(k))])
+            batches.append(await asyncio.wait_for(getter, timeout=60))
+        return batches, inbox.wakeups
+
+    batches, wakeups = asyncio.run(scenario())
+    assert batches == [[TextEvent(str(k))] for k in range(5)]
+    # the first gap costs its linger's timer as well; after that, only the tokens wake it
+    assert wakeups == 5 + 1
+
+
+def test_a_fast_stream_is_sent_once_per_linger() -> None:
+    async def scenario() -> tuple[list[Event], int]:
+        inbox = Inbox(asyncio.get_running_loop())
+        getter = asyncio.ensure_future(inbox.get(linger=1.0))
+        for k in range(4):
+            await asyncio.sleep(0.01)
+            _from_worker(inbox, [TextEvent(str(k))])
+        return await asyncio.wait_for(getter, timeout=60), inbox.wakeups
+
+    batch, wakeups = asyncio.run(scenario())
+    assert batch == [TextEvent(str(k)) for k in range(4)]
+    assert wakeups == 1  # its timer only: the tokens that came meanwhile did not wake it

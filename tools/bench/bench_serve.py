@@ -12,7 +12,9 @@ interleaved (raw, daemon, raw, daemon, ...) so machine load drifts hit both alik
   the plan's mmap choice itself costs shows apart) vs the daemon process from exec to /health
   "ready", alternating, the model file in the page cache for all (read once first); medians of
   `--starts`. The daemon finds the bundle's verification stamp that this script's own
-  load_bundle left (a restart, not a first start after install).
+  load_bundle left (a restart, not a first start after install). The daemon's own breakdown
+  (the `event=startup` line of its log: exec to start, preflight, fit, load with its prefix
+  restore, serve) is shown beneath, medians too.
 
     python tools/bench/bench_serve.py BUNDLE [--prompts 6] [--max-tokens 128] [--threads N]
     python tools/bench/bench_serve.py            # packs the default model for rpi5 into a temp dir
@@ -21,7 +23,9 @@ interleaved (raw, daemon, raw, daemon, ...) so machine load drifts hit both alik
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -103,17 +107,28 @@ def decode_rate(times: list[float]) -> float | None:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def start_daemon(bundle: Path, sock: Path, threads: int | None
+def start_daemon(bundle: Path, sock: Path, threads: int | None, log: Path
                  ) -> tuple[subprocess.Popen[bytes], float]:
-    """Exec `edgerunner serve` (its own thread choice unless given) and time it to ready."""
+    """Exec `edgerunner serve` (its own thread choice unless given) and time it to ready;
+    its log goes to `log` (overwritten)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgerunner", "serve", str(bundle), "--socket", str(sock),
-         *(("--threads", str(threads)) if threads else ())],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgerunner", "serve", str(bundle), "--socket", str(sock),
+             *(("--threads", str(threads)) if threads else ())],
+            stdout=subprocess.DEVNULL, stderr=out)
     with Client(sock, timeout=5) as client:
         client.wait_ready(process=proc, poll_s=0.005)
     return proc, time.perf_counter() - started
+
+
+def startup_phases(log: Path) -> dict[str, float]:
+    """The daemon's own start-up breakdown: the `event=startup` line it logs at ready."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if "event=startup" in line:
+            pairs = (f.split("=", 1) for f in line.split() if "=" in f)
+            return {k: float(v) for k, v in pairs if k.endswith("_s")}
+    return {}
 
 
 def start_times(bundle: Bundle, threads: int, sock: Path, args: argparse.Namespace
@@ -123,15 +138,18 @@ def start_times(bundle: Bundle, threads: int, sock: Path, args: argparse.Namespa
         while handle.read(1 << 24):
             pass
     kwargs = llama_kwargs(bundle.manifest.plan, threads)
-    times: dict[str, list[float]] = {"raw": [], "raw_mmap": [], "daemon": []}
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    log = sock.with_suffix(".log")
     for _ in range(args.starts):
         for name, extra in (("raw", {}), ("raw_mmap", {"use_mmap": True})):
             started = time.perf_counter()
             llm = llama_cpp.Llama(str(bundle.model_path), **{**kwargs, **extra})
             times[name].append(time.perf_counter() - started)
             llm.close()
-        proc, ready = start_daemon(bundle.dir, sock, args.threads)
+        proc, ready = start_daemon(bundle.dir, sock, args.threads, log)
         times["daemon"].append(ready)
+        for phase, seconds in startup_phases(log).items():
+            times[f"daemon {phase}"].append(seconds)
         proc.terminate()
         proc.wait(timeout=60)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -156,6 +174,7 @@ def main() -> None:
                         "may use; the daemon gets no --threads and chooses the same itself")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]  # other work on the cores skews absolute numbers
     with tempfile.TemporaryDirectory(prefix="er-bench-", dir="/tmp") as tmp:
         path = args.bundle or default_bundle(Path(tmp))
         bundle = load_bundle(path)
@@ -166,7 +185,7 @@ def main() -> None:
         sock = Path(tmp) / "b.sock"
         starts = start_times(bundle, threads, sock, args)
         llm = llama_cpp.Llama(str(bundle.model_path), **llama_kwargs(plan, threads))
-        proc, _ = start_daemon(bundle.dir, sock, args.threads)
+        proc, _ = start_daemon(bundle.dir, sock, args.threads, Path(tmp) / "serve.log")
         with Client(sock) as client:
             daemon_threads = client.health()["cpu"]["threads"]
         rows: dict[str, list[float]] = {k: [] for k in (
@@ -205,7 +224,8 @@ def main() -> None:
     table = Table(title=f"{bundle.manifest.name}: raw llama-cpp-python vs daemon "
                         f"({len(prompts)} prompts, greedy, max_tokens {args.max_tokens}, "
                         f"raw {threads} threads, daemon {daemon_threads} (plan "
-                        f"{plan.n_threads}); medians, ratios per prompt pair)")
+                        f"{plan.n_threads}); medians, ratios per prompt pair; load average "
+                        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after)")
     for col in ("measure", "raw", "daemon", "daemon vs raw", "goal"):
         table.add_column(col, justify="right" if col != "measure" else "left")
     table.add_row("decode tok/s (stream)", f"{med['raw_tps']:.1f}", f"{med['d_tps']:.1f}",
@@ -222,6 +242,10 @@ def main() -> None:
                   f"{ready / raw_load:.2f}x", "<= 1.5x")
     table.add_row("  raw Llama() with mmap on (what the plan's mmap choice costs)",
                   f"{starts['raw_mmap'] * 1e3:.0f} ms", "", "", "")
+    for key in sorted(k for k in starts if k.startswith("daemon ")):
+        # the daemon's log: load_total_s holds load_s, restore_s and http_imports_s
+        table.add_row(f"  daemon start-up: {key.removeprefix('daemon ')}", "",
+                      f"{starts[key] * 1e3:.0f} ms", "", "")
     Console().print(table)
 
 

@@ -318,16 +318,19 @@ class Batcher:
         llama_cpp.llama_memory_clear(self._memory, True)
 
     def warm_up(self) -> None:
-        """Decode two tokens once and forget them (the cache is left empty, its head at 0):
-        llama.cpp sets up its threads and first touches its buffers in the first llama_decode,
-        which would otherwise fall on the first request's TTFT."""
+        """Decode two tokens once and forget them (call it with no sequence running; the prefix
+        cache's cells stay): llama.cpp starts its threads on the calling thread and first
+        touches its buffers in the first llama_decode, which would otherwise fall on the first
+        request's TTFT."""
+        assert not self.active, "warm_up needs the batch to itself"
         bos = llama_cpp.llama_vocab_bos(self._vocab)
         token = bos if bos >= 0 else 0
+        seq_id = self._free[-1]
         for row in range(2):
-            self._put(self._batch, row, token, row, 0, row == 1)
+            self._put(self._batch, row, token, row, seq_id, row == 1)
         self._batch.n_tokens = 2
         llama_cpp.llama_decode(self._ctx.ctx, self._batch)
-        llama_cpp.llama_memory_clear(self._memory, True)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
     def close(self) -> None:
         if not self._closed:
@@ -416,18 +419,28 @@ class Batcher:
         rows = len(generating)
         riders: list[tuple[Generation, int]] = []  # prompt chunks that join the tokens' batch
         for seq in waiting:
-            take = chunk_end(seq.n_past, len(seq.prompt), self.n_batch) - seq.n_past
+            take = self._chunk(seq)
             if rows + take >= min(MERGE_ROWS, self.n_batch + 1):
                 break  # in arrival order: a later prompt does not overtake this one
             riders.append((seq, take))
             rows += take
-        if not riders:
-            ended = self._decode_tokens(generating) if generating else []
-            return ended + (self._prefill(waiting[0]) if waiting else [])
-        return self._decode_together(generating, riders)
+        if riders:
+            return self._decode_rows(generating, riders)
+        # the head prompt's chunk is too long to ride: it goes in a llama_decode of its own
+        ended = self._decode_rows(generating, []) if generating else []
+        if waiting:
+            ended += self._decode_rows([], [(waiting[0], self._chunk(waiting[0]))])
+        return ended
 
-    def _decode_together(self, generating: list[Generation],
-                         riders: list[tuple[Generation, int]]) -> list[Generation]:
+    def _chunk(self, seq: Generation) -> int:
+        """Rows of the next llama_decode batch of `seq`'s prompt."""
+        return chunk_end(seq.n_past, len(seq.prompt), self.n_batch) - seq.n_past
+
+    def _decode_rows(self, generating: list[Generation],
+                     riders: list[tuple[Generation, int]]) -> list[Generation]:
+        """One llama_decode: the next token of every sequence in `generating`, then `take`
+        prompt positions of each rider; then the samples, in that order. The sequences that
+        ended are returned."""
         batch = self._batch
         for row, seq in enumerate(generating):
             assert seq.pending is not None
@@ -445,10 +458,15 @@ class Batcher:
         batch.n_tokens = row
         rc = self._decode(batch)
         if rc != 0:
-            # llama.cpp left the cache as it was: go again one part at a time, so that a failure
-            # lands on the sequences it belongs to
-            ended = self._decode_tokens(generating) if generating else []
-            return ended + self._prefill(riders[0][0])
+            parts: list[tuple[list[Generation], list[tuple[Generation, int]]]] = (
+                [(generating, [])] if generating else [])
+            parts += [([], [rider]) for rider in riders]
+            if len(parts) > 1:
+                # llama.cpp left the cache as it was: go again one part at a time, so that a
+                # failure lands on the sequences it belongs to
+                return [seq for gen, ride in parts for seq in self._decode_rows(gen, ride)]
+            return self._failed(rc, generating or [seq for seq, _ in riders],
+                                prompt=not generating)
         ended = []
         for row, seq in enumerate(generating):
             seq.n_past += 1
@@ -463,41 +481,6 @@ class Batcher:
             if seq.done:
                 ended.append(seq)
         return ended
-
-    def _decode_tokens(self, generating: list[Generation]) -> list[Generation]:
-        batch = self._batch
-        for row, seq in enumerate(generating):
-            assert seq.pending is not None
-            self._put(batch, row, seq.pending, seq.n_past, seq.seq_id, True)
-        batch.n_tokens = len(generating)
-        rc = self._decode(batch)
-        if rc != 0:
-            return self._failed(rc, generating)
-        ended = []
-        for row, seq in enumerate(generating):
-            seq.n_past += 1
-            self._sample(seq, row)
-            if seq.done:
-                ended.append(seq)
-        return ended
-
-    def _prefill(self, seq: Generation) -> list[Generation]:
-        batch = self._batch
-        take = chunk_end(seq.n_past, len(seq.prompt), self.n_batch) - seq.n_past
-        last = seq.n_past + take == len(seq.prompt)
-        for row in range(take):
-            pos = seq.n_past + row
-            self._put(batch, row, seq.prompt[pos], pos, seq.seq_id, last and row == take - 1)
-        batch.n_tokens = take
-        rc = self._decode(batch)
-        if rc != 0:
-            return self._failed(rc, [seq], prompt=True)
-        seq.n_past += take
-        if not last:
-            return []
-        self.cache.store(seq.seq_id, seq.prompt)
-        self._sample(seq, take - 1)
-        return [seq] if seq.done else []
 
     @staticmethod
     def _put(batch: llama_cpp.llama_batch, n: int, token: int, pos: int, seq_id: int,

@@ -10,6 +10,7 @@ would crash or stall llama.cpp does so there, not here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -29,7 +30,7 @@ from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.errors import ModelError
 from edgerunner.runtime.engine.batch import Batcher, Generation, sampler_chain
 from edgerunner.runtime.engine.grammar import GrammarBuilder
-from edgerunner.runtime.engine.prefix_store import PrefixStore
+from edgerunner.runtime.engine.prefix_store import PrefixStore, SavedPrefix
 from edgerunner.runtime.engine.sampling import SamplingParams
 from edgerunner.runtime.engine.tools import families
 from edgerunner.runtime.engine.tools import grammar as tool_grammars
@@ -45,6 +46,8 @@ from edgerunner.runtime.protocol import (
 logger = logging.getLogger(__name__)
 
 KV_GGML_TYPE = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+# the saved prefix files, being checked (PrefixStore.check) while the weights load
+Checking = concurrent.futures.Future[list[tuple[Path, SavedPrefix]]]
 # stands in for message i while rendering the chat template (private-use characters)
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
@@ -126,7 +129,9 @@ class Engine:
         self._chat_template: _ChatTemplate | None = None  # the template text, for tools
         self._lock = threading.RLock()  # guards swapping the model under the tokenizer
         self._load_lock = threading.Lock()  # one load or unload at a time; admission never waits
-        self.load_seconds = 0.0
+        self.load_seconds = 0.0  # the last load: llama.cpp's model and context
+        self.warm_up_seconds = 0.0  # the last warm-up decode (`warm_up`)
+        self.restore_seconds = 0.0  # restoring the saved prefix cache
         self.grammars = GrammarBuilder(self.model_path)  # json_schema: bounded, child-built
         self.prefix_store = prefix_store  # the prefix cache saved at unload, restored at load
 
@@ -169,6 +174,8 @@ class Engine:
                 return
             started = time.perf_counter()
             kwargs = llama_kwargs(self.plan, self.n_threads)
+            # the saved prefix files are read and hashed while llama.cpp reads the weights
+            checking = self._check_prefixes()
             # outside self._lock: admission tokenizes with the vocab-only copy meanwhile,
             # however long the weights take to map
             try:
@@ -177,18 +184,39 @@ class Engine:
                 raise ModelError(f"llama.cpp failed to load {self.model_path}: {exc}",
                                  "check free memory and the bundle's plan (n_ctx, kv_type)"
                                  ) from exc
-            self.load_seconds = time.perf_counter() - started
+            opened = time.perf_counter()
+            self.load_seconds = opened - started
             batcher = self._open_batcher(llm)
-            batcher.warm_up()
-            self._prefixes("restore", llm, batcher)
+            self._restore_prefixes(llm, batcher, checking)
+            self.restore_seconds = time.perf_counter() - opened
+            # the chat template compiled now, not on the first request (a restart's TTFT)
+            formatter = self._formatter or self._make_formatter(llm._model)
             with self._lock:
                 self._llm, self._batcher = llm, batcher
+                self._formatter = self._formatter or formatter
                 # the full model carries its own vocabulary; a second copy would only cost RSS
                 vocab_only, self._vocab_only = self._vocab_only, None
             if vocab_only is not None:
                 vocab_only.close()  # swapped out under the lock: nobody is using it
-        logger.info("model loaded", extra={"event": "model_loaded", "seconds": self.load_seconds,
-                                           "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
+        logger.info("model loaded", extra={
+            "event": "model_loaded", "seconds": round(self.load_seconds, 3),
+            "restore_s": round(self.restore_seconds, 3),
+            "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
+
+    def warm_up(self) -> None:
+        """One throw-away decode on the calling thread, the one that will decode (the
+        scheduler's worker): llama.cpp's first llama_decode on a thread starts its OpenMP team
+        there and first touches the compute buffers, which would otherwise fall on the first
+        request's TTFT. Nothing if the weights are not loaded."""
+        with self._lock:
+            batcher = self._batcher
+        if batcher is None or batcher.active:
+            return
+        started = time.perf_counter()
+        batcher.warm_up()
+        self.warm_up_seconds = time.perf_counter() - started
+        logger.info("warm-up decode", extra={"event": "warm_up",
+                                             "seconds": round(self.warm_up_seconds, 3)})
 
     @property
     def n_parallel(self) -> int:
@@ -208,17 +236,30 @@ class Engine:
                        n_parallel=self.n_parallel, cache_seq_ids=cache_ids,
                        cache_cells=min(self.prefix_cache_cells, llm.n_ctx()))
 
-    def _prefixes(self, what: str, llm: BatchLlama | None, batcher: Batcher) -> None:
-        store = self.prefix_store
-        if store is None or llm is None:
+    def _check_prefixes(self) -> Checking | None:
+        if self.prefix_store is None:
+            return None
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgerunner-prefixes")
+        checking = pool.submit(self.prefix_store.check, self.plan)
+        pool.shutdown(wait=False)  # its one thread ends with the check
+        return checking
+
+    def _restore_prefixes(self, llm: BatchLlama, batcher: Batcher,
+                          checking: Checking | None) -> None:
+        if self.prefix_store is None or checking is None:
             return
         try:
-            if what == "save":
-                store.save(llm.ctx, batcher.cache, self.plan)
-            else:
-                store.restore(llm.ctx, batcher.cache, self.plan, llm.n_ctx())
-        except Exception:  # a cache is never a reason to fail a load or an unload
-            logger.exception("prefix cache %s failed", what)
+            self.prefix_store.restore(llm.ctx, batcher.cache, checking.result(), llm.n_ctx())
+        except Exception:  # a cache is never a reason to fail a load
+            logger.exception("prefix cache restore failed")
+
+    def _save_prefixes(self, llm: BatchLlama | None, batcher: Batcher) -> None:
+        if self.prefix_store is None or llm is None:
+            return
+        try:
+            self.prefix_store.save(llm.ctx, batcher.cache, self.plan)
+        except Exception:  # a cache is never a reason to fail an unload
+            logger.exception("prefix cache save failed")
 
     def set_threads(self, n_threads: int) -> None:
         """Change decode threads between requests (the thermal governor's lever)."""
@@ -234,7 +275,7 @@ class Engine:
                 llm, self._llm = self._llm, None
                 batcher, self._batcher = self._batcher, None
             if batcher is not None:
-                self._prefixes("save", llm, batcher)
+                self._save_prefixes(llm, batcher)
                 batcher.clear()
                 batcher.close()
             if llm is not None:

@@ -4,7 +4,8 @@ A Home Assistant system prompt with its tool list is thousands of tokens; evalua
 every reboot it costs tens of seconds on a small CPU. When the engine unloads (drain, or
 keep_alive), each cached prompt's KV cells are written with `llama_state_seq_save_file`, one
 file per prompt, and an `index.json` names them with their sha256 and a key. When the engine
-loads, the files come back into the prefix cache with `llama_state_seq_load_file`.
+loads, the files are checked (`check`, in a thread while llama.cpp reads the weights) and come
+back into the prefix cache with `llama_state_seq_load_file` (`restore`).
 
 The key covers what makes KV cells valid: the model's sha256, the served plan (n_ctx, KV type,
 flash attention, batch sizes, ...) and the llama.cpp build. Anything different, and the files
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -56,9 +58,14 @@ class PrefixIndex(BaseModel):
     entries: list[SavedPrefix] = Field(default_factory=list)
 
 
+@functools.cache
+def _build() -> str:
+    return build_id()  # hashes llama.cpp's libraries: once per process (save and restore)
+
+
 def store_key(model_sha256: str, plan: RuntimePlan) -> str:
     """What saved cells depend on: the model, the plan as served, the llama.cpp build."""
-    parts = [model_sha256, json.dumps(plan.model_dump(mode="json"), sort_keys=True), build_id()]
+    parts = [model_sha256, json.dumps(plan.model_dump(mode="json"), sort_keys=True), _build()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
@@ -108,29 +115,39 @@ class PrefixStore:
                         len(index.entries), sum(e.tokens for e in index.entries), used / 2**20)
         return len(index.entries)
 
-    def restore(self, ctx: Any, cache: PrefixCache, plan: RuntimePlan, n_ctx: int) -> int:
-        """Load the saved prompts into the (empty) cache; how many came back."""
+    def check(self, plan: RuntimePlan) -> list[tuple[Path, SavedPrefix]]:
+        """The saved prompts that may be restored under `plan`, least recent first: the index
+        read, its key compared (another key: the files are removed), every file's size and
+        sha256 checked. Only files and hashing: it runs while llama.cpp loads the weights."""
         index = self._read_index()
         if index is None:
-            return 0
+            return []
         if index.key != store_key(self.model_sha256, plan):
             logger.info("saved prefix cache dropped: written for another model, plan or "
                         "llama.cpp build")
             self._remove_files()
-            return 0
-        restored = 0
+            return []
+        checked = []
         for entry in reversed(index.entries):  # least recent first: the newest ends up newest
             path = self.directory / entry.file
             problem = self._check(path, entry)
             if problem:
                 logger.warning("saved prefix %s ignored: %s", path, problem)
                 continue
+            checked.append((path, entry))
+        return checked
+
+    def restore(self, ctx: Any, cache: PrefixCache, checked: list[tuple[Path, SavedPrefix]],
+                n_ctx: int) -> int:
+        """Load the prompts `check` passed into the (empty) cache; how many came back."""
+        restored = 0
+        for path, entry in checked:
             if cache.adopt(entry.tokens, lambda seq_id, p=path, e=entry:  # type: ignore[misc]
                            self._load(ctx, p, e, seq_id, n_ctx)):
                 restored += 1
         if restored:
-            logger.info("prefix cache restored: %d of %d saved prompts", restored,
-                        len(index.entries))
+            logger.info("prefix cache restored: %d of %d checked prompts", restored,
+                        len(checked))
         return restored
 
     def _read_index(self) -> PrefixIndex | None:

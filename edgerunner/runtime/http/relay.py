@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -71,9 +70,12 @@ class Inbox:
         self._loop = loop
         self._items: collections.deque[Event] = collections.deque()
         self._lock = threading.Lock()
-        self._waiting = False
+        self._waiting = False  # the reader waits for the next event (put wakes it)
         self._wake_pending = False
         self._waiter: asyncio.Future[None] | None = None
+        self._released = loop.time()  # when `get` last handed events out
+        self._slow = False  # tokens come further apart than the linger
+        self.wakeups = 0  # times the reader was woken (by a put or by its linger's timer)
 
     def put(self, event: Event) -> None:
         """Called from the worker thread (the scheduler's sink)."""
@@ -88,34 +90,56 @@ class Inbox:
     def _wake(self) -> None:
         with self._lock:
             self._wake_pending = False
+        self._resolve()
+
+    def _resolve(self) -> None:
         if self._waiter is not None and not self._waiter.done():
+            self.wakeups += 1
             self._waiter.set_result(None)
 
     async def get(self, linger: float = 0.0) -> list[Event]:
-        """Every event that has arrived, waiting for at least one; with `linger`, first let
-        tokens gather for that long (the job's final event cuts it short)."""
-        if linger > 0:
-            self._waiter = self._loop.create_future()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._waiter), linger)
+        """Every event that has arrived, waiting for at least one. With `linger`, tokens
+        gather: one batch per `linger` seconds at most, counted from the last one handed out
+        (the job's final event is never held). A stream slower than that wakes the reader
+        once per token, which goes out at once; a faster one once per batch, by a timer."""
+        release_at = self._released + linger
+        timed_out = False
         while True:
             with self._lock:
-                if self._items:
+                now = self._loop.time()
+                final = bool(self._items) and not isinstance(self._items[-1], TextEvent)
+                if self._items and (now >= release_at or final):
                     items = list(self._items)
                     self._items.clear()
                     self._waiting = False
+                    self._released = now
                     return items
-                self._waiting = True
+                if self._items and self._slow:
+                    self._slow = False  # a token came sooner than the linger: gather again
+                elif timed_out:
+                    self._slow = True  # the linger passed with nothing to send
+                # a slow stream waits for its next token, a fast one for release_at
+                self._waiting = not self._items and (self._slow or now >= release_at)
             self._waiter = self._loop.create_future()
-            await self._waiter
+            timer = None if self._waiting else self._loop.call_at(release_at, self._resolve)
+            try:
+                await self._waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            timed_out = self._loop.time() >= release_at
 
 
 async def submit(scheduler: Scheduler, parsed: AnyRequest, request: Request, events: Inbox,
                  sink: Callable[[Event], None] | None = None
                  ) -> tuple[Job, list[Event] | None]:
-    """Queue the request (off the loop: submit tokenizes and may compile a grammar) and wait for
-    its first events; None for those if the client disconnected first (the job is cancelled)."""
-    job = await run_in_threadpool(lambda: scheduler.submit(parsed, sink=sink or events.put))
+    """Queue the request and wait for its first events; None for those if the client
+    disconnected first (the job is cancelled). Submitted on the loop when that is quick (a
+    short prompt, no grammar), else in a thread: submit tokenizes and may compile a grammar."""
+    def queue() -> Job:
+        return scheduler.submit(parsed, sink=sink or events.put)
+
+    job = queue() if scheduler.prepares_quickly(parsed) else await run_in_threadpool(queue)
     return job, await _first_events(events, request, job)
 
 

@@ -13,7 +13,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgerunner import __version__
 from edgerunner.bundle.manifest import BundleManifest
@@ -42,7 +43,6 @@ from edgerunner.runtime.health import (
     QueueHealth,
     ServedModel,
 )
-from edgerunner.runtime.http.server import HttpTransport, transport_from_config
 from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
 from edgerunner.runtime.supervise.memory_guard import (
     Fit,
@@ -59,6 +59,9 @@ from edgerunner.runtime.supervise.notify import (
     watchdog_interval,
 )
 from edgerunner.runtime.supervise.thermal import ThermalGovernor, ThrottleFlags, read_thermal
+
+if TYPE_CHECKING:  # imported while the weights load (Daemon._start)
+    from edgerunner.runtime.http.server import HttpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,18 @@ def memory_estimator(bundle: Bundle) -> Callable[[int], float]:
         return anchor + cache[n_ctx] - cache[plan.n_ctx]
 
     return estimate
+
+
+def seconds_since_exec(proc: Path = Path("/proc")) -> float | None:
+    """How long ago this process was started (exec), from /proc; None where there is none."""
+    try:
+        stat = (proc / "self/stat").read_text()
+        uptime = float((proc / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    # field 22, starttime, in clock ticks since boot; the command name (2) may hold spaces
+    ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+    return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class Daemon:
@@ -247,10 +262,26 @@ class Daemon:
     async def _start(self) -> None:
         self.state = "loading"
         config = self.config
+        # where start-up time goes, logged at ready: exec to here is Python, imports, the
+        # bundle check and the config
+        phases: dict[str, float] = {}
+        since_exec = seconds_since_exec()
+        if since_exec is not None:
+            phases["exec_s"] = since_exec
+        mark = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[name] = now - mark
+            mark = now
+
         self._notify("status", f"preflight: decoding {self.manifest.name} in a child process")
         self._notify("extend_timeout", 2 * self._expected_load_s() + 60)
         self.verdict = verdict = await asyncio.to_thread(self.run_preflight)
+        phase("preflight_s")
         self.fit = fit = self.fit_memory()
+        phase("fit_s")
         self._notify("status", f"loading {self.manifest.name}")
         self._notify("extend_timeout", self._expected_load_s() + 30)
         self.engine = Engine(self.bundle.model_path, fit.plan, name=self.manifest.name,
@@ -258,7 +289,14 @@ class Daemon:
                              n_parallel=self.config.n_parallel,
                              prefix_store=PrefixStore(state_dir() / "prefixes" / self.manifest.name,
                                                       self.manifest.files["model.gguf"].sha256))
-        await asyncio.to_thread(self.engine.load)
+        loading = asyncio.ensure_future(asyncio.to_thread(self.engine.load))
+        await asyncio.sleep(0)  # the load starts in its thread
+        # llama.cpp reads the weights without the GIL: the HTTP side imports meanwhile
+        from edgerunner.runtime.http.server import transport_from_config
+        phases["http_imports_s"] = time.perf_counter() - mark  # within load_total_s
+        await loading
+        phase("load_total_s")
+        phases.update(load_s=self.engine.load_seconds, restore_s=self.engine.restore_seconds)
         self._setup_watchdog()
         self._setup_thermal()
         ceiling = config.rss_ceiling_mb or RSS_CEILING_FACTOR * fit.predicted_mb
@@ -278,12 +316,23 @@ class Daemon:
         )
         self.guard.start()
         self.scheduler.start()
+        # its first act is a warm-up decode on its own thread: done before READY, so a request
+        # right after a (re)start does not wait for it
+        await asyncio.to_thread(self.scheduler.warmed.wait, self._expected_load_s() + 60)
+        phase("warm_up_s")
         # the API key, Host/Origin checks and connection cap from the config apply here
         self.http = transport_from_config(config, self.scheduler, self.health, self.metrics,
                                           self.served)
         await self.http.start()
+        phase("serve_s")
         # ready before MQTT connects, so its first info/state messages say so
         self.state = "ready"
+        # load_total_s holds load_s + restore_s, and http_imports_s beside them; warm_up_s is
+        # the worker's first decode, on its own thread
+        total = sum(phases.get(k, 0.0) for k in ("exec_s", "preflight_s", "fit_s",
+                                                  "load_total_s", "warm_up_s", "serve_s"))
+        logger.info("start-up", extra={"event": "startup", "total_s": round(total, 3),
+                                       **{k: round(v, 3) for k, v in phases.items()}})
         if config.mqtt.url:
             self._start_mqtt()
         if self.watchdog is not None:
