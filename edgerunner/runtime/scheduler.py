@@ -222,9 +222,7 @@ class Scheduler:
                 or getattr(request, "tools", None):
             return False
         if isinstance(request, ChatCompletionRequest):
-            chars = sum(len(m.content) if isinstance(m.content, str)
-                        else sum(len(part.text) for part in m.content)
-                        for m in request.messages)
+            chars = sum(len(m.text()) for m in request.messages)
         else:
             chars = len(request.prompt)
         return chars <= QUICK_PROMPT_CHARS

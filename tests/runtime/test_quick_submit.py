@@ -12,6 +12,7 @@ import pytest
 
 from edgerunner.bundle.store import Bundle
 from edgerunner.runtime.engine.core import Engine
+from edgerunner.runtime.protocol import ChatMessage
 from edgerunner.runtime.scheduler import QUICK_PROMPT_CHARS, Scheduler
 from tests.runtime.conftest import RunningDaemon, chat
 
@@ -26,6 +27,14 @@ def test_which_requests_prepare_quickly(served: RunningDaemon, bundle: Bundle) -
     assert not scheduler.prepares_quickly(chat("Hi.", response_format={"type": "json_object"}))
     assert scheduler.prepares_quickly(chat("x" * (QUICK_PROMPT_CHARS - 10), system="Be brief."))
     assert not scheduler.prepares_quickly(chat("x" * QUICK_PROMPT_CHARS, system="Be brief."))
+    # a call-only assistant turn has no content: it counts as no text, not as an error
+    history = chat("Hi.").model_copy(update={"messages": [
+        *chat("Turn the fan on.").messages,
+        ChatMessage(role="assistant", tool_calls=[{
+            "id": "call_1", "type": "function",
+            "function": {"name": "HassTurnOn", "arguments": '{"name": "fan"}'}}]),
+        ChatMessage(role="tool", tool_call_id="call_1", content='{"success": true}')]})
+    assert scheduler.prepares_quickly(history)
     unloaded = Scheduler(Engine(bundle.model_path, bundle.manifest.plan, name="smol"))
     assert not unloaded.prepares_quickly(chat("Hi."))  # it would open a vocab-only copy
 

@@ -107,7 +107,7 @@ class Inbox:
         while True:
             with self._lock:
                 now = self._loop.time()
-                final = bool(self._items) and not isinstance(self._items[-1], TextEvent)
+                final = bool(self._items) and isinstance(self._items[-1], FinalEvent)
                 if self._items and (now >= release_at or final):
                     items = list(self._items)
                     self._items.clear()
