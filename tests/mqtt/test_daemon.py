@@ -72,7 +72,7 @@ def test_ask_over_mqtt_streams_and_returns_schema_json(broker, daemon, tmp_path:
     result = runner.invoke(main, ["ask", "The kitchen is 21.5 degrees. Report it as JSON.",
                                   "--mqtt", broker.url, "--device-id", "proc1",
                                   "--mqtt-protocol", "3.1.1", "--json-schema", str(schema),
-                                  "--max-tokens", "64", "--json"])
+                                  "--max-tokens", "64", "--temperature", "0", "--json"])
     assert result.exit_code == 0, result.output
     content = json.loads(result.output)["choices"][0]["message"]["content"]
     reading = json.loads(content)
