@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 pytest: $(STAMP) mosquitto mender
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 test: lint pytest
 
