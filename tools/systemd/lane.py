@@ -207,7 +207,9 @@ def check_socket_access(lane: Lane) -> None:
     bob = lane.probe("health", user=BOB)
     stat = lane.box.run("stat", "-c", "%a %U:%G", lane.sock).stdout.strip()
     lane.check("socket: edgerunner group in, others out",
-               alice.get("state") == "ready" and "Permission denied" in bob.get("error", ""),
+               alice.get("state") == "ready"
+               and "permission denied" in bob.get("error", "").lower()
+               and "group 'edgerunner'" in bob.get("error", ""),  # it names the group to join
                f"{lane.sock} {stat}; {ALICE} (group edgerunner): {alice.get('state')}; "
                f"{BOB}: {bob.get('error', 'answered!')[:120]}")
 
