@@ -198,25 +198,31 @@ def _ollama_turn(user: str, name: str, arguments: dict[str, Any]) -> list[dict[s
 
 
 # three earlier turns that called tools: the small model then calls one itself under auto
+# (Ollama has no tool_choice; a 135M model sometimes answers in prose or imitates a tool
+# result instead, so the last request is tried with a few phrasings until one calls)
 FEW_SHOT = [*_ollama_turn("Turn on the desk lamp", "HassTurnOn", {"name": "desk lamp"}),
             *_ollama_turn("Pause the TV", "HassMediaPause", {"mode": "soft"}),
             *_ollama_turn("Dim the hall light to 40", "HassLightSet",
-                          {"name": "hall light", "brightness": 40}),
-            {"role": "user", "content": "Turn on the kitchen light"}]
+                          {"name": "hall light", "brightness": 40})]
+ASKS = ["Turn on the kitchen light", "Dim the kitchen light to 20", "Turn on the desk lamp"]
 
 
 def test_ollama_call_whole_and_streamed(uds: ollama.Client, served: RunningDaemon) -> None:
     name = served.daemon.manifest.name
     options = {"num_predict": 48, "temperature": 0}
-    for _ in range(2):  # the second starts from the cached prompt, as the stream will
-        whole = uds.chat(model=name, messages=FEW_SHOT, tools=TOOLS, stream=False,
-                         options=options)
+    for ask in ASKS:
+        messages = [*FEW_SHOT, {"role": "user", "content": ask}]
+        for _ in range(2):  # the second starts from the cached prompt, as the stream will
+            whole = uds.chat(model=name, messages=messages, tools=TOOLS, stream=False,
+                             options=options)
+        if whole.message.tool_calls:
+            break
     assert whole.done_reason == "stop" and whole.message.content == ""
     calls = [(c.function.name, dict(c.function.arguments)) for c in whole.message.tool_calls]
     assert calls
     for call_name, arguments in calls:
         jsonschema.validate(arguments, SCHEMAS[call_name])
-    pieces = list(uds.chat(model=name, messages=FEW_SHOT, tools=TOOLS, stream=True,
+    pieces = list(uds.chat(model=name, messages=messages, tools=TOOLS, stream=True,
                            options=options))
     with_calls = [p for p in pieces if p.message.tool_calls]
     # each call arrives whole, arguments as an object, in a piece of its own before the end
