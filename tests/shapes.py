@@ -170,18 +170,7 @@ def write_f16_source(
     w.add_rope_dimension_count(shape.head_dim)
     w.add_vocab_size(n_vocab)
     w.add_tokenizer_model(tokenizer.model)
-    if tokenizer.pre:
-        w.add_tokenizer_pre(tokenizer.pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    if tokenizer.merges:
-        w.add_token_merges(tokenizer.merges)
-    if tokenizer.bos is not None:
-        w.add_bos_token_id(tokenizer.bos)
-    if tokenizer.eos is not None:
-        w.add_eos_token_id(tokenizer.eos)
-    if tokenizer.chat_template:
-        w.add_chat_template(tokenizer.chat_template)
+    _add_tokenizer(w, tokenizer, tokens, types, scores=False, chat_template=True)
     data = 0
     for name, (dims, ttype) in tensors(shape, n_vocab).items():
         block, size = gguf.GGML_QUANT_SIZES[ttype]
@@ -367,18 +356,7 @@ def write_matrix_source(shape: MatrixShape, tokenizer: Tokenizer, path: Path) ->
     if shape.sliding_window:
         w.add_sliding_window(shape.sliding_window)
     w.add_tokenizer_model(tokenizer.model)
-    if tokenizer.pre:
-        w.add_tokenizer_pre(tokenizer.pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    if tokenizer.model == "llama":
-        w.add_token_scores([-float(i) for i in range(len(tokens))])
-    if tokenizer.merges:
-        w.add_token_merges(tokenizer.merges)
-    if tokenizer.bos is not None:
-        w.add_bos_token_id(tokenizer.bos)
-    if tokenizer.eos is not None:
-        w.add_eos_token_id(tokenizer.eos)
+    _add_tokenizer(w, tokenizer, tokens, types, scores=True, chat_template=False)
     for name, (dims, ttype) in matrix_tensors(shape).items():
         rows = tuple(reversed(dims))  # numpy order
         if ttype == F32:
@@ -532,3 +510,23 @@ def f16_from_default(default_model: Path) -> Path:
             raise RuntimeError("llama.cpp could not dequantize the default model to F16")
         tmp.replace(target)
     return target
+
+
+def _add_tokenizer(w: Any, tokenizer: Any, tokens: list[Any], types: list[int], *,
+                   scores: bool, chat_template: bool) -> None:
+    """The tokenizer's keys, as both synthetic writers put them (scores for a llama-type
+    vocabulary and the chat template only where the caller asks)."""
+    if tokenizer.pre:
+        w.add_tokenizer_pre(tokenizer.pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if scores and tokenizer.model == "llama":
+        w.add_token_scores([-float(i) for i in range(len(tokens))])
+    if tokenizer.merges:
+        w.add_token_merges(tokenizer.merges)
+    if tokenizer.bos is not None:
+        w.add_bos_token_id(tokenizer.bos)
+    if tokenizer.eos is not None:
+        w.add_eos_token_id(tokenizer.eos)
+    if chat_template and tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
