@@ -90,12 +90,10 @@ def serve_cmd(bundle: Path, config_file: Path | None, no_verify: bool, mqtt_url:
     """Serve BUNDLE over a unix socket (OpenAI-compatible HTTP) and optionally TCP and MQTT."""
     from edgerunner.bundle.settings import load_config
     from edgerunner.bundle.store import load_bundle
-    from edgerunner.runtime.http.access import raise_nofile_limit
     from edgerunner.runtime.supervise.daemon import serve
     from edgerunner.runtime.supervise.logfmt import install
 
     install()
-    raise_nofile_limit()  # each connection is a descriptor; the HTTP cap stays below the limit
     loaded = load_bundle(bundle, verify=not no_verify)
     overrides: dict[str, object] = {k.removesuffix("_path"): v for k, v in flags.items()}
     mqtt = {k: v for k, v in {"url": mqtt_url, "device_id": device_id,

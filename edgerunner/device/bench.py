@@ -123,7 +123,7 @@ def run_bench(bundle: Bundle, prompt_tokens: int = 128, decode_tokens: int = 64,
     import llama_cpp
 
     from edgerunner.host.cpu import cpu_budget, decode_threads
-    from edgerunner.runtime.engine.core import llama_kwargs
+    from edgerunner.runtime.engine.weights import llama_kwargs
 
     manifest = bundle.manifest
     plan = manifest.plan

@@ -313,12 +313,14 @@ class Scheduler:
         """True once the worker thread has ended (or never started): the engine is free."""
         return self._thread is None or not self._thread.is_alive()
 
-    def shutdown(self, drain_timeout: float = 0.0, join_timeout: float = WORKER_STOP_S) -> bool:
+    def shutdown(self, drain_timeout: float = 0.0, join_timeout: float | None = None) -> bool:
         """Drain, cancel whatever is left, stop the worker; True if nothing had to be cancelled.
 
         A cancelled job stops within one step (a token, or one n_batch chunk of its prompt); a
-        worker still running `join_timeout` seconds later is stuck, and `stopped` stays False.
+        worker still running `join_timeout` (default WORKER_STOP_S) seconds later is stuck, and
+        `stopped` stays False.
         """
+        join_timeout = WORKER_STOP_S if join_timeout is None else join_timeout
         clean = self.drain(drain_timeout)
         with self._cond:
             leftovers = list(self._queue)

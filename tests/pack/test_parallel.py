@@ -23,7 +23,7 @@ from edgerunner.pack.memory import (
 from edgerunner.pack.parallel import MIN_SLOT_CELLS, prefix_cache_cells
 from edgerunner.pack.planner import PlanOptions, make_plan
 from edgerunner.profiles import resolve_profile
-from edgerunner.runtime.engine.core import BatchLlama
+from edgerunner.runtime.engine.weights import BatchLlama
 from tests.shapes import LLAMA_3_2_1B, cached_info, cached_source
 
 

@@ -23,8 +23,9 @@ import llama_cpp
 import pytest
 
 from edgerunner.runtime.engine.batch import Generation, TextTail, prefill_chunks, sampler_chain
-from edgerunner.runtime.engine.core import Engine, llama_kwargs
+from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.engine.sampling import SamplingParams
+from edgerunner.runtime.engine.weights import llama_kwargs
 from edgerunner.runtime.protocol import DoneEvent, ErrorEvent, RequestError
 from edgerunner.runtime.scheduler import Job, Scheduler
 from tests.runtime import conftest

@@ -10,7 +10,8 @@ from edgerunner.bundle.manifest import MemoryEstimate, RuntimePlan
 from edgerunner.errors import PlanError
 from edgerunner.host.memory import MemoryProbe
 from edgerunner.runtime.protocol import RequestError
-from edgerunner.runtime.supervise.memory_guard import MemoryGuard, fit_plan, scaled_estimate
+from edgerunner.runtime.supervise.fit import fit_plan, scaled_estimate
+from edgerunner.runtime.supervise.memory_guard import MemoryGuard
 
 MIB = 2**20
 

@@ -60,7 +60,8 @@ from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.bundle.store import load_bundle
 from edgerunner.client.http import Client
 from edgerunner.host.cpu import cpu_budget, decode_threads
-from edgerunner.runtime.engine.core import BatchLlama, Engine, llama_kwargs
+from edgerunner.runtime.engine.core import Engine
+from edgerunner.runtime.engine.weights import BatchLlama, llama_kwargs
 from edgerunner.runtime.protocol import ChatCompletionRequest
 
 # prompts that keep a small model talking well past max_tokens

@@ -42,7 +42,7 @@ from rich.table import Table
 from edgerunner.bundle.store import Bundle, load_bundle
 from edgerunner.client.http import Client
 from edgerunner.host.cpu import cpu_budget, decode_threads
-from edgerunner.runtime.engine.core import llama_kwargs
+from edgerunner.runtime.engine.weights import llama_kwargs
 
 PROMPTS = [
     "Explain how a refrigerator keeps food cold.",
@@ -243,7 +243,7 @@ def main() -> None:
     table.add_row("  raw Llama() with mmap on (what the plan's mmap choice costs)",
                   f"{starts['raw_mmap'] * 1e3:.0f} ms", "", "", "")
     for key in sorted(k for k in starts if k.startswith("daemon ")):
-        # the daemon's log: load_total_s holds load_s, restore_s and http_imports_s
+        # the daemon's log: load_total_s holds load_s, restore_s and imports_s
         table.add_row(f"  daemon start-up: {key.removeprefix('daemon ')}", "",
                       f"{starts[key] * 1e3:.0f} ms", "", "")
     Console().print(table)

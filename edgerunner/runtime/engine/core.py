@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import llama_cpp
 from llama_cpp import llama_chat_format, llama_grammar
@@ -35,6 +34,7 @@ from edgerunner.runtime.engine.sampling import SamplingParams
 from edgerunner.runtime.engine.tools import families
 from edgerunner.runtime.engine.tools import grammar as tool_grammars
 from edgerunner.runtime.engine.tools.events import Sink, ToolEvents
+from edgerunner.runtime.engine.weights import BatchLlama, Opened, open_weights, served_plan
 from edgerunner.runtime.protocol import (
     AnyRequest,
     ChatCompletionRequest,
@@ -45,7 +45,6 @@ from edgerunner.runtime.protocol import (
 
 logger = logging.getLogger(__name__)
 
-KV_GGML_TYPE = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 # the saved prefix files, being checked (PrefixStore.check) while the weights load
 Checking = concurrent.futures.Future[list[tuple[Path, SavedPrefix]]]
 # stands in for message i while rendering the chat template (private-use characters)
@@ -83,27 +82,6 @@ class Outcome:
     cached_tokens: int = 0  # of those, the ones the shared-prefix cache supplied
 
 
-def llama_kwargs(plan: RuntimePlan, n_threads: int | None = None) -> dict[str, Any]:
-    """Llama() keyword arguments for a plan (also used by the raw baseline in tools/)."""
-    kv = KV_GGML_TYPE[plan.kv_type]
-    return {
-        "n_ctx": plan.n_ctx,
-        "n_batch": plan.n_batch,
-        "n_ubatch": min(plan.n_ubatch, plan.n_batch),
-        "n_threads": n_threads or plan.n_threads,
-        "n_threads_batch": n_threads or plan.n_threads,
-        "type_k": kv,
-        "type_v": kv,
-        # llama.cpp quantizes the V cache only with flash attention on
-        "flash_attn": plan.flash_attn or plan.kv_type != "f16",
-        "swa_full": plan.swa_full,
-        "use_mmap": plan.mmap,
-        "use_mlock": plan.mlock,
-        "n_gpu_layers": 0,
-        "verbose": False,
-    }
-
-
 class Engine:
     """llama_cpp.Llama for one bundle; construction is cheap, `load()` maps the weights."""
 
@@ -113,12 +91,8 @@ class Engine:
         prefix_cache_cells: int | None = None, prefix_store: PrefixStore | None = None,
     ) -> None:
         self.model_path = Path(model_path)
-        # the plan as served: serve --parallel / prefix overrides applied, so that n_seq_max,
-        # the slots and the cache budget all come from one place (RuntimePlan)
-        overrides = {k: v for k, v in {"n_parallel": n_parallel,
-                                       "prefix_cache_cells": prefix_cache_cells}.items()
-                     if v is not None}
-        self.plan = plan.model_copy(update=overrides)
+        self.plan = served_plan(plan, n_parallel=n_parallel,
+                                prefix_cache_cells=prefix_cache_cells)
         self.name = name
         self.n_threads = n_threads
         self.extra_bufts = extra_bufts  # False: no AMX, no weight repacking (the preflight's)
@@ -167,28 +141,29 @@ class Engine:
             raise ModelError(f"llama.cpp cannot read {self.model_path}: {exc}",
                              "verify the bundle with `edgerunner verify`") from exc
 
-    def load(self) -> None:
-        """Load the weights and create the context as the plan says."""
+    def load(self, opening: concurrent.futures.Future[Opened] | None = None) -> None:
+        """Load the weights and create the context as the plan says; `opening`: the daemon's
+        start-up already began that (`weights.open_in_background` with this engine's plan)."""
         with self._load_lock:
             if self._llm is not None:
                 return
-            started = time.perf_counter()
-            kwargs = llama_kwargs(self.plan, self.n_threads)
             # the saved prefix files are read and hashed while llama.cpp reads the weights
             checking = self._check_prefixes()
             # outside self._lock: admission tokenizes with the vocab-only copy meanwhile,
             # however long the weights take to map
             try:
-                llm = self._open_model(kwargs)
+                opened = (opening.result() if opening is not None else
+                          open_weights(self.model_path, self.plan, self.n_threads,
+                                       self.extra_bufts))
             except (ValueError, RuntimeError) as exc:
                 raise ModelError(f"llama.cpp failed to load {self.model_path}: {exc}",
                                  "check free memory and the bundle's plan (n_ctx, kv_type)"
                                  ) from exc
-            opened = time.perf_counter()
-            self.load_seconds = opened - started
+            llm, started = opened.llm, time.perf_counter()
+            self.load_seconds = opened.seconds
             batcher = self._open_batcher(llm)
             self._restore_prefixes(llm, batcher, checking)
-            self.restore_seconds = time.perf_counter() - opened
+            self.restore_seconds = time.perf_counter() - started
             # the chat template compiled now, not on the first request (a restart's TTFT)
             formatter = self._formatter or self._make_formatter(llm._model)
             with self._lock:
@@ -225,10 +200,6 @@ class Engine:
     @property
     def prefix_cache_cells(self) -> int:
         return self.plan.prefix_cache_cells
-
-    def _open_model(self, kwargs: dict[str, Any]) -> BatchLlama:
-        return BatchLlama(str(self.model_path), **kwargs, use_extra_bufts=self.extra_bufts,
-                             n_seq_max=self.plan.n_seq_max)
 
     def _open_batcher(self, llm: BatchLlama) -> Batcher:
         cache_ids = list(range(self.n_parallel, self.plan.n_seq_max))
@@ -558,38 +529,3 @@ class _ChatTemplate:
         return cls(template, vocab.token_get_text(bos_id) if bos_id != -1 else "",
                    vocab.token_get_text(eos_id) if eos_id != -1 else "",
                    families.detect(template))
-
-
-class BatchLlama(llama_cpp.Llama):
-    """Llama whose model and context parameters take what llama-cpp-python has no keyword for:
-    `use_extra_bufts` (the preflight's fallback) and `n_seq_max` with a unified KV cache (the
-    sequences continuous batching decodes together). Only its model and context are used: the
-    batch API (runtime.batch) generates, not Llama's single-sequence calls."""
-
-    def __init__(self, *args: Any, use_extra_bufts: bool = True, n_seq_max: int = 1,
-                 **kwargs: Any) -> None:
-        # read by the setters below, which Llama.__init__ goes through before loading
-        self._use_extra_bufts = use_extra_bufts
-        self._n_seq_max = n_seq_max
-        super().__init__(*args, **kwargs)
-
-    # Llama.__init__ assigns self.model_params / self.context_params once and then fills them
-    # in, so the assignment is where these fields can be set
-    @property
-    def model_params(self) -> llama_cpp.llama_model_params:
-        return self._model_params
-
-    @model_params.setter
-    def model_params(self, params: llama_cpp.llama_model_params) -> None:
-        params.use_extra_bufts = self._use_extra_bufts
-        self._model_params = params
-
-    @property
-    def context_params(self) -> llama_cpp.llama_context_params:
-        return self._context_params
-
-    @context_params.setter
-    def context_params(self, params: llama_cpp.llama_context_params) -> None:
-        params.n_seq_max = self._n_seq_max
-        params.kv_unified = True  # all sequences share the n_ctx cells
-        self._context_params = params

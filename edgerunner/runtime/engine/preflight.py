@@ -76,17 +76,18 @@ def system_info() -> str:
 
 
 def build_id() -> str:
-    """sha256 of the llama.cpp libraries llama_cpp loads (its own lib/, or LLAMA_CPP_LIB_PATH's,
-    runtime CPU variants below it included): another build, another key."""
+    """Which llama.cpp libraries llama_cpp loads (its own lib/, or LLAMA_CPP_LIB_PATH's, runtime
+    CPU variants below it included): their names, sizes, inodes and modification times, hashed.
+    Another build or a reinstall changes those; reading ~20 MiB of libraries on every start to
+    hash their bytes would cost a Pi a quarter of a second for the same answer."""
     import llama_cpp
 
     lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
     digest = hashlib.sha256()
     for lib in sorted(lib_dir.rglob("*.so*")):
-        digest.update(str(lib.relative_to(lib_dir)).encode())
-        with lib.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        stat = lib.stat()
+        digest.update(f"{lib.relative_to(lib_dir)}|{stat.st_size}|{stat.st_ino}|"
+                      f"{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

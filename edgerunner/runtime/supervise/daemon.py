@@ -25,15 +25,14 @@ from edgerunner.errors import ConfigError, ExitCode
 from edgerunner.host.cpu import CpuBudget, cpu_budget, decode_threads, host_cpu_features
 from edgerunner.host.memory import MemoryProbe, MemorySnapshot
 from edgerunner.pack.isa import repack_isa
-from edgerunner.runtime.engine.core import Engine
 from edgerunner.runtime.engine.predict import predict_totals, weights_saving_mb
-from edgerunner.runtime.engine.prefix_store import PrefixStore
 from edgerunner.runtime.engine.preflight import (
     PreflightError,
     Verdict,
     preflight,
     serving_features,
 )
+from edgerunner.runtime.engine.weights import open_in_background, served_plan
 from edgerunner.runtime.health import (
     CpuHealth,
     DaemonState,
@@ -43,13 +42,7 @@ from edgerunner.runtime.health import (
     QueueHealth,
     ServedModel,
 )
-from edgerunner.runtime.scheduler import WORKER_STOP_S, Scheduler
-from edgerunner.runtime.supervise.memory_guard import (
-    Fit,
-    MemoryGuard,
-    fit_plan,
-    scaled_estimate,
-)
+from edgerunner.runtime.supervise.fit import Fit, fit_plan, scaled_estimate
 from edgerunner.runtime.supervise.metrics import render_metrics
 from edgerunner.runtime.supervise.notify import (
     Heartbeat,
@@ -60,8 +53,11 @@ from edgerunner.runtime.supervise.notify import (
 )
 from edgerunner.runtime.supervise.thermal import ThermalGovernor, ThrottleFlags, read_thermal
 
-if TYPE_CHECKING:  # imported while the weights load (Daemon._start)
+if TYPE_CHECKING:  # imported while llama.cpp reads the weights (Daemon._start)
+    from edgerunner.runtime.engine.core import Engine
     from edgerunner.runtime.http.server import HttpTransport
+    from edgerunner.runtime.scheduler import Scheduler
+    from edgerunner.runtime.supervise.memory_guard import MemoryGuard
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +143,8 @@ class Daemon:
         self.governor: ThermalGovernor | None = None
         self.temperature_c: float | None = None
         self.throttle: ThrottleFlags | None = None
-        self.worker_stop_s = WORKER_STOP_S  # how long a cancelled job may take to let go
+        self.worker_stop_s: float | None = None  # a cancelled job's time to let go (None: the
+        # scheduler's WORKER_STOP_S)
         self.cpus: CpuBudget = cpu_budget(config.guard_root)
         self.n_threads = self._choose_threads()
         self.verdict: Verdict | None = None
@@ -284,17 +281,25 @@ class Daemon:
         phase("fit_s")
         self._notify("status", f"loading {self.manifest.name}")
         self._notify("extend_timeout", self._expected_load_s() + 30)
-        self.engine = Engine(self.bundle.model_path, fit.plan, name=self.manifest.name,
+        plan = served_plan(fit.plan, n_parallel=config.n_parallel)
+        opening = open_in_background(self.bundle.model_path, plan, self.n_threads,
+                                     verdict.extra_bufts)
+        # llama.cpp reads the weights without the GIL, on one core: the serving code is
+        # imported on the other meanwhile (this module imports only what decides the plan)
+        from edgerunner.runtime.engine.core import Engine
+        from edgerunner.runtime.engine.prefix_store import PrefixStore
+        from edgerunner.runtime.http.access import raise_nofile_limit
+        from edgerunner.runtime.http.server import transport_from_config
+        from edgerunner.runtime.scheduler import Scheduler
+        from edgerunner.runtime.supervise.memory_guard import MemoryGuard
+
+        raise_nofile_limit()  # each connection is a descriptor; the HTTP cap stays below the limit
+        self.engine = Engine(self.bundle.model_path, plan, name=self.manifest.name,
                              n_threads=self.n_threads, extra_bufts=verdict.extra_bufts,
-                             n_parallel=self.config.n_parallel,
                              prefix_store=PrefixStore(state_dir() / "prefixes" / self.manifest.name,
                                                       self.manifest.files["model.gguf"].sha256))
-        loading = asyncio.ensure_future(asyncio.to_thread(self.engine.load))
-        await asyncio.sleep(0)  # the load starts in its thread
-        # llama.cpp reads the weights without the GIL: the HTTP side imports meanwhile
-        from edgerunner.runtime.http.server import transport_from_config
-        phases["http_imports_s"] = time.perf_counter() - mark  # within load_total_s
-        await loading
+        phases["imports_s"] = time.perf_counter() - mark  # within load_total_s
+        await asyncio.to_thread(self.engine.load, opening)
         phase("load_total_s")
         phases.update(load_s=self.engine.load_seconds, restore_s=self.engine.restore_seconds)
         self._setup_watchdog()
@@ -327,7 +332,7 @@ class Daemon:
         phase("serve_s")
         # ready before MQTT connects, so its first info/state messages say so
         self.state = "ready"
-        # load_total_s holds load_s + restore_s, and http_imports_s beside them; warm_up_s is
+        # load_total_s holds load_s + restore_s, and imports_s beside them; warm_up_s is
         # the worker's first decode, on its own thread
         total = sum(phases.get(k, 0.0) for k in ("exec_s", "preflight_s", "fit_s",
                                                   "load_total_s", "warm_up_s", "serve_s"))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgerunner.runtime.health import Health
-from edgerunner.runtime.scheduler import Stats
+
+if TYPE_CHECKING:  # the daemon imports this before the scheduler (while the weights load)
+    from edgerunner.runtime.scheduler import Stats
 
 MIB = 2**20
 
