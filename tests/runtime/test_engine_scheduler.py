@@ -385,10 +385,10 @@ class SlowLoadEngine(Engine):
         super().__init__(*args, **kwargs)
         self.loading, self.release = threading.Event(), threading.Event()
 
-    def _open_model(self, kwargs: dict[str, Any]) -> Any:
+    def _open_model(self) -> Any:
         self.loading.set()
         assert self.release.wait(60)
-        return super()._open_model(kwargs)
+        return super()._open_model()
 
 
 def test_admission_answers_while_the_model_reloads(default_model: Path) -> None:

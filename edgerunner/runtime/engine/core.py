@@ -152,9 +152,7 @@ class Engine:
             # outside self._lock: admission tokenizes with the vocab-only copy meanwhile,
             # however long the weights take to map
             try:
-                opened = (opening.result() if opening is not None else
-                          open_weights(self.model_path, self.plan, self.n_threads,
-                                       self.extra_bufts))
+                opened = opening.result() if opening is not None else self._open_model()
             except (ValueError, RuntimeError) as exc:
                 raise ModelError(f"llama.cpp failed to load {self.model_path}: {exc}",
                                  "check free memory and the bundle's plan (n_ctx, kv_type)"
@@ -200,6 +198,9 @@ class Engine:
     @property
     def prefix_cache_cells(self) -> int:
         return self.plan.prefix_cache_cells
+
+    def _open_model(self) -> Opened:
+        return open_weights(self.model_path, self.plan, self.n_threads, self.extra_bufts)
 
     def _open_batcher(self, llm: BatchLlama) -> Batcher:
         cache_ids = list(range(self.n_parallel, self.plan.n_seq_max))
