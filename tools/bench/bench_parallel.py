@@ -668,6 +668,9 @@ def main() -> None:
                         help="2 rounds of 48 tokens, 2 system-prompt pairs, 1 arrival")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
+    for name in ("rounds", "sys_rounds", "arrival_rounds", "restart_rounds"):
+        if getattr(args, name) < 1:  # every table row needs at least one measurement
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.quick:
         args.rounds, args.max_tokens, args.sys_rounds, args.arrival_rounds = 2, 48, 2, 1
     if args.max_tokens < 2 or min(args.seqs) < 1 or max(args.seqs) > 16:
