@@ -7,14 +7,19 @@ fragmentation); the daemon must not carry that for its whole life, so a short-li
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
+from edgerunner import __version__
+from edgerunner._fs import atomic_write_text
 from edgerunner.bundle.manifest import BundleManifest, RuntimePlan
 from edgerunner.pack.isa import repack_isa
+from edgerunner.runtime.engine.preflight import verdict_dir
 
 logger = logging.getLogger(__name__)
 
@@ -30,27 +35,51 @@ def predict_totals(model_path: Path, plan: RuntimePlan, n_ctxs: list[int],
 
 
 def weights_saving_mb(manifest: BundleManifest, model_path: Path, features: list[str],
-                      timeout: float = 120.0) -> float:
+                      timeout: float = 120.0, store: Path | None = None) -> float:
     """MiB the weights hold less (negative: more) when a CPU with these features serves the
     bundle than on the profile's CPU its manifest predicts for.
 
     llama.cpp repacks weights by the serving CPU's rules: a Pi 5 bundle holds a repacked Q8_0
     output copy there that an x86 AVX2 host never makes. The manifest keeps the weights for
     every repack ISA (prediction.weights_mb_by_cpu); a bundle packed before that is asked of
-    edgerunner.pack.memory in a child process."""
+    edgerunner.pack.memory in a child process, once: the answer is kept in `store` (beside
+    the preflight's verdicts)."""
     planned = repack_isa(manifest.profile.cpu.features)
     here = repack_isa(features)
     if here == planned:
         return 0.0
     by_cpu = manifest.prediction.weights_mb_by_cpu
     if planned not in by_cpu or here not in by_cpu:
-        request = json.dumps({"model": str(model_path), "plan": manifest.plan.model_dump(),
-                              "weights_for": [planned, here]})
-        done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.predict"],
-                              input=request, capture_output=True, text=True, timeout=timeout,
-                              check=True)
-        by_cpu = json.loads(done.stdout)["weights_mb"]
+        by_cpu = _weights_by_isa(manifest, model_path, [planned, here], timeout,
+                                 store or verdict_dir())
     return by_cpu[planned] - by_cpu[here]
+
+
+def _weights_by_isa(manifest: BundleManifest, model_path: Path, isas: list[str],
+                    timeout: float, store: Path) -> dict[str, float]:
+    """The child's weights per repack ISA, cached by the model's hash, the plan, the ISAs and
+    edgerunner's version (its memory model); a cache file that does not read is asked again."""
+    key = hashlib.sha256(json.dumps(
+        [manifest.files["model.gguf"].sha256, manifest.plan.model_dump(mode="json"),
+         sorted(isas), __version__], sort_keys=True).encode()).hexdigest()[:24]
+    path = store / f"weights-{key}.json"
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(path.read_text())
+        if isinstance(cached, dict) and all(
+                isinstance(cached.get(isa), (int, float)) for isa in isas):
+            return {isa: float(cached[isa]) for isa in isas}
+    request = json.dumps({"model": str(model_path), "plan": manifest.plan.model_dump(),
+                          "weights_for": isas})
+    done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.predict"],
+                          input=request, capture_output=True, text=True, timeout=timeout,
+                          check=True)
+    weights: dict[str, float] = json.loads(done.stdout)["weights_mb"]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(weights))
+    except OSError as exc:  # a read-only home: the next start asks the child again
+        logger.warning("weights per CPU not cached (%s)", exc)
+    return weights
 
 
 def main() -> None:
