@@ -43,7 +43,9 @@ def test_pack_text_output_and_default_output_dir(
     default_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no -o: the bundle lands in the current directory
-    result = run("pack", str(default_model), "--profile", "rpi5", "--quant", "Q3_K_M")
+    # --no-imatrix: the importance matrix below Q4_K is test_quality_cli's (30 s of it here)
+    result = run("pack", str(default_model), "--profile", "rpi5", "--quant", "Q3_K_M",
+                 "--no-imatrix")
     assert result.exit_code == 0, result.output
     bundle = tmp_path / "SmolLM2-135M-Instruct-rpi5-8gb-Q3_K_M"
     assert f"wrote {bundle.name}" in result.output or f"wrote {bundle}" in result.output
