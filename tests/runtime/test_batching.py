@@ -78,10 +78,12 @@ def _ended(sink: Collector) -> bool:
     return any(isinstance(e, (DoneEvent, ErrorEvent)) for e in list(sink.seen))
 
 
-def test_the_engine_alone_matches_llama_create_completion(engine: Engine,
-                                                          default_model: Path) -> None:
+def test_the_engine_alone_matches_llama_create_completion(
+    engine: Engine, default_model: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     # today's path, for the same tokens: Llama.create_completion with the same sampling
     engine.warm_up()  # as the daemon's worker does first: its stopped decode leaves nothing
+    assert "removing memory module" not in capfd.readouterr().err  # nor a line in the log
     raw = llama_cpp.Llama(str(default_model), **llama_kwargs(PLAN, PLAN.n_threads))
     try:
         for question in QUESTIONS[:2]:

@@ -30,6 +30,7 @@ import llama_cpp
 from llama_cpp import llama_grammar
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
+from edgerunner.pack.llama_log import llama_log_hook
 from edgerunner.runtime.engine.sampling import SamplingParams
 from edgerunner.runtime.engine.tools.grammar import ToolGrammar, add_to_chain
 from edgerunner.runtime.protocol import FinishReason, RequestError
@@ -335,8 +336,11 @@ class Batcher:
             self._put(self._batch, row, token, row, seq_id, row == 1)
         self._batch.n_tokens = 2
         llama_cpp.llama_set_abort_callback(self._ctx.ctx, _STOP_AT_ONCE, None)
+        # llama.cpp reports the abort it was asked for as an error ("removing memory module
+        # entries"): not one for the daemon's log
         try:
-            llama_cpp.llama_decode(self._ctx.ctx, self._batch)  # 2: aborted, as asked
+            with llama_log_hook(lambda _level, _text: None):
+                llama_cpp.llama_decode(self._ctx.ctx, self._batch)  # 2: aborted, as asked
         finally:
             llama_cpp.llama_set_abort_callback(self._ctx.ctx, _NO_ABORT, None)
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
