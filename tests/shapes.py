@@ -463,6 +463,34 @@ class Served:
     log: str
 
 
+def predicted_buffers(info: ModelInfo, quant: str, n_ctx: int, *, flash_attn: bool,
+                      features: list[str], mmap: bool) -> dict[str, float]:
+    """edgerunner.pack.memory's figure (MiB) for each buffer llama.cpp logs, as buffer_parts
+    names them: the resident weights (the repacked copies included), the repack buffer, KV,
+    output, compute."""
+    from edgerunner.pack.memory import (
+        MIB,
+        kv_bytes,
+        output_buffer_bytes,
+        quant_facts,
+        reserved_compute_bytes,
+    )
+
+    facts = quant_facts(info, quant, features)
+    return {"weights": facts.resident(mmap) / MIB, "repack": facts.repacked_bytes / MIB,
+            "kv": kv_bytes(info, n_ctx) / MIB, "output": output_buffer_bytes(info) / MIB,
+            "compute": reserved_compute_bytes(info, n_ctx, flash_attn=flash_attn) / MIB}
+
+
+def buffer_parts(buffers: dict[str, float], mmap: bool) -> dict[str, float | None]:
+    """llama.cpp's logged buffers (Served.buffers) as predicted_buffers names them; None
+    where llama.cpp logged no such buffer."""
+    repack = buffers.get("CPU_REPACK", 0.0)
+    return {"weights": buffers.get("CPU_Mapped" if mmap else "CPU", 0.0) + repack,
+            "repack": repack, "kv": buffers.get("KV"), "output": buffers.get("output"),
+            "compute": buffers.get("compute")}
+
+
 def serve_and_measure(model: Path, plan: Any, prompt_tokens: int, max_tokens: int = 4,
                       threads: int = 2, first_token: int = 300) -> Served:
     """Serve one request of `prompt_tokens` + `max_tokens` in a fresh process, as the daemon

@@ -21,7 +21,7 @@ from edgerunner.pack.planner import PlanOptions
 from edgerunner.profiles import resolve_profile
 from edgerunner.runtime.engine.preflight import serving_features, system_info
 from edgerunner.runtime.supervise.daemon import Daemon
-from tests.shapes import MATRIX, matrix_source, serve_and_measure
+from tests.shapes import MATRIX, buffer_parts, matrix_source, serve_and_measure
 
 N_CTX = 2048
 # the held-out case of the issue: 262k vocabulary, tied output, sliding-window layers
@@ -59,8 +59,7 @@ def test_an_arm_bundle_served_here_is_predicted_for_this_cpu(
         prediction.memory.total_mb - by_cpu["neon+dotprod"] + by_cpu[here], abs=0.05)
 
     served = serve_and_measure(bundle.model_path, fit.plan, prompt_tokens=N_CTX - 8)
-    weights = (served.buffers["CPU_Mapped"] if fit.plan.mmap else served.buffers["CPU"])
-    weights += served.buffers.get("CPU_REPACK", 0.0)
+    weights = buffer_parts(served.buffers, fit.plan.mmap)["weights"]
     assert weights == pytest.approx(by_cpu[here], abs=1.0)
     error = (fit.predicted_mb - served.vmhwm_mb) / served.vmhwm_mb
     profile_error = (prediction.memory.total_mb - served.vmhwm_mb) / served.vmhwm_mb

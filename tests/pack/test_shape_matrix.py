@@ -16,16 +16,15 @@ import pytest
 from edgerunner.bundle.manifest import RuntimePlan
 from edgerunner.host.cpu import host_cpu_features
 from edgerunner.pack.gguf_info import read_model_info
-from edgerunner.pack.memory import (
-    MIB,
-    estimate_memory,
-    kv_bytes,
-    output_buffer_bytes,
-    prefer_mmap,
-    quant_facts,
-    reserved_compute_bytes,
+from edgerunner.pack.memory import estimate_memory, prefer_mmap
+from tests.shapes import (
+    MATRIX,
+    MatrixShape,
+    buffer_parts,
+    matrix_model,
+    predicted_buffers,
+    serve_and_measure,
 )
-from tests.shapes import MATRIX, MatrixShape, matrix_model, serve_and_measure
 
 N_CTX = 2048
 # every shape serves once; flash attention alternates so both attention paths are held to it
@@ -46,25 +45,18 @@ def test_buffers_and_peak_rss_match_the_prediction(
     served = serve_and_measure(model, plan, prompt_tokens=N_CTX - 8, max_tokens=4)
     assert served.filled >= N_CTX - 8
 
-    facts = quant_facts(info, shape.quant, features)
-    buffers = served.buffers
-    if mmap:
-        weights = buffers["CPU_Mapped"] + buffers.get("CPU_REPACK", 0.0)
-    else:
-        weights = buffers["CPU"] + buffers.get("CPU_REPACK", 0.0)
-    assert facts.resident(mmap) / MIB == pytest.approx(weights, abs=1.0)
-    assert facts.repacked_bytes / MIB == pytest.approx(buffers.get("CPU_REPACK", 0.0), abs=1.0)
-    assert kv_bytes(info, N_CTX) / MIB == pytest.approx(buffers["KV"], abs=1.0)
-    assert output_buffer_bytes(info) / MIB == pytest.approx(buffers["output"], abs=1.0)
-    reserved = reserved_compute_bytes(info, N_CTX, flash_attn=flash_attn) / MIB
-    assert reserved == pytest.approx(buffers["compute"], abs=1.0)
+    predicted_parts = predicted_buffers(info, shape.quant, N_CTX, flash_attn=flash_attn,
+                                        features=features, mmap=mmap)
+    measured = buffer_parts(served.buffers, mmap)
+    for part, mib in predicted_parts.items():  # weights, repack, KV, output, compute
+        assert measured[part] == pytest.approx(mib, abs=1.0), (part, served.buffers)
 
     predicted = estimate_memory(info, shape.quant, N_CTX, flash_attn=flash_attn,
                                 cpu_features=features, mmap=mmap).total_mb
     error = (predicted - served.vmhwm_mb) / served.vmhwm_mb
     assert abs(error) <= 0.05, (
         f"{shape.name}: predicted {predicted:.1f} MiB, VmHWM {served.vmhwm_mb:.1f} MiB "
-        f"({error:+.1%}); llama.cpp's buffers {buffers}")
+        f"({error:+.1%}); llama.cpp's buffers {served.buffers}")
 
 
 def test_the_matrix_covers_the_shapes_that_scale_with_the_vocabulary() -> None:

@@ -61,6 +61,7 @@ import wheels
 from cpus import CPUS, Cpu, by_name
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))  # tests/shapes.py: the shape matrix, its buffers
 TOLERANCE = 0.01  # relative, when not equal to the MiB llama.cpp prints (2 decimals)
 BUFFERS = ("mapped", "repack", "kv", "compute", "output")
 PROBE_TIMEOUT_S = 900
@@ -183,7 +184,6 @@ def check_buffers(result: CpuResult, root: Path, binds: dict[str, Path], source:
 
 def matrix_models(source: Path) -> list[tuple[Any, Path]]:
     """The shape matrix's models, quantized on the host (cached beside the x86 tests' copies)."""
-    sys.path.insert(0, str(REPO / "tests"))
     from shapes import MATRIX, matrix_model
 
     return [(shape, matrix_model(shape, source)) for shape in MATRIX]
@@ -192,25 +192,17 @@ def matrix_models(source: Path) -> list[tuple[Any, Path]]:
 def matrix_cells(models: list[tuple[Any, Path]], features: list[str]) -> list[dict[str, Any]]:
     """Each cell's plan for this CPU and what edgerunner predicts of it (the x86 test's cells:
     flash attention alternating, mmap as prefer_mmap says for these features)."""
+    from shapes import predicted_buffers
+
     from edgerunner.bundle.manifest import RuntimePlan
     from edgerunner.pack.gguf_info import read_model_info
-    from edgerunner.pack.memory import (
-        MIB,
-        estimate_memory,
-        kv_bytes,
-        output_buffer_bytes,
-        prefer_mmap,
-        quant_facts,
-        repacked_tensors,
-        reserved_compute_bytes,
-    )
+    from edgerunner.pack.memory import estimate_memory, prefer_mmap, repacked_tensors
 
     cells = []
     for i, (shape, model) in enumerate(models):
         info = read_model_info(model)
         flash_attn = i % 2 == 1
         mmap = prefer_mmap(info, shape.quant, features)
-        facts = quant_facts(info, shape.quant, features)
         plan = RuntimePlan(quant=shape.quant, n_ctx=MATRIX_CTX, flash_attn=flash_attn,
                            mmap=mmap, n_threads=1)
         total = estimate_memory(info, shape.quant, MATRIX_CTX, flash_attn=flash_attn,
@@ -220,14 +212,9 @@ def matrix_cells(models: list[tuple[Any, Path]], features: list[str]) -> list[di
             "prompt_tokens": MATRIX_CTX - 8, "quant": shape.quant, "flash_attn": flash_attn,
             "mmap": mmap, "predicted_total": round(total, 1),
             "predicted_repacked": sorted(repacked_tensors(info, shape.quant, features)),
-            "predicted": {
-                "weights": round(facts.resident(mmap) / MIB, 2),
-                "repack": round(facts.repacked_bytes / MIB, 2),
-                "kv": round(kv_bytes(info, MATRIX_CTX) / MIB, 2),
-                "output": round(output_buffer_bytes(info) / MIB, 2),
-                "compute": round(reserved_compute_bytes(info, MATRIX_CTX,
-                                                        flash_attn=flash_attn) / MIB, 2),
-            },
+            "predicted": {part: round(mib, 2) for part, mib in predicted_buffers(
+                info, shape.quant, MATRIX_CTX, flash_attn=flash_attn, features=features,
+                mmap=mmap).items()},
         })
     return cells
 
@@ -235,6 +222,8 @@ def matrix_cells(models: list[tuple[Any, Path]], features: list[str]) -> list[di
 def check_matrix(result: CpuResult, root: Path, binds: dict[str, Path],
                  models: list[tuple[Any, Path]], host_imports_mb: float) -> None:
     """The shape matrix served on this CPU: buffers to the MiB, VmHWM within 5%."""
+    from shapes import buffer_parts
+
     features = result.detected or list(result.cpu.features)
     cells = matrix_cells(models, features)
     request = {"cells": [{k: c[k] for k in ("name", "model", "plan", "prompt_tokens")}
@@ -254,13 +243,7 @@ def check_matrix(result: CpuResult, root: Path, binds: dict[str, Path],
         got = served.get(cell["name"])
         if got is None:
             continue
-        buffers = got["buffers"]
-        measured = {
-            "weights": buffers.get("CPU_Mapped" if cell["mmap"] else "CPU", 0.0)
-            + buffers.get("CPU_REPACK", 0.0),
-            "repack": buffers.get("CPU_REPACK", 0.0), "kv": buffers.get("KV"),
-            "output": buffers.get("output"), "compute": buffers.get("compute"),
-        }
+        measured = buffer_parts(got["buffers"], cell["mmap"])
         vmhwm_here = got["vmhwm_mb"] - emulator
         error = (cell["predicted_total"] - vmhwm_here) / vmhwm_here
         row = {**cell, "llama": measured, "vmhwm_mb": got["vmhwm_mb"],
