@@ -177,10 +177,9 @@ class Engine:
             "n_ctx": self.plan.n_ctx, "kv_type": self.plan.kv_type})
 
     def warm_up(self) -> None:
-        """One throw-away decode on the calling thread, the one that will decode (the
-        scheduler's worker): llama.cpp's first llama_decode on a thread starts its OpenMP team
-        there and first touches the compute buffers, which would otherwise fall on the first
-        request's TTFT. Nothing if the weights are not loaded."""
+        """Start llama.cpp's thread team on the calling thread, the one that will decode (the
+        scheduler's worker), with a decode stopped at once (Batcher.warm_up): otherwise the
+        first request's TTFT would pay for it. Nothing if the weights are not loaded."""
         with self._lock:
             batcher = self._batcher
         if batcher is None or batcher.active:

@@ -14,6 +14,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from edgerunner import __version__
 from edgerunner._fs import atomic_write_text
@@ -24,14 +25,20 @@ from edgerunner.runtime.engine.preflight import verdict_dir
 logger = logging.getLogger(__name__)
 
 
-def predict_totals(model_path: Path, plan: RuntimePlan, n_ctxs: list[int],
-                   timeout: float = 120.0) -> dict[int, float]:
-    """edgerunner.pack.memory's predicted total MiB for each n_ctx (run in a child process)."""
-    request = json.dumps({"model": str(model_path), "plan": plan.model_dump(), "n_ctx": n_ctxs})
+def _ask_child(model_path: Path, plan: RuntimePlan, timeout: float, **question: Any) -> Any:
+    """`main` in a child process: the model, the plan and the question in, its JSON out."""
+    request = json.dumps({"model": str(model_path), "plan": plan.model_dump(), **question})
     done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.predict"],
                           input=request, capture_output=True, text=True, timeout=timeout,
                           check=True)
-    return {int(k): float(v) for k, v in json.loads(done.stdout).items()}
+    return json.loads(done.stdout)
+
+
+def predict_totals(model_path: Path, plan: RuntimePlan, n_ctxs: list[int],
+                   timeout: float = 120.0) -> dict[int, float]:
+    """edgerunner.pack.memory's predicted total MiB for each n_ctx (run in a child process)."""
+    totals = _ask_child(model_path, plan, timeout, n_ctx=n_ctxs)
+    return {int(k): float(v) for k, v in totals.items()}
 
 
 def weights_saving_mb(manifest: BundleManifest, model_path: Path, features: list[str],
@@ -68,12 +75,8 @@ def _weights_by_isa(manifest: BundleManifest, model_path: Path, isas: list[str],
         if isinstance(cached, dict) and all(
                 isinstance(cached.get(isa), (int, float)) for isa in isas):
             return {isa: float(cached[isa]) for isa in isas}
-    request = json.dumps({"model": str(model_path), "plan": manifest.plan.model_dump(),
-                          "weights_for": isas})
-    done = subprocess.run([sys.executable, "-m", "edgerunner.runtime.engine.predict"],
-                          input=request, capture_output=True, text=True, timeout=timeout,
-                          check=True)
-    weights: dict[str, float] = json.loads(done.stdout)["weights_mb"]
+    weights: dict[str, float] = _ask_child(model_path, manifest.plan, timeout,
+                                           weights_for=isas)["weights_mb"]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(weights))

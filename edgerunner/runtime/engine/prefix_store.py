@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import json
 import logging
@@ -58,14 +57,9 @@ class PrefixIndex(BaseModel):
     entries: list[SavedPrefix] = Field(default_factory=list)
 
 
-@functools.cache
-def _build() -> str:
-    return build_id()  # hashes llama.cpp's libraries: once per process (save and restore)
-
-
 def store_key(model_sha256: str, plan: RuntimePlan) -> str:
     """What saved cells depend on: the model, the plan as served, the llama.cpp build."""
-    parts = [model_sha256, json.dumps(plan.model_dump(mode="json"), sort_keys=True), _build()]
+    parts = [model_sha256, json.dumps(plan.model_dump(mode="json"), sort_keys=True), build_id()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
