@@ -12,7 +12,8 @@ llama.cpp), so it holds for any architecture llama.cpp runs, not only the test m
   token's logits), but the kernel backs only the pages a graph actually writes. What a serving
   process touches is the live set of the largest graph it runs: a full ubatch attending over
   the whole context with one output row. That live set is modelled tensor by tensor below,
-  plus ggml-cpu's separate work buffer (matmul operands converted to the weights' dot type).
+  plus ggml-cpu's separate work buffer (matmul operands converted to the weights' dot type;
+  which conversions happen depends on the CPU, see converts_kq_to_f16).
 - logits: llama.cpp's output buffer (n_vocab floats per output row). llama_context's
   output_reserve sizes it for max(n_outputs, n_seq_max) rows and clears it, so a context made
   for n_seq_max sequences holds n_seq_max rows from the start. llama-cpp-python also
@@ -357,15 +358,30 @@ def _dot_bytes(weight_type: str, n: int) -> int:
     return n * 36 // 32 + 4  # Q8_0 / Q8_1 / Q8_K rows: a little over one byte per element
 
 
+def converts_kq_to_f16(cpu_features: Iterable[str] = ()) -> bool:
+    """Whether ggml-cpu converts an F32 operand to F16 in its work buffer before multiplying
+    it by the F16 KV cache (attention without flash attention: K·Q and V·kq).
+
+    llamafile's tinyBLAS (ggml-cpu/llamafile/sgemm.cpp, case GGML_TYPE_F16) multiplies F16 by
+    F16 on x86 (F16C) and on ARM with FP16 vector arithmetic (the Pi 5's A76), so ggml converts
+    the F32 operand first. On ARM without it (armv8.0: the Pi 4's A72, the Zero 2 W's A53) it
+    multiplies F16 by F32 directly, and the conversion is never written. Measured under qemu
+    (cortex-a72, n_ctx 2048, 512-token ubatches): 7 MiB less resident for 4 heads, 15 MiB for
+    8, the size of kq in F16. Unknown features: assume the conversion.
+    """
+    features = frozenset(cpu_features)
+    return not ("neon" in features and "fp16" not in features)
+
+
 def graph_bytes(
     info: ModelInfo, n_tokens: int, n_kv: int, n_kv_swa: int, n_outputs: int,
-    flash_attn: bool, weight_type: str = "Q8_0",
+    flash_attn: bool, weight_type: str = "Q8_0", kq_to_f16: bool = True,
 ) -> tuple[int, int]:
     """(compute buffer, CPU work buffer) live at the peak of one decoder graph.
 
     Mirrors the tensors llama-graph.cpp allocates for a standard decoder layer; ggml-alloc
     reuses memory between layers, so the peak is the largest single stage plus the inputs
-    that stay alive for the whole graph.
+    that stay alive for the whole graph. `kq_to_f16`: see converts_kq_to_f16.
     """
     f32 = 4
     t = n_tokens
@@ -390,7 +406,8 @@ def graph_bytes(
     else:
         kq = n_kv * t * n_head * f32  # soft_max runs in place on it
         attn = q_k_v + kq + 2 * t * n_head * dv * f32  # + kqv and its contiguous copy
-        attn_work = n_kv * t * n_head * 2  # kq converted to f16 for V·kq
+        # kq converted to f16 for V·kq (the larger of the two conversions)
+        attn_work = n_kv * t * n_head * 2 if kq_to_f16 else 0
     ffn = t * (n_embd + 3 * n_ff) * f32  # norm, up, gate and the gated product
     ffn_work = _dot_bytes(weight_type, n_ff) * t
     # The lm_head stage: by then the inputs and the residual stream are dead (ggml-alloc
@@ -425,7 +442,7 @@ def _n_kv_used(cells: int, used: int) -> int:
 
 def touched_compute_bytes(
     info: ModelInfo, shape: ContextShape, filled: int, flash_attn: bool, weight_type: str,
-    n_outputs: int = 1,
+    n_outputs: int = 1, kq_to_f16: bool = True,
 ) -> int:
     """Resident compute + work memory after a prompt of `filled` tokens, ubatch by ubatch."""
     peak_compute = peak_work = 0
@@ -437,7 +454,7 @@ def touched_compute_bytes(
         n_kv = _n_kv_used(shape.n_ctx, done)
         n_kv_swa = _n_kv_used(shape.n_ctx_swa, done)
         compute, work = graph_bytes(
-            info, t, n_kv, n_kv_swa, min(n_outputs, t), flash_attn, weight_type
+            info, t, n_kv, n_kv_swa, min(n_outputs, t), flash_attn, weight_type, kq_to_f16
         )
         peak_compute, peak_work = max(peak_compute, compute), max(peak_work, work)
     return peak_compute + peak_work
@@ -538,7 +555,8 @@ def estimate_memory(
     seqs = max(n_parallel, n_seq_max or n_parallel)
     # a batch step asks one logits row of each stream (the last prompt token or the next one)
     compute = touched_compute_bytes(info, shape, used, flash_attn, facts.dominant_type,
-                                    n_outputs=n_parallel)
+                                    n_outputs=n_parallel,
+                                    kq_to_f16=converts_kq_to_f16(cpu_features))
     logits = output_buffer_bytes(info, seqs)
     if logits_all:
         logits = info.n_vocab * 4 * shape.n_batch + info.n_vocab * 4 * used

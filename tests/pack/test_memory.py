@@ -306,3 +306,23 @@ def test_estimate_grows_with_context_and_shrinks_with_q8_kv(default_info: ModelI
     quant_kv = estimate_memory(default_info, "Q8_0", 4096, kv_type="q8_0", flash_attn=True)
     assert small.total_mb < large.total_mb
     assert quant_kv.kv_mb == pytest.approx(large.kv_mb * 34 / 64, rel=0.001)
+
+
+def test_kq_is_converted_to_f16_only_where_tinyblas_multiplies_f16_by_f16(
+    default_info: ModelInfo,
+) -> None:
+    """Without flash attention, ggml converts kq to F16 for V·kq on x86 and on the Pi 5 (its
+    F16 kernels take F16 operands); on the Pi 4's and Zero 2 W's armv8.0 cores llamafile
+    multiplies the F16 cache by F32 directly, and that work buffer is never written (the ARM
+    lane measures it: tools/arm/lane.py, the A72's flash-attention-off cells)."""
+    n_ctx, n_ubatch = 2048, 512
+    x86, pi5, pi4 = (estimate_memory(default_info, "Q8_0", n_ctx, flash_attn=False,
+                                     cpu_features=features, mmap=False)
+                     for features in (["avx", "avx2", "f16c", "fma"], PI5, PI4))
+    kq_f16 = n_ctx * n_ubatch * default_info.n_head * 2
+    ffn_q8 = (default_info.n_ff * 36 // 32 + 4) * n_ubatch  # the work buffer's other user
+    assert x86.compute_mb == pi5.compute_mb
+    assert pi5.compute_mb - pi4.compute_mb == pytest.approx((kq_f16 - ffn_q8) / MIB, abs=0.01)
+    with_fa = [estimate_memory(default_info, "Q8_0", n_ctx, flash_attn=True, cpu_features=f,
+                               mmap=False).compute_mb for f in (PI5, PI4)]
+    assert with_fa[0] == with_fa[1]
