@@ -230,13 +230,13 @@ def check_matrix(result: CpuResult, root: Path, binds: dict[str, Path],
                  models: list[tuple[Any, Path]]) -> None:
     """The shape matrix served on this CPU: buffers to the MiB, VmHWM within 5%.
 
-    Under qemu-user a process's VmHWM is not the board's: qemu's own code and heap, the
-    translated code of the kernels this model runs (10-15 MiB), and mapped weights a request
-    never reads stay out of RSS (qemu does not honour MAP_POPULATE: an untied 128k model's
-    token_embd, +14% on the A72 against one imports-only baseline). So each cell is first
-    served at BASELINE_CTX here and on the host. What each held beyond llama.cpp's logged
-    buffers, the guest's less the host's, is this model's emulator share; it is taken off the
-    full-context VmHWM. The check then covers, on this CPU, the buffers (also checked to the
+    Under qemu-user a process's VmHWM is not the board's: it adds qemu's own code and heap and
+    the translated code of the kernels this model runs, and mapped weights a request never
+    reads stay out of RSS (qemu does not honour MAP_POPULATE). One imports-only process as the
+    baseline for every cell left errors of -10% to +14%. So each cell is first served at
+    BASELINE_CTX here and on the host. What each held beyond llama.cpp's logged buffers, the
+    guest's less the host's, is this model's emulator share (measured: 42-65 MiB); it is taken
+    off the full-context VmHWM. The check then covers, on this CPU, the buffers (also checked to the
     MiB) and whatever beyond them grows from BASELINE_CTX to MATRIX_CTX; the fixed process
     overhead is the host's (tests/pack/test_shape_matrix.py checks it there).
     """
