@@ -360,6 +360,12 @@ MATRIX = [
                 vocab="bpe", quant="Q4_K_M"),
     MatrixShape("v262k-tied-swa-gqa4-h256", "gemma3", 262144, 640, 4, 1, 256, 2048, 6,
                 tied=True, vocab="spm", quant="Q4_K_M", sliding_window=512),
+    # Phi-3's layout: one attn_qkv and one gate|up projection, untied, and the sliding_window
+    # key its converter writes (262144, as Phi-3.5-mini's) that llama.cpp ignores for phi3.
+    # Sixteen heads and a 32k vocabulary: without flash attention KQ outgrows the logits, so
+    # the attention layer, not the output, sets the compute buffer.
+    MatrixShape("v32k-untied-fusedqkv-gqa4-h64", "phi3", 32000, 1024, 16, 4, 64, 1024, 2,
+                tied=False, vocab="spm", quant="Q8_0", sliding_window=262144),
 ]
 _MATRIX_LAYOUT_VERSION = 1
 

@@ -374,29 +374,37 @@ def graph_bytes(
     n_ff = info.n_ff or 4 * n_embd
     heads_kv = max(info.n_head_kv, default=0)
     mask_elem = 2 if flash_attn else f32
-    # an iSWA cache builds a second mask for its windowed layers, even at the same size
-    has_swa_mask = info.has_swa
-    # Inputs: token ids, positions, KQ mask(s), cache row indices, output ids, the embeddings.
-    inputs = t * 4 + t * 4 + n_kv * t * mask_elem + t * 8 + n_outputs * 4 + t * n_embd * f32
-    if has_swa_mask:
-        inputs += n_kv_swa * t * mask_elem
+    # an iSWA cache (llama-kv-cache-iswa.cpp) is two caches: a second mask, a second set of
+    # row indices for its windowed layers, even at the same size
+    caches = 2 if info.has_swa else 1
+    # Inputs: token ids, positions, KQ mask(s), cache row indices, output ids.
+    masks = n_kv * t * mask_elem + (n_kv_swa * t * mask_elem if info.has_swa else 0)
+    inputs = t * 4 + t * 4 + masks + caches * t * 8 + n_outputs * 4
     if not flash_attn:
-        inputs += t * heads_kv * dv * 8  # v_idxs: one index per element of the transposed V
+        inputs += caches * t * heads_kv * dv * 8  # v_idxs: one index per element of the V^T
+    embd = t * n_embd * f32
     residual = 2 * t * n_embd * f32  # layer input kept for the skip connection + current
     q_k_v = t * (n_head * dk + heads_kv * (dk + dv)) * f32
     if flash_attn:
-        attn = q_k_v + t * n_head * dv * f32
+        attn = embd + residual + q_k_v + t * n_head * dv * f32
         attn_work = t * n_head * dk * 2  # Q converted to f16 for the K·Q dot products
     else:
-        kq = n_kv * t * n_head * f32  # soft_max runs in place on it
-        attn = q_k_v + kq + 2 * t * n_head * dv * f32  # + kqv and its contiguous copy
+        # kq (soft_max runs in place on it), allocated above what the layer holds then: the
+        # layer input and the blocks ggml-alloc's best fit left below it, three rows of n_embd
+        # and two of the heads' width (none of those where a fused attn_qkv yields Q, K and V
+        # as views of one projection). Measured against llama.cpp's reserve across head
+        # counts, head sizes, GQA ratios, widths and contexts (llama, qwen2, qwen3, gemma3,
+        # phi3), to the MiB; Q, K and V themselves are dead or inside those blocks by then.
+        kq = n_kv * t * n_head * f32
+        q_rows = 0 if info.fused_qkv else 2 * t * n_head * dk * f32
+        attn = 3 * embd + q_rows + kq
         attn_work = n_kv * t * n_head * 2  # kq converted to f16 for V·kq
-    ffn = t * (n_embd + 3 * n_ff) * f32  # norm, up, gate and the gated product
+    ffn = embd + residual + t * (n_embd + 3 * n_ff) * f32  # norm, up, gate, the gated product
     ffn_work = _dot_bytes(weight_type, n_ff) * t
     # The lm_head stage: by then the inputs and the residual stream are dead (ggml-alloc
     # frees a tensor after its last use), only the selected rows and their logits live.
     output = n_outputs * (2 * n_embd + info.n_vocab) * f32
-    compute = max(inputs + residual + max(attn, ffn), output)
+    compute = max(inputs + max(attn, ffn), output)
     return compute, max(attn_work, ffn_work)
 
 
