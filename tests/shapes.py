@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib.metadata import version
 from json import dumps as json_dumps
 from json import loads as json_loads
@@ -52,10 +52,18 @@ class Shape:
     rms_eps: float
     qkv_bias: bool = False
     llama3_rope: bool = False  # rope_scaling {"rope_type": "llama3"}: a rope_freqs tensor
+    # Fields added later: left out of the cache key while at their default (cached_source), so
+    # the files written before them keep their names.
+    head_dim_override: int = 0  # config.json's head_dim where it is not hidden / heads (Qwen3)
+    tied: bool = True  # tie_word_embeddings: no output.weight
+    qk_norm: bool = False  # per-head RMS norms of Q and K (Qwen3, Gemma 3)
+    sliding_window: int = 0  # the config's sliding_window, as the converter writes it
+    fused: bool = False  # Phi-3: attn_qkv (q|k|v) and ffn_up (gate|up) are single tensors
+    vocab: str = "bpe"  # "bpe": the default model's tokenizer padded; "spm": spm_tokenizer()
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim_override or self.n_embd // self.n_head
 
 
 # meta-llama/Llama-3.2-1B config.json: hidden_size 2048, 16 layers, 32 heads, 8 KV heads,
@@ -76,6 +84,52 @@ QWEN2_5_0_5B = Shape(
     rms_eps=1e-6, qkv_bias=True,
 )
 
+# Shapes of other architectures and sizes, as their config.json states them:
+# Qwen/Qwen3-0.6B: hidden 1024, 28 layers, 16 heads over 8 KV heads of head_dim 128 (not
+# hidden / heads), intermediate 3072, vocab 151936, 40960 positions, rope_theta 1e6, tied;
+# Qwen3 attention has per-head q/k RMS norms and no biases.
+QWEN3_0_6B = Shape(
+    name="Qwen3 0.6B", arch="qwen3", size_label="0.6B", n_layer=28, n_embd=1024, n_ff=3072,
+    n_head=16, n_head_kv=8, n_vocab=151936, n_ctx_train=40960, rope_theta=1000000.0,
+    rms_eps=1e-6, head_dim_override=128, qk_norm=True,
+)
+# Qwen/Qwen2.5-1.5B: hidden 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960.
+QWEN2_5_1_5B = Shape(
+    name="Qwen2.5 1.5B", arch="qwen2", size_label="1.5B", n_layer=28, n_embd=1536, n_ff=8960,
+    n_head=12, n_head_kv=2, n_vocab=151936, n_ctx_train=32768, rope_theta=1000000.0,
+    rms_eps=1e-6, qkv_bias=True,
+)
+# google/gemma-3-1b-it: hidden 1152, 26 layers, 4 heads over 1 KV head of 256, intermediate
+# 6912, vocab 262144 (a SentencePiece model), sliding window 512 on 5 of every 6 layers, tied.
+GEMMA3_1B = Shape(
+    name="Gemma 3 1B", arch="gemma3", size_label="1B", n_layer=26, n_embd=1152, n_ff=6912,
+    n_head=4, n_head_kv=1, n_vocab=262144, n_ctx_train=32768, rope_theta=1000000.0,
+    rms_eps=1e-6, head_dim_override=256, qk_norm=True, sliding_window=512, vocab="spm",
+)
+# HuggingFaceTB/SmolLM2-1.7B: hidden 2048, 24 layers, 32 heads, 32 KV heads (no GQA),
+# intermediate 8192, vocab 49152 (the default model's tokenizer), rope_theta 130000, tied.
+SMOLLM2_1_7B = Shape(
+    name="SmolLM2 1.7B", arch="llama", size_label="1.7B", n_layer=24, n_embd=2048, n_ff=8192,
+    n_head=32, n_head_kv=32, n_vocab=49152, n_ctx_train=8192, rope_theta=130000.0,
+    rms_eps=1e-5,
+)
+# microsoft/Phi-3.5-mini-instruct: hidden 3072, 32 layers, 32 heads, 32 KV heads, intermediate
+# 8192, vocab 32064 (SentencePiece), 131072 positions with LongRoPE factors, untied, fused
+# qkv and gate|up; config.json's sliding_window 262144 is written to the GGUF, and llama.cpp
+# ignores it (phi3.cpp: "Phi SWA is currently disabled").
+PHI3_5_MINI = Shape(
+    name="Phi 3.5 mini", arch="phi3", size_label="3.8B", n_layer=32, n_embd=3072, n_ff=8192,
+    n_head=32, n_head_kv=32, n_vocab=32064, n_ctx_train=131072, rope_theta=10000.0,
+    rms_eps=1e-5, tied=False, fused=True, sliding_window=262144, vocab="spm",
+)
+# meta-llama/Llama-3.2-3B: hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate 8192,
+# vocab 128256, llama3 rope scaling, tied.
+LLAMA_3_2_3B = Shape(
+    name="Llama 3.2 3B", arch="llama", size_label="3B", n_layer=28, n_embd=3072, n_ff=8192,
+    n_head=24, n_head_kv=8, n_vocab=128256, n_ctx_train=131072, rope_theta=500000.0,
+    rms_eps=1e-5, llama3_rope=True,
+)
+
 F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
 # Bumped when the file layout written here changes, so cached files are rewritten.
 _LAYOUT_VERSION = 1
@@ -85,26 +139,43 @@ def tensors(shape: Shape, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Any]
     """Tensor name -> (shape in ggml order, type), as convert_hf_to_gguf.py writes them."""
     d, kv = shape.head_dim, shape.n_head_kv * shape.head_dim
     out: dict[str, tuple[tuple[int, ...], Any]] = {
-        "token_embd.weight": ((shape.n_embd, n_vocab), F16),  # tied: no output.weight
+        "token_embd.weight": ((shape.n_embd, n_vocab), F16),
         "output_norm.weight": ((shape.n_embd,), F32),
     }
+    if not shape.tied:
+        out["output.weight"] = ((shape.n_embd, n_vocab), F16)
     if shape.llama3_rope:
         out["rope_freqs.weight"] = ((d // 2,), F32)
+    if shape.arch == "phi3":  # LongRoPE's per-dimension factors
+        out["rope_factors_long.weight"] = ((d // 2,), F32)
+        out["rope_factors_short.weight"] = ((d // 2,), F32)
     for i in range(shape.n_layer):
         b = f"blk.{i}."
         out[b + "attn_norm.weight"] = ((shape.n_embd,), F32)
-        out[b + "attn_q.weight"] = ((shape.n_embd, shape.n_head * d), F16)
-        out[b + "attn_k.weight"] = ((shape.n_embd, kv), F16)
-        out[b + "attn_v.weight"] = ((shape.n_embd, kv), F16)
+        if shape.fused:
+            out[b + "attn_qkv.weight"] = ((shape.n_embd, shape.n_head * d + 2 * kv), F16)
+        else:
+            out[b + "attn_q.weight"] = ((shape.n_embd, shape.n_head * d), F16)
+            out[b + "attn_k.weight"] = ((shape.n_embd, kv), F16)
+            out[b + "attn_v.weight"] = ((shape.n_embd, kv), F16)
         if shape.qkv_bias:
             out[b + "attn_q.bias"] = ((shape.n_head * d,), F32)
             out[b + "attn_k.bias"] = ((kv,), F32)
             out[b + "attn_v.bias"] = ((kv,), F32)
+        if shape.qk_norm:
+            out[b + "attn_q_norm.weight"] = ((d,), F32)
+            out[b + "attn_k_norm.weight"] = ((d,), F32)
         out[b + "attn_output.weight"] = ((shape.n_head * d, shape.n_embd), F16)
         out[b + "ffn_norm.weight"] = ((shape.n_embd,), F32)
-        out[b + "ffn_gate.weight"] = ((shape.n_embd, shape.n_ff), F16)
-        out[b + "ffn_up.weight"] = ((shape.n_embd, shape.n_ff), F16)
+        if shape.fused:
+            out[b + "ffn_up.weight"] = ((shape.n_embd, 2 * shape.n_ff), F16)
+        else:
+            out[b + "ffn_gate.weight"] = ((shape.n_embd, shape.n_ff), F16)
+            out[b + "ffn_up.weight"] = ((shape.n_embd, shape.n_ff), F16)
         out[b + "ffn_down.weight"] = ((shape.n_ff, shape.n_embd), F16)
+        if shape.arch == "gemma3":
+            out[b + "post_attention_norm.weight"] = ((shape.n_embd,), F32)
+            out[b + "post_ffw_norm.weight"] = ((shape.n_embd,), F32)
     return out
 
 
@@ -169,8 +240,10 @@ def write_f16_source(
     w.add_value_length(shape.head_dim)
     w.add_rope_dimension_count(shape.head_dim)
     w.add_vocab_size(n_vocab)
+    if shape.sliding_window:
+        w.add_sliding_window(shape.sliding_window)
     w.add_tokenizer_model(tokenizer.model)
-    _add_tokenizer(w, tokenizer, tokens, types, scores=False, chat_template=True)
+    _add_tokenizer(w, tokenizer, tokens, types, scores=shape.vocab == "spm", chat_template=True)
     data = 0
     for name, (dims, ttype) in tensors(shape, n_vocab).items():
         block, size = gguf.GGML_QUANT_SIZES[ttype]
@@ -198,8 +271,8 @@ def cached_source(
     Keyed by the shape, the tokenizer file (the default model is pinned by sha256, so its name
     and size identify it), the layout written here and the gguf package's version.
     """
-    identity = (asdict(shape), tokenizer_from.name, tokenizer_from.stat().st_size, reused_vocab,
-                _LAYOUT_VERSION, version("gguf"))
+    identity = (_shape_identity(shape), tokenizer_from.name, tokenizer_from.stat().st_size,
+                reused_vocab, _LAYOUT_VERSION, version("gguf"))
     key = hashlib.sha256(repr(identity).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     directory = cache_dir or cache / "edgerunner" / "shapes"
@@ -207,8 +280,23 @@ def cached_source(
     stem = shape.name.lower().replace(" ", "-") + ("-reused-vocab" if reused_vocab else "")
     path = directory / f"{stem}-f16-{key}.gguf"
     if not path.exists():
-        write_f16_source(shape, read_tokenizer(tokenizer_from), path, reused_vocab)
+        tokenizer = (spm_tokenizer(shape.n_vocab) if shape.vocab == "spm"
+                     else read_tokenizer(tokenizer_from))
+        write_f16_source(shape, tokenizer, path, reused_vocab)
     return path
+
+
+def _shape_identity(shape: Shape) -> dict[str, Any]:
+    """asdict(shape) without the fields added after the first sources were cached, while they
+    hold their defaults: an old shape's key, and so its file, stays the same."""
+    identity = asdict(shape)
+    for field in fields(Shape)[fields(Shape).index(_FIRST_ADDED_FIELD):]:
+        if identity[field.name] == field.default:
+            del identity[field.name]
+    return identity
+
+
+_FIRST_ADDED_FIELD = next(f for f in fields(Shape) if f.name == "head_dim_override")
 
 
 def cached_info(
@@ -241,7 +329,7 @@ class MatrixShape:
     real size, the layers are few and narrow."""
 
     name: str
-    arch: str  # "llama" or "gemma3" (sliding-window layers, period 6)
+    arch: str  # "llama", "gemma3" (sliding-window layers, period 6) or "phi3" (fused qkv)
     n_vocab: int
     n_embd: int
     n_head: int
@@ -272,6 +360,12 @@ MATRIX = [
                 vocab="bpe", quant="Q4_K_M"),
     MatrixShape("v262k-tied-swa-gqa4-h256", "gemma3", 262144, 640, 4, 1, 256, 2048, 6,
                 tied=True, vocab="spm", quant="Q4_K_M", sliding_window=512),
+    # Phi-3's layout: one attn_qkv and one gate|up projection, untied, and the sliding_window
+    # key its converter writes (262144, as Phi-3.5-mini's) that llama.cpp ignores for phi3.
+    # Sixteen heads and a 32k vocabulary: without flash attention KQ outgrows the logits, so
+    # the attention layer, not the output, sets the compute buffer.
+    MatrixShape("v32k-untied-fusedqkv-gqa4-h64", "phi3", 32000, 1024, 16, 4, 64, 1024, 2,
+                tied=False, vocab="spm", quant="Q8_0", sliding_window=262144),
 ]
 _MATRIX_LAYOUT_VERSION = 1
 
@@ -303,6 +397,7 @@ def spm_tokenizer(n_vocab: int) -> Tokenizer:
 def matrix_tensors(shape: MatrixShape) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Tensor name -> (shape in ggml order, type) for a matrix shape."""
     q, kv = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
+    fused = shape.arch == "phi3"  # attn_qkv = q|k|v, ffn_up = gate|up
     out: dict[str, tuple[tuple[int, ...], Any]] = {
         "token_embd.weight": ((shape.n_embd, shape.n_vocab), F16),
         "output_norm.weight": ((shape.n_embd,), F32),
@@ -312,13 +407,19 @@ def matrix_tensors(shape: MatrixShape) -> dict[str, tuple[tuple[int, ...], Any]]
     for i in range(shape.n_layer):
         b = f"blk.{i}."
         out[b + "attn_norm.weight"] = ((shape.n_embd,), F32)
-        out[b + "attn_q.weight"] = ((shape.n_embd, q), F16)
-        out[b + "attn_k.weight"] = ((shape.n_embd, kv), F16)
-        out[b + "attn_v.weight"] = ((shape.n_embd, kv), F16)
+        if fused:
+            out[b + "attn_qkv.weight"] = ((shape.n_embd, q + 2 * kv), F16)
+        else:
+            out[b + "attn_q.weight"] = ((shape.n_embd, q), F16)
+            out[b + "attn_k.weight"] = ((shape.n_embd, kv), F16)
+            out[b + "attn_v.weight"] = ((shape.n_embd, kv), F16)
         out[b + "attn_output.weight"] = ((q, shape.n_embd), F16)
         out[b + "ffn_norm.weight"] = ((shape.n_embd,), F32)
-        out[b + "ffn_gate.weight"] = ((shape.n_embd, shape.n_ff), F16)
-        out[b + "ffn_up.weight"] = ((shape.n_embd, shape.n_ff), F16)
+        if fused:
+            out[b + "ffn_up.weight"] = ((shape.n_embd, 2 * shape.n_ff), F16)
+        else:
+            out[b + "ffn_gate.weight"] = ((shape.n_embd, shape.n_ff), F16)
+            out[b + "ffn_up.weight"] = ((shape.n_embd, shape.n_ff), F16)
         out[b + "ffn_down.weight"] = ((shape.n_ff, shape.n_embd), F16)
         if shape.arch == "gemma3":
             out[b + "attn_q_norm.weight"] = ((shape.head_dim,), F32)

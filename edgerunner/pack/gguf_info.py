@@ -19,6 +19,17 @@ from edgerunner.errors import ModelError
 # libstdc++ keeps strings of up to 15 bytes inside the std::string (small-string optimisation)
 _SSO_BYTES = 15
 _SWA_PERIOD = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2, "exaone4": 4}
+# Architectures whose sliding window llama.cpp applies: their src/models/*.cpp read
+# `{arch}.attention.sliding_window` into a windowed cache. A GGUF of another architecture may
+# carry the key all the same, and llama.cpp gives every layer a full cache and one mask: Phi-3's
+# converter writes config.json's sliding_window (262144, or 2047 for Phi-3-mini-4k), and
+# phi3.cpp reads it only to switch it off ("Phi SWA is currently disabled").
+_SWA_ARCHS = frozenset({
+    "afmoe", "cohere2", "cohere2moe", "deepseek4", "dflash", "dots3note", "exaone-moe",
+    "exaone4", "gemma-embedding", "gemma2", "gemma3", "gemma3n", "gemma4", "gemma4-assistant",
+    "gpt-oss", "granite_swa", "laguna", "lfm2", "llama4", "maple", "mellum", "mimo2",
+    "modern-bert", "muse-glimmer", "olmo2", "plamo3", "smallthinker", "spark2_5", "step35",
+})
 
 # Architectures llama.cpp cannot run as a text generator, or that need a different
 # runtime path than edgerunner's single-sequence decode.
@@ -76,6 +87,11 @@ class ModelInfo(BaseModel):
     @property
     def n_embd_v_gqa(self) -> list[int]:
         return [h * self.value_length for h in self.n_head_kv]
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Q, K and V come from one attn_qkv projection (Phi-3, GPT-NeoX-style checkpoints)."""
+        return any(t.name.endswith(".attn_qkv.weight") for t in self.tensors)
 
     @property
     def has_swa(self) -> bool:
@@ -178,7 +194,7 @@ def _info_from_header(
     else:
         head_kv = [int(head_kv_raw)] * n_layer
     head_dim = n_embd // n_head
-    window = int(key("attention.sliding_window") or 0)
+    window = int(key("attention.sliding_window") or 0) if arch in _SWA_ARCHS else 0
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab = key("vocab_size") or (len(tokens.data) if tokens is not None else 0)
     if not n_vocab:

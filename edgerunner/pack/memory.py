@@ -25,7 +25,8 @@ llama.cpp), so it holds for any architecture llama.cpp runs, not only the test m
 
 With n_parallel streams (continuous batching) the context is created with n_seq_max
 sequences and a unified KV cache (kv_unified): the streams share the n_ctx cells, so the KV
-cache does not grow. What grows is the output buffer (above), the sampler state, the touched
+cache does not grow, except a trimmed sliding-window cache (swa_full=False), which keeps a
+window for each sequence. What grows is the output buffer (above), the sampler state, the touched
 compute graph's output stage (one logits row per stream) and, slightly, the reserve: graph_reserve
 rounds the ubatch up to a multiple of n_seq_max tokens.
 """
@@ -310,16 +311,21 @@ class ContextShape:
 
 
 def context_shape(
-    info: ModelInfo, n_ctx: int, n_batch: int = 512, n_ubatch: int = 512, swa_full: bool = True
+    info: ModelInfo, n_ctx: int, n_batch: int = 512, n_ubatch: int = 512, swa_full: bool = True,
+    n_seq_max: int = 1,
 ) -> ContextShape:
-    """Round n_ctx and the batch sizes the way llama-cpp-python + llama-context.cpp do."""
+    """Round n_ctx and the batch sizes the way llama-cpp-python + llama-context.cpp do.
+    `n_seq_max`: the sequences of the (unified) cache, which a trimmed SWA cache holds a
+    window for each."""
     batch = min(n_ctx, n_batch)  # llama.py: self.n_batch = min(n_ctx, n_batch)
     ubatch = min(batch, n_ubatch)
     cells = _pad(n_ctx, CTX_PAD)
     swa_cells = cells
     if info.has_swa and not swa_full:
-        # llama-kv-cache-iswa.cpp: GGML_PAD(min(size_base, n_swa + n_ubatch), 256)
-        swa_cells = _pad(min(cells, info.sliding_window + ubatch), CTX_PAD)
+        # llama-kv-cache-iswa.cpp, with kv_unified (as the Engine creates every context):
+        # GGML_PAD(min(size_base, n_swa * n_seq_max + n_ubatch), 256)
+        window = info.sliding_window * max(1, n_seq_max)
+        swa_cells = _pad(min(cells, window + ubatch), CTX_PAD)
     return ContextShape(n_ctx=cells, n_ctx_swa=swa_cells, n_batch=batch, n_ubatch=ubatch)
 
 
@@ -334,10 +340,10 @@ def kv_cells(info: ModelInfo, shape: ContextShape) -> list[int]:
 
 def kv_bytes(
     info: ModelInfo, n_ctx: int, kv_type: KVType = "f16", n_batch: int = 512,
-    n_ubatch: int = 512, swa_full: bool = True,
+    n_ubatch: int = 512, swa_full: bool = True, n_seq_max: int = 1,
 ) -> int:
     """Bytes of the KV cache: per layer cells × (row(K) + row(V)) in the cache's type."""
-    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full)
+    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full, n_seq_max)
     ggml_type = kv_type.upper()
     total = 0
     layers = zip(kv_cells(info, shape), info.n_embd_k_gqa, info.n_embd_v_gqa, strict=True)
@@ -390,30 +396,38 @@ def graph_bytes(
     n_ff = info.n_ff or 4 * n_embd
     heads_kv = max(info.n_head_kv, default=0)
     mask_elem = 2 if flash_attn else f32
-    # an iSWA cache builds a second mask for its windowed layers, even at the same size
-    has_swa_mask = info.has_swa
-    # Inputs: token ids, positions, KQ mask(s), cache row indices, output ids, the embeddings.
-    inputs = t * 4 + t * 4 + n_kv * t * mask_elem + t * 8 + n_outputs * 4 + t * n_embd * f32
-    if has_swa_mask:
-        inputs += n_kv_swa * t * mask_elem
+    # an iSWA cache (llama-kv-cache-iswa.cpp) is two caches: a second mask, a second set of
+    # row indices for its windowed layers, even at the same size
+    caches = 2 if info.has_swa else 1
+    # Inputs: token ids, positions, KQ mask(s), cache row indices, output ids.
+    masks = n_kv * t * mask_elem + (n_kv_swa * t * mask_elem if info.has_swa else 0)
+    inputs = t * 4 + t * 4 + masks + caches * t * 8 + n_outputs * 4
     if not flash_attn:
-        inputs += t * heads_kv * dv * 8  # v_idxs: one index per element of the transposed V
+        inputs += caches * t * heads_kv * dv * 8  # v_idxs: one index per element of the V^T
+    embd = t * n_embd * f32
     residual = 2 * t * n_embd * f32  # layer input kept for the skip connection + current
     q_k_v = t * (n_head * dk + heads_kv * (dk + dv)) * f32
     if flash_attn:
-        attn = q_k_v + t * n_head * dv * f32
+        attn = embd + residual + q_k_v + t * n_head * dv * f32
         attn_work = t * n_head * dk * 2  # Q converted to f16 for the K·Q dot products
     else:
-        kq = n_kv * t * n_head * f32  # soft_max runs in place on it
-        attn = q_k_v + kq + 2 * t * n_head * dv * f32  # + kqv and its contiguous copy
+        # kq (soft_max runs in place on it), allocated above what the layer holds then: the
+        # layer input and the blocks ggml-alloc's best fit left below it, three rows of n_embd
+        # and two of the heads' width (none of those where a fused attn_qkv yields Q, K and V
+        # as views of one projection). Measured against llama.cpp's reserve across head
+        # counts, head sizes, GQA ratios, widths and contexts (llama, qwen2, qwen3, gemma3,
+        # phi3), to the MiB; Q, K and V themselves are dead or inside those blocks by then.
+        kq = n_kv * t * n_head * f32
+        q_rows = 0 if info.fused_qkv else 2 * t * n_head * dk * f32
+        attn = 3 * embd + q_rows + kq
         # kq converted to f16 for V·kq (the larger of the two conversions)
         attn_work = n_kv * t * n_head * 2 if kq_to_f16 else 0
-    ffn = t * (n_embd + 3 * n_ff) * f32  # norm, up, gate and the gated product
+    ffn = embd + residual + t * (n_embd + 3 * n_ff) * f32  # norm, up, gate, the gated product
     ffn_work = _dot_bytes(weight_type, n_ff) * t
     # The lm_head stage: by then the inputs and the residual stream are dead (ggml-alloc
     # frees a tensor after its last use), only the selected rows and their logits live.
     output = n_outputs * (2 * n_embd + info.n_vocab) * f32
-    compute = max(inputs + residual + max(attn, ffn), output)
+    compute = max(inputs + max(attn, ffn), output)
     return compute, max(attn_work, ffn_work)
 
 
@@ -427,7 +441,7 @@ def reserved_compute_bytes(
     With a unified KV cache the graph's shapes do not depend on the sequences, but
     llama_context::graph_reserve rounds the ubatch's tokens up to a multiple of n_seq_max
     (its outputs stay min(n_ubatch, n_outputs_max) = n_ubatch)."""
-    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full)
+    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full, n_seq_max)
     tokens = _pad(shape.n_ubatch, max(1, n_seq_max))
     compute, _ = graph_bytes(
         info, tokens, shape.n_ctx, shape.n_ctx_swa, shape.n_ubatch, flash_attn
@@ -543,16 +557,16 @@ def estimate_memory(
     `facts` (from quant_facts) saves recomputing the weights side for many contexts.
     `n_parallel` streams decode together in a context made for `n_seq_max` sequences
     (RuntimePlan.n_seq_max: the streams plus the prefix cache's; default n_parallel), all
-    sharing the n_ctx cells.
+    sharing the n_ctx cells (a trimmed SWA cache holds n_seq_max windows).
     """
     if kv_type != "f16" and not flash_attn:
         raise ValueError("a quantized KV cache needs flash attention in llama.cpp")
-    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full)
+    seqs = max(n_parallel, n_seq_max or n_parallel)
+    shape = context_shape(info, n_ctx, n_batch, n_ubatch, swa_full, seqs)
     used = shape.n_ctx if filled is None else max(1, min(filled, shape.n_ctx))
     facts = facts or quant_facts(info, quant, cpu_features)
     weights = facts.resident(mmap)
-    kv = kv_bytes(info, n_ctx, kv_type, n_batch, n_ubatch, swa_full)
-    seqs = max(n_parallel, n_seq_max or n_parallel)
+    kv = kv_bytes(info, n_ctx, kv_type, n_batch, n_ubatch, swa_full, seqs)
     # a batch step asks one logits row of each stream (the last prompt token or the next one)
     compute = touched_compute_bytes(info, shape, used, flash_attn, facts.dominant_type,
                                     n_outputs=n_parallel,

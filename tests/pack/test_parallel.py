@@ -17,6 +17,7 @@ from edgerunner.pack.memory import (
     SAMPLER_FIXED_BYTES,
     SAMPLER_TOKEN_DATA_BYTES,
     estimate_memory,
+    kv_bytes,
     output_buffer_bytes,
     reserved_compute_bytes,
 )
@@ -24,7 +25,7 @@ from edgerunner.pack.parallel import MIN_SLOT_CELLS, prefix_cache_cells
 from edgerunner.pack.planner import PlanOptions, make_plan
 from edgerunner.profiles import resolve_profile
 from edgerunner.runtime.engine.weights import BatchLlama
-from tests.shapes import LLAMA_3_2_1B, cached_info, cached_source
+from tests.shapes import LLAMA_3_2_1B, MATRIX, cached_info, cached_source, matrix_model
 
 
 def _buffers(model: Path, n_ctx: int, n_seq_max: int) -> tuple[float, float, str]:
@@ -82,6 +83,30 @@ def test_the_1b_shape_grows_its_reserve_by_the_rounded_tokens(default_model: Pat
     grown = (reserved_compute_bytes(shape_info, 4096, n_seq_max=12)
              - reserved_compute_bytes(shape_info, 4096)) / MIB
     assert grown == pytest.approx(sizes[12][1] - sizes[1][1], rel=0.10)
+
+
+def test_a_trimmed_swa_cache_keeps_a_window_per_sequence(default_model: Path) -> None:
+    """llama-kv-cache-iswa.cpp sizes a unified SWA cache n_swa × n_seq_max + n_ubatch cells."""
+    shape = next(s for s in MATRIX if s.sliding_window)
+    model = matrix_model(shape, default_model)
+    info = read_model_info(model)
+    with capture_llama_log() as lines:
+        llm = BatchLlama(str(model), n_ctx=4096, n_seq_max=4, swa_full=False, flash_attn=True,
+                         n_threads=1, verbose=True)
+        llm.close()
+    text = "".join(lines)
+    cells = _pad_256(shape.sliding_window * 4 + 512)
+    assert f"creating     SWA KV cache, size = {cells} cells" in text
+    logged = sum(float(x) for x in re.findall(r"llama_kv_cache: size =\s+([\d.]+) MiB", text))
+    assert kv_bytes(info, 4096, swa_full=False, n_seq_max=4) / MIB == pytest.approx(logged,
+                                                                                   abs=0.01)
+    est = estimate_memory(info, shape.quant, 4096, flash_attn=True, swa_full=False,
+                          n_parallel=4)
+    assert est.kv_mb == pytest.approx(logged, abs=0.01)
+
+
+def _pad_256(cells: int) -> int:
+    return (cells + 255) // 256 * 256
 
 
 def test_each_stream_costs_a_logits_row_and_a_sampler_not_kv(info: ModelInfo) -> None:

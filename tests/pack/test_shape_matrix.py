@@ -1,5 +1,6 @@
 """The memory model across shapes: vocabularies of 32k/128k/262k tokens, tied and untied
-output, GQA 1/4/8, head sizes 64/128/256 and a sliding-window model (tests/shapes.py MATRIX).
+output, GQA 1/4/8, head sizes 64/128/256, a sliding-window model and Phi-3's fused attn_qkv
+with the window key llama.cpp ignores (tests/shapes.py MATRIX).
 
 Each shape is a real GGUF with random weights, quantized by llama.cpp and served by the Engine
 in a fresh process for a request filling the context. llama.cpp's own buffer sizes must equal
@@ -65,3 +66,4 @@ def test_the_matrix_covers_the_shapes_that_scale_with_the_vocabulary() -> None:
     assert {s.gqa for s in MATRIX} >= {1, 4, 8}
     assert {s.head_dim for s in MATRIX} == {64, 128, 256}
     assert any(s.sliding_window for s in MATRIX)
+    assert {s.arch for s in MATRIX} == {"llama", "gemma3", "phi3"}

@@ -1,4 +1,5 @@
-"""Real-shape F16 sources for benchmarks: Llama-3.2-1B and Qwen2.5-0.5B, random weights.
+"""Real-shape F16 sources for benchmarks, random weights: Llama-3.2-1B/3B, Qwen2.5-0.5B/1.5B,
+Qwen3-0.6B, Gemma-3-1B, SmolLM2-1.7B, Phi-3.5-mini (tests/shapes.py).
 
 tests/shapes.py writes each source's header exactly as convert_hf_to_gguf.py would (metadata,
 tensor names, shapes, the default model's tokenizer padded to the real vocabulary) over a
@@ -9,7 +10,8 @@ normal with a small deviation; the padding tokens' embedding rows zero, so that 
 the greedy choice and every token has text), so the packed model talks until max_tokens.
 Speed and memory do not depend on the values.
 
-    python tools/bench/make_sources.py [--shape llama-1b|qwen-0.5b ...] [-o DIR] [--pack PROFILE]
+    python tools/bench/make_sources.py [--shape llama-1b|qwen3-0.6b|phi3.5-mini ...] [-o DIR]
+        [--pack PROFILE]
 
 Prints the path of each source (and with --pack, of each bundle `edgerunner pack` wrote from
 it, e.g. `--pack rpi5-4gb --quant Q8_0`). Sources are reused when already there.
@@ -30,9 +32,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, fo
 
 from edgerunner.pack.default_model import ensure_default_model
 from edgerunner.paths import cache_dir
-from tests.shapes import LLAMA_3_2_1B, QWEN2_5_0_5B, Shape, cached_source, read_tokenizer
+from tests.shapes import (
+    GEMMA3_1B,
+    LLAMA_3_2_1B,
+    LLAMA_3_2_3B,
+    PHI3_5_MINI,
+    QWEN2_5_0_5B,
+    QWEN2_5_1_5B,
+    QWEN3_0_6B,
+    SMOLLM2_1_7B,
+    Shape,
+    cached_source,
+    read_tokenizer,
+)
 
-SHAPES = {"llama-1b": LLAMA_3_2_1B, "qwen-0.5b": QWEN2_5_0_5B}
+SHAPES = {"llama-1b": LLAMA_3_2_1B, "qwen-0.5b": QWEN2_5_0_5B, "qwen3-0.6b": QWEN3_0_6B,
+          "qwen-1.5b": QWEN2_5_1_5B, "gemma3-1b": GEMMA3_1B, "smollm2-1.7b": SMOLLM2_1_7B,
+          "phi3.5-mini": PHI3_5_MINI, "llama-3b": LLAMA_3_2_3B}
 STD = 0.02  # the usual initializer's deviation: logits stay spread, no token dominates
 SEED = 0
 ROWS = 1 << 22  # values generated at a time (8 MiB of F16)
@@ -46,7 +62,7 @@ def fill_random(path: Path, n_real_tokens: int, seed: int = SEED) -> None:
     reader = gguf.GGUFReader(path, "r+")
     for tensor in reader.tensors:
         flat = tensor.data.reshape(-1)
-        if tensor.name.endswith("norm.weight") or tensor.name == "rope_freqs.weight":
+        if tensor.name.endswith("norm.weight") or tensor.name.startswith("rope_"):
             flat[:] = 1.0
             continue
         for start in range(0, flat.size, ROWS):
@@ -67,7 +83,9 @@ def random_source(shape: Shape, out: Path) -> Path:
     hole = cached_source(shape, tokenizer)
     partial = target.with_suffix(".partial")
     shutil.copyfile(hole, partial)
-    fill_random(partial, len(read_tokenizer(tokenizer).tokens))
+    # a generated SentencePiece vocabulary has no padding: every token has text
+    real = shape.n_vocab if shape.vocab == "spm" else len(read_tokenizer(tokenizer).tokens)
+    fill_random(partial, real)
     partial.replace(target)
     return target
 
