@@ -32,6 +32,7 @@ Runs as root (chroot, mounts, apt-get).
     .venv/bin/python tools/arm/lane.py                 # all three CPUs
     .venv/bin/python tools/arm/lane.py --cpu cortex-a76 --no-serve
     .venv/bin/python tools/arm/lane.py --cpu cortex-a72 --no-serve --only-matrix
+    .venv/bin/python tools/arm/lane.py --only-matrix --no-serve --shape v128k-tied-gqa4-h128
     .venv/bin/python tools/arm/lane.py --warm-only     # exit 0 at once unless the cache is ready
 """
 
@@ -473,6 +474,8 @@ def main() -> int:
     parser.add_argument("--no-matrix", action="store_true", help="skip the shape matrix")
     parser.add_argument("--only-matrix", action="store_true",
                         help="of the memory checks, only the shape matrix (with detect)")
+    parser.add_argument("--shape", action="append",
+                        help="of the shape matrix, only this shape (repeatable)")
     parser.add_argument("--jobs", type=int, default=2, help="CPUs emulated at once")
     parser.add_argument("--warm-only", action="store_true",
                         help="run only if every cached item is there; else say so and exit 0")
@@ -499,7 +502,8 @@ def main() -> int:
     cpus = [by_name(name) for name in opts.cpu] if opts.cpu else list(CPUS)
     checks = Checks(buffers=not opts.only_matrix, matrix=not opts.no_matrix,
                     serve=not opts.no_serve)
-    shapes = matrix_models(source) if checks.matrix else []
+    shapes = [(shape, model) for shape, model in (matrix_models(source) if checks.matrix else [])
+              if not opts.shape or shape.name in opts.shape]
     with tempfile.TemporaryDirectory(prefix="arm-lane-") as tmp:
         work = Path(tmp)
         root = rootfs.restore(work / "rootfs")
