@@ -135,6 +135,22 @@ F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
 _LAYOUT_VERSION = 1
 
 
+def _qkv(b: str, n_embd: int, q: int, kv: int, fused: bool) -> dict[str, Any]:
+    """One layer's Q, K and V projections: three tensors, or Phi-3's one attn_qkv (q|k|v)."""
+    if fused:
+        return {b + "attn_qkv.weight": ((n_embd, q + 2 * kv), F16)}
+    return {b + "attn_q.weight": ((n_embd, q), F16), b + "attn_k.weight": ((n_embd, kv), F16),
+            b + "attn_v.weight": ((n_embd, kv), F16)}
+
+
+def _gate_up(b: str, n_embd: int, n_ff: int, fused: bool) -> dict[str, Any]:
+    """One layer's gate and up projections: two tensors, or Phi-3's one ffn_up (gate|up)."""
+    if fused:
+        return {b + "ffn_up.weight": ((n_embd, 2 * n_ff), F16)}
+    return {b + "ffn_gate.weight": ((n_embd, n_ff), F16),
+            b + "ffn_up.weight": ((n_embd, n_ff), F16)}
+
+
 def tensors(shape: Shape, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Tensor name -> (shape in ggml order, type), as convert_hf_to_gguf.py writes them."""
     d, kv = shape.head_dim, shape.n_head_kv * shape.head_dim
@@ -152,12 +168,7 @@ def tensors(shape: Shape, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Any]
     for i in range(shape.n_layer):
         b = f"blk.{i}."
         out[b + "attn_norm.weight"] = ((shape.n_embd,), F32)
-        if shape.fused:
-            out[b + "attn_qkv.weight"] = ((shape.n_embd, shape.n_head * d + 2 * kv), F16)
-        else:
-            out[b + "attn_q.weight"] = ((shape.n_embd, shape.n_head * d), F16)
-            out[b + "attn_k.weight"] = ((shape.n_embd, kv), F16)
-            out[b + "attn_v.weight"] = ((shape.n_embd, kv), F16)
+        out.update(_qkv(b, shape.n_embd, shape.n_head * d, kv, shape.fused))
         if shape.qkv_bias:
             out[b + "attn_q.bias"] = ((shape.n_head * d,), F32)
             out[b + "attn_k.bias"] = ((kv,), F32)
@@ -167,11 +178,7 @@ def tensors(shape: Shape, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Any]
             out[b + "attn_k_norm.weight"] = ((d,), F32)
         out[b + "attn_output.weight"] = ((shape.n_head * d, shape.n_embd), F16)
         out[b + "ffn_norm.weight"] = ((shape.n_embd,), F32)
-        if shape.fused:
-            out[b + "ffn_up.weight"] = ((shape.n_embd, 2 * shape.n_ff), F16)
-        else:
-            out[b + "ffn_gate.weight"] = ((shape.n_embd, shape.n_ff), F16)
-            out[b + "ffn_up.weight"] = ((shape.n_embd, shape.n_ff), F16)
+        out.update(_gate_up(b, shape.n_embd, shape.n_ff, shape.fused))
         out[b + "ffn_down.weight"] = ((shape.n_ff, shape.n_embd), F16)
         if shape.arch == "gemma3":
             out[b + "post_attention_norm.weight"] = ((shape.n_embd,), F32)
@@ -407,19 +414,10 @@ def matrix_tensors(shape: MatrixShape) -> dict[str, tuple[tuple[int, ...], Any]]
     for i in range(shape.n_layer):
         b = f"blk.{i}."
         out[b + "attn_norm.weight"] = ((shape.n_embd,), F32)
-        if fused:
-            out[b + "attn_qkv.weight"] = ((shape.n_embd, q + 2 * kv), F16)
-        else:
-            out[b + "attn_q.weight"] = ((shape.n_embd, q), F16)
-            out[b + "attn_k.weight"] = ((shape.n_embd, kv), F16)
-            out[b + "attn_v.weight"] = ((shape.n_embd, kv), F16)
+        out.update(_qkv(b, shape.n_embd, q, kv, fused))
         out[b + "attn_output.weight"] = ((q, shape.n_embd), F16)
         out[b + "ffn_norm.weight"] = ((shape.n_embd,), F32)
-        if fused:
-            out[b + "ffn_up.weight"] = ((shape.n_embd, 2 * shape.n_ff), F16)
-        else:
-            out[b + "ffn_gate.weight"] = ((shape.n_embd, shape.n_ff), F16)
-            out[b + "ffn_up.weight"] = ((shape.n_embd, shape.n_ff), F16)
+        out.update(_gate_up(b, shape.n_embd, shape.n_ff, fused))
         out[b + "ffn_down.weight"] = ((shape.n_ff, shape.n_embd), F16)
         if shape.arch == "gemma3":
             out[b + "attn_q_norm.weight"] = ((shape.head_dim,), F32)
